@@ -1,0 +1,1 @@
+"""Triton kernels of fastsparse, installed as `fastsparse.kernels`. Importing this needs triton."""
