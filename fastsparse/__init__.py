@@ -1,10 +1,27 @@
 """fastsparse: fused kernels for structured-sparsity regularization and filter pruning.
 
 Importing this package never imports Triton and never initializes CUDA; kernels load on first use.
+
+    >>> import torch, fastsparse
+    >>> w = torch.randn(16, 8, 3, 3, requires_grad=True)
+    >>> fastsparse.penalty(w, "l1l2").backward()
 """
 
+from fastsparse.backends import BACKENDS
+from fastsparse.functional import add_penalty_grad_, group_norms, penalty
 from fastsparse.reference import ACROSS_GROUP_KINDS, GROUPINGS, KINDS
+from fastsparse.regularizer import Regularizer
 
 __version__ = "0.1.0"
 
-__all__ = ["ACROSS_GROUP_KINDS", "GROUPINGS", "KINDS", "__version__"]
+__all__ = [
+    "ACROSS_GROUP_KINDS",
+    "BACKENDS",
+    "GROUPINGS",
+    "KINDS",
+    "Regularizer",
+    "__version__",
+    "add_penalty_grad_",
+    "group_norms",
+    "penalty",
+]

@@ -1,0 +1,266 @@
+"""How a (tensor, grouping) pair is laid out for the fused kernels, and the launch plan.
+
+Every grouping of the contract is addressed through strides, without transposed copies: the
+elements of group g are
+
+    base + g * stride_group + r * stride_row + c * stride_col,  r < rows, c < cols,
+
+so one group is a [rows, cols] strided block and group_size = rows * cols. This "segment"
+geometry covers "filters", "channels", "kernels" and None on contiguous, channels_last and most
+sliced tensors; a tensor it cannot describe is handled on a contiguous copy by the caller.
+
+A *plan* cuts a list of tensors (times a tuple of groupings) into segments, numbers their groups
+globally (segment after segment) and sorts the segments into launch classes: one launch per
+(grouping, dtype, block shape). The plan is backend-neutral: the Triton launcher turns each class
+into a device-side int64 table. Plans are cached by the tensors' addresses, shapes and strides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+# A group of at most this many elements is reduced by one program in registers: weights are read
+# once. Longer groups are split into chunks of SPLIT_BLOCK elements whose partial sums are added.
+MAX_FUSED_GROUP = 16384
+SPLIT_BLOCK = 8192
+MIN_BLOCK = 16
+# Target elements per program for short groups: several groups share one program.
+TILE_ELEMENTS = 4096
+
+
+@dataclass(frozen=True)
+class SegmentGeometry:
+    groups: int
+    rows: int
+    cols: int
+    stride_group: int
+    stride_row: int
+    stride_col: int
+
+    @property
+    def group_size(self) -> int:
+        return self.rows * self.cols
+
+
+def group_dims(dim: int, grouping: Optional[str]) -> tuple[int, ...]:
+    """The dims whose indices enumerate the groups (row-major), for a tensor of `dim` dims."""
+    if grouping == "filters":
+        return (0,) if dim >= 1 else ()
+    if grouping == "channels":
+        return (1,)
+    if grouping == "kernels":
+        return (0, 1)
+    return ()
+
+
+def _collapse_group_dims(sizes, strides):
+    """One (count, stride) for dims enumerated row-major, or None when they do not collapse."""
+    dims = [(s, st) for s, st in zip(sizes, strides) if s != 1]
+    count = math.prod(sizes)
+    if not dims:
+        return count, 0
+    for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:]):
+        if outer_stride != inner_size * inner_stride:
+            return None
+    return count, dims[-1][1]
+
+
+def _collapse_element_dims(sizes, strides):
+    """At most two (size, stride) pairs covering the dims in any order, or None."""
+    dims = sorted(((s, st) for s, st in zip(sizes, strides) if s != 1), key=lambda d: -d[1])
+    merged: list[list[int]] = []
+    for size, stride in dims:
+        if merged and merged[-1][1] == size * stride:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    if len(merged) > 2:
+        return None
+    while len(merged) < 2:
+        merged.insert(0, [1, 0])
+    (rows, stride_row), (cols, stride_col) = merged
+    return rows, stride_row, cols, stride_col
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when t's elements fill a block of memory exactly once (any dim order)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def segment_geometry(t: torch.Tensor, grouping: Optional[str]) -> Optional[SegmentGeometry]:
+    """The strided description of t's groups, or None if strides cannot express it."""
+    if not is_dense(t):
+        return None
+    gdims = group_dims(t.dim(), grouping)
+    sizes, strides = tuple(t.shape), tuple(t.stride())
+    collapsed = _collapse_group_dims([sizes[d] for d in gdims], [strides[d] for d in gdims])
+    if collapsed is None:
+        return None
+    rest = [d for d in range(t.dim()) if d not in gdims]
+    elements = _collapse_element_dims([sizes[d] for d in rest], [strides[d] for d in rest])
+    if elements is None:
+        return None
+    groups, stride_group = collapsed
+    rows, stride_row, cols, stride_col = elements
+    return SegmentGeometry(groups, rows, cols, stride_group, stride_row, stride_col)
+
+
+def group_count(shape: Sequence[int], grouping: Optional[str]) -> int:
+    """Number of groups of a tensor of this shape (0 for an empty tensor)."""
+    if math.prod(shape) == 0:
+        return 0
+    return math.prod(shape[d] for d in group_dims(len(shape), grouping))
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass
+class Segment:
+    tensor_index: int
+    grouping_index: int
+    geometry: SegmentGeometry
+    group_offset: int  # first global group id
+    segment_id: int
+    chunks: int = 1
+
+
+@dataclass
+class LaunchClass:
+    """Segments that go through one kernel launch (same grouping, dtypes and block shape)."""
+
+    grouping_index: int
+    dtype: torch.dtype
+    grad_dtype: torch.dtype
+    block_groups: int
+    block_size: int
+    chunks_padded: int  # 1 for fused classes; rows of the partial-sum buffer otherwise
+    segments: list[Segment] = field(default_factory=list)
+    device_tables: dict = field(default_factory=dict)  # filled lazily by a backend
+
+    @property
+    def split(self) -> bool:
+        """Groups longer than one block: partial sums per chunk, added in a second step."""
+        return self.chunks_padded > 1
+
+    def items(self, segment: Segment) -> int:
+        """Programs this segment needs: tiles of block_groups groups, times chunks."""
+        tiles = -(-segment.geometry.groups // self.block_groups)
+        return tiles * segment.chunks
+
+
+@dataclass
+class Plan:
+    segments: list[Segment]
+    classes: list[LaunchClass]
+    total_groups: int
+    groups_per_tensor: list[list[int]]  # [tensor][grouping] -> group count
+    device: torch.device
+    cache: dict = field(default_factory=dict)  # backend-owned device tensors
+
+
+def _block_shape(geometry: SegmentGeometry) -> tuple[int, int, int]:
+    """(block_groups, block_size, chunks) for a segment."""
+    size = geometry.group_size
+    if size <= MAX_FUSED_GROUP:
+        block_size = max(MIN_BLOCK, next_power_of_2(size))
+        block_groups = max(1, min(TILE_ELEMENTS // block_size, next_power_of_2(geometry.groups)))
+        return block_groups, block_size, 1
+    return 1, SPLIT_BLOCK, -(-size // SPLIT_BLOCK)
+
+
+def build_plan(
+    tensors: Sequence[torch.Tensor],
+    groupings: Sequence[Optional[str]],
+    grad_dtypes: Optional[Sequence[torch.dtype]] = None,
+) -> Plan:
+    """Cut tensors × groupings into segments and sort them into launch classes.
+
+    `grad_dtypes` (default: the tensors' dtypes) are the dtypes of the gradients the kernels
+    write, part of a class's key. Every tensor must be one `segment_geometry` can describe
+    (callers pass contiguous copies of the others). Empty tensors get no segment.
+    """
+    segments, classes = [], {}
+    groups_per_tensor = []
+    offset = 0
+    for ti, t in enumerate(tensors):
+        counts = []
+        for gi, grouping in enumerate(groupings):
+            counts.append(group_count(t.shape, grouping))
+            if t.numel() == 0:
+                continue
+            geometry = segment_geometry(t, grouping)
+            if geometry is None:
+                raise ValueError(f"tensor {ti} has a layout the fused kernels cannot address")
+            block_groups, block_size, chunks = _block_shape(geometry)
+            segment = Segment(ti, gi, geometry, offset, len(segments), chunks)
+            segments.append(segment)
+            offset += geometry.groups
+            padded = next_power_of_2(chunks)
+            grad_dtype = t.dtype if grad_dtypes is None else grad_dtypes[ti]
+            key = (gi, t.dtype, grad_dtype, block_groups, block_size, padded)
+            if key not in classes:
+                classes[key] = LaunchClass(*key)
+            classes[key].segments.append(segment)
+        groups_per_tensor.append(counts)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return Plan(segments, list(classes.values()), offset, groups_per_tensor, device)
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+class PlanCache:
+    """A small LRU of plans keyed by the tensors' addresses and layouts and the groupings.
+
+    A plan holds only addresses and geometry, so a hit is valid even if a tensor was freed and
+    another of the same layout took its place.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._plans: OrderedDict = OrderedDict()
+
+    def get(
+        self,
+        tensors: Sequence[torch.Tensor],
+        groupings: Sequence[Optional[str]],
+        grad_dtypes: Optional[Sequence[torch.dtype]] = None,
+    ) -> Plan:
+        dtypes = None if grad_dtypes is None else tuple(grad_dtypes)
+        key = (tuple(tensor_key(t) for t in tensors), tuple(groupings), dtypes)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build_plan(tensors, groupings, grad_dtypes)
+            self._plans[key] = plan
+            if len(self._plans) > self.capacity:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+def encode_groupings(groupings: Sequence[Optional[str]]) -> str:
+    """Groupings as one string for torch.library schemas: ("filters", None) -> "filters,none"."""
+    return ",".join("none" if g is None else g for g in groupings)
+
+
+def decode_groupings(text: str) -> tuple[Optional[str], ...]:
+    return tuple(None if g == "none" else g for g in text.split(","))
