@@ -13,7 +13,7 @@ import torch
 
 from fastsparse import reference
 from fastsparse.backends import resolve_backend
-from fastsparse.layout import encode_groupings, segment_geometry
+from fastsparse.layout import encode_groupings, group_count, segment_geometry
 from fastsparse.reference import GROUPINGS, KINDS, Grouping
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -181,12 +181,10 @@ def add_penalty_grad_(
     """
     tensors, groupings, alpha = _prepare(tensors, kind, groups, options)
     strength = _check_strength(strength)
-    seen = {}
     for i, t in enumerate(tensors):
-        key = (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if t.numel() and key in seen:
-            raise ValueError(f"tensors[{i}] is the same tensor as tensors[{seen[key]}]")
-        seen[key] = i
+        for j in range(i):
+            if tensors[j] is t:  # one .grad updated twice in one launch would race
+                raise ValueError(f"tensors[{i}] is the same tensor as tensors[{j}]")
         if t.grad is not None:
             g = t.grad
             if g.shape != t.shape or g.device != t.device or g.layout != torch.strided:
@@ -263,12 +261,13 @@ def group_norms(
         from fastsparse import ops
 
         weights = [t if _addressable(t, (grouping,)) else t.contiguous() for t in nonempty]
-        norms = iter(ops.group_norms_op(weights, encode_groupings((grouping,)), name))
+        flat = ops.group_norms_op(weights, encode_groupings((grouping,)), name)
+        counts = [group_count(t.shape, grouping) for t in weights]
+        norms = iter(torch.split(flat, counts))
     out = []
     for t in tensors:
         if t.numel() > 0:
             out.append(next(norms))
         else:
-            groups_count = reference.grouped_view(t, grouping).shape[0]
-            out.append(torch.zeros(groups_count, dtype=dtype, device=t.device))
+            out.append(torch.zeros(group_count(t.shape, grouping), dtype=dtype, device=t.device))
     return out

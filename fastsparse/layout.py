@@ -118,9 +118,7 @@ def segment_geometry(t: torch.Tensor, grouping: Optional[str]) -> Optional[Segme
 
 
 def group_count(shape: Sequence[int], grouping: Optional[str]) -> int:
-    """Number of groups of a tensor of this shape (0 for an empty tensor)."""
-    if math.prod(shape) == 0:
-        return 0
+    """Number of groups of a tensor of this shape (a 0-dim tensor is one group)."""
     return math.prod(shape[d] for d in group_dims(len(shape), grouping))
 
 
@@ -167,7 +165,6 @@ class Plan:
     segments: list[Segment]
     classes: list[LaunchClass]
     total_groups: int
-    groups_per_tensor: list[list[int]]  # [tensor][grouping] -> group count
     device: torch.device
     cache: dict = field(default_factory=dict)  # backend-owned device tensors
 
@@ -194,12 +191,9 @@ def build_plan(
     (callers pass contiguous copies of the others). Empty tensors get no segment.
     """
     segments, classes = [], {}
-    groups_per_tensor = []
     offset = 0
     for ti, t in enumerate(tensors):
-        counts = []
         for gi, grouping in enumerate(groupings):
-            counts.append(group_count(t.shape, grouping))
             if t.numel() == 0:
                 continue
             geometry = segment_geometry(t, grouping)
@@ -215,9 +209,8 @@ def build_plan(
             if key not in classes:
                 classes[key] = LaunchClass(*key)
             classes[key].segments.append(segment)
-        groups_per_tensor.append(counts)
     device = tensors[0].device if tensors else torch.device("cpu")
-    return Plan(segments, list(classes.values()), offset, groups_per_tensor, device)
+    return Plan(segments, list(classes.values()), offset, device)
 
 
 def tensor_key(t: torch.Tensor) -> tuple:

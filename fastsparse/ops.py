@@ -124,14 +124,12 @@ def _(grads, weights, kind, groups, alpha, strength, backend):
 
 
 @torch.library.custom_op("fastsparse::group_norms", mutates_args=())
-def group_norms_op(weights: List[Tensor], grouping: str, backend: str) -> List[Tensor]:
-    """Per weight, the 1-D tensor of its group l2 norms."""
+def group_norms_op(weights: List[Tensor], grouping: str, backend: str) -> Tensor:
+    """The group l2 norms of all weights, concatenated (split them by group counts)."""
     (decoded,) = decode_groupings(grouping)
     return _backend(backend).group_norms(weights, decoded)
 
 
 @group_norms_op.register_fake
 def _(weights, grouping, backend):
-    (decoded,) = decode_groupings(grouping)
-    acc = _acc_dtype(weights)
-    return [w.new_empty((group_count(w.shape, decoded),), dtype=acc) for w in weights]
+    return weights[0].new_empty((_total_groups(weights, grouping),), dtype=_acc_dtype(weights))

@@ -254,6 +254,13 @@ def _penalty_grad_kernel(
 _plans = PlanCache()
 
 
+def _empty(shape, *, dtype, device, stride=None) -> torch.Tensor:
+    """Every uninitialized buffer of this module comes from here (tests fill them with NaN)."""
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -397,8 +404,8 @@ def _apply_rule(plan: Plan, stats: torch.Tensor, kind: str, alpha: float):
         )
     else:
         sums = stats  # unused by the kernel
-    coefs = torch.empty_like(stats)
-    values = torch.empty(plan.total_groups, dtype=stats.dtype, device=stats.device)
+    coefs = _empty(stats.shape, dtype=stats.dtype, device=stats.device)
+    values = _empty((plan.total_groups,), dtype=stats.dtype, device=stats.device)
     if plan.total_groups:
         _group_rule_kernel[(triton.cdiv(plan.total_groups, RULE_BLOCK),)](
             stats,
@@ -452,9 +459,15 @@ def penalty_forward(tensors, kind, groupings, alpha):
 
 def penalty_backward(tensors, coefs, grad_value, kind, groupings, alpha):
     """dR/dW * grad_value for each tensor, in the tensor's dtype and layout."""
-    plan = _get_plan(tensors, groupings)
+    # With several groupings the gradient is summed grouping after grouping: low-precision
+    # weights then sum into fp32 buffers, rounded once at the end (as autograd would).
+    dtypes = [t.dtype for t in tensors]
+    if len(groupings) > 1:
+        dtypes = [_acc_dtype(d) for d in dtypes]
+    plan = _get_plan(tensors, groupings, dtypes)
     grads = [
-        torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in tensors
+        _empty(t.shape, stride=t.stride(), dtype=d, device=t.device)
+        for t, d in zip(tensors, dtypes)
     ]
     scale_tensor = grad_value.reshape(1)
     for cls in plan.classes:
@@ -472,7 +485,7 @@ def penalty_backward(tensors, coefs, grad_value, kind, groupings, alpha):
             scale=1.0,
             scale_tensor=scale_tensor,
         )
-    return grads
+    return [g.to(t.dtype) for g, t in zip(grads, tensors)]
 
 
 def add_penalty_grad(grads, tensors, kind, groupings, alpha, strength):
@@ -491,7 +504,7 @@ def add_penalty_grad(grads, tensors, kind, groupings, alpha, strength):
         _launch_stats(plan, tensors, stats, unfused)
         values, coefs = _apply_rule(plan, stats, kind, alpha)
     else:
-        values = torch.empty(plan.total_groups, dtype=acc, device=plan.device)
+        values = _empty((plan.total_groups,), dtype=acc, device=plan.device)
         coefs = values
     for cls in plan.classes:
         _launch_grad(
@@ -512,8 +525,6 @@ def add_penalty_grad(grads, tensors, kind, groupings, alpha, strength):
 
 
 def group_norms(tensors, grouping):
-    """Per tensor, the 1-D tensor of its group l2 norms (accumulation dtype)."""
-    plan, stats = group_stats(tensors, (grouping,))
-    norms = torch.sqrt(stats[:, 1])
-    counts = [c[0] for c in plan.groups_per_tensor]
-    return list(torch.split(norms, counts))
+    """The group l2 norms of all tensors, concatenated in order (accumulation dtype)."""
+    _, stats = group_stats(tensors, (grouping,))
+    return torch.sqrt(stats[:, 1])

@@ -1,0 +1,45 @@
+"""Test setup: Triton runs on the CPU interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton decorates the kernels (first import of
+fastsparse.kernels), hence here, before any test module is imported. On a GPU machine the same
+Triton tests run compiled, on CUDA tensors.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The device the Triton backend runs on in this session.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return TRITON_DEVICE
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Fill every uninitialized kernel output with NaN, so an unwritten element fails a test."""
+    from fastsparse.kernels import penalty as kernels
+
+    original = kernels._empty
+
+    def empty_nan(shape, **kwargs):
+        return original(shape, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(kernels, "_empty", empty_nan)

@@ -1,0 +1,55 @@
+"""`import fastsparse` is lean: no triton, no CUDA initialization, works without triton."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_import_does_not_load_triton_or_initialize_cuda():
+    result = run_python(
+        """
+        import sys
+        import torch
+        import fastsparse
+        assert "triton" not in sys.modules, "import fastsparse imported triton"
+        assert "fastsparse.kernels" not in sys.modules
+        assert not torch.cuda.is_initialized(), "import fastsparse initialized CUDA"
+        w = torch.randn(4, 3, requires_grad=True)
+        fastsparse.penalty(w, "l1l2").backward()  # auto backend on CPU: the oracle
+        assert "triton" not in sys.modules and not torch.cuda.is_initialized()
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_import_works_without_triton_installed():
+    result = run_python(
+        """
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` fail as if not installed
+        import importlib.util
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "triton" else real(name, *a)
+        import torch
+        import fastsparse
+        w = torch.randn(4, 3)
+        assert fastsparse.penalty(w, "group_lasso").item() > 0
+        try:
+            fastsparse.penalty(w, "l1", backend="triton")
+        except RuntimeError as e:
+            assert "triton is not installed" in str(e), e
+        else:
+            raise AssertionError("backend='triton' without triton did not raise")
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
