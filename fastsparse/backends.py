@@ -1,13 +1,16 @@
-"""Choosing a backend: "auto" | "triton" | "torch".
+"""Choosing a backend: "auto" | "triton" | "native" | "cuda" | "torch".
 
-- "triton": the fused kernels of fastsparse.kernels (CUDA tensors, or CPU tensors when Triton's
-  interpreter is on: TRITON_INTERPRET=1, slow, for tests).
+- "triton": the fused Triton kernels of fastsparse.kernels (CUDA tensors, or CPU tensors when
+  Triton's interpreter is on: TRITON_INTERPRET=1, slow, for tests).
+- "native": the C++ kernels of csrc/ for the tensors' device (OpenMP on CPU, CUDA C++ on GPU),
+  compiled on first use (fastsparse/native.py). "cuda" is "native" for CUDA tensors only.
 - "torch": the plain-PyTorch oracle (fastsparse.reference), any device.
-- "auto": the best available for the tensors' device, falling back quietly.
+- "auto": the fastest available for the device: Triton, then native, on CUDA; native on CPU;
+  the oracle when nothing else can run (quietly).
 
 The environment variable FASTSPARSE_BACKEND replaces "auto" (an explicit argument wins). An
-explicitly requested backend that cannot run raises a RuntimeError that says why. Nothing here
-imports triton or touches CUDA.
+explicitly requested backend that cannot run raises a RuntimeError that says why. Importing this
+module imports neither triton nor the native libraries and never touches CUDA.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "native", "cuda", "torch")
 
 
 def triton_installed() -> bool:
@@ -43,26 +46,50 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     )
 
 
+def native_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the native kernels cannot run on this device, or None (may build them once)."""
+    from fastsparse import native
+
+    return native.unavailable_reason(device)
+
+
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The concrete backend ("triton" or "torch") for tensors on `device`.
+    """The concrete backend ("triton", "native" or "torch") for tensors on `device`.
 
     >>> resolve_backend("torch", torch.device("cpu"))
     'torch'
     """
     name = "auto" if backend is None else backend
+    source = "backend"
     if name == "auto":
         name = os.environ.get("FASTSPARSE_BACKEND", "auto") or "auto"
         source = "FASTSPARSE_BACKEND"
-    else:
-        source = "backend"
     if name not in BACKENDS:
         raise ValueError(f"unknown {source} {name!r}; valid backends: {', '.join(BACKENDS)}")
     if name == "auto":
         if device.type == "cuda" and triton_unavailable_reason(device) is None:
             return "triton"
+        if _native_allowed_in_auto() and native_unavailable_reason(device) is None:
+            return "native"
         return "torch"
     if name == "triton":
         reason = triton_unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"backend 'triton' is not available: {reason}")
+    if name in ("native", "cuda"):
+        if name == "cuda" and device.type != "cuda":
+            raise RuntimeError(f"backend 'cuda' is not available: the tensors are on {device}")
+        reason = native_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} is not available: {reason}")
+        return "native"
     return name
+
+
+def _native_allowed_in_auto() -> bool:
+    from fastsparse import native
+
+    mode = native.native_mode()
+    if mode == "1":  # required: a failed build must surface, not fall back
+        return True
+    return mode == "auto"

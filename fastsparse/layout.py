@@ -213,6 +213,41 @@ def build_plan(
     return Plan(segments, list(classes.values()), offset, device)
 
 
+def segment_of_group_map(plan: Plan) -> torch.Tensor:
+    """int32 [total_groups]: the segment of each global group id (cached on the plan)."""
+    if "segment_of_group" not in plan.cache:
+        counts = torch.tensor([s.geometry.groups for s in plan.segments], dtype=torch.int64)
+        ids = torch.repeat_interleave(torch.arange(len(plan.segments), dtype=torch.int32), counts)
+        plan.cache["segment_of_group"] = ids.to(plan.device)
+        plan.cache["segment_lengths"] = counts.to(plan.device)
+    return plan.cache["segment_of_group"]
+
+
+def segment_sums(plan: Plan, stats: torch.Tensor) -> torch.Tensor:
+    """[segments, 2] = (L, F^2) per segment from per-group stats [total_groups, 2] = (s1, s2).
+
+    L = sum of the group norms, F^2 = sum of s2: the per-tensor sums of the across-group kinds.
+    segment_reduce adds each segment in order, without atomics: deterministic.
+    """
+    segment_of_group_map(plan)
+    lengths = plan.cache["segment_lengths"]
+    s2 = stats[:, 1].contiguous()
+    total_l = torch.segment_reduce(torch.sqrt(s2), "sum", lengths=lengths, unsafe=True)
+    total_f2 = torch.segment_reduce(s2, "sum", lengths=lengths, unsafe=True)
+    return torch.stack([total_l, total_f2], dim=1)
+
+
+def new_empty(shape, *, dtype, device, stride=None) -> torch.Tensor:
+    """Every uninitialized output buffer of the backends comes from here.
+
+    Tests replace it with a NaN-filling version, so that an element a kernel forgot to write
+    fails the test.
+    """
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+
 def tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 

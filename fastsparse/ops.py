@@ -2,8 +2,9 @@
 
 The ops are opaque to torch.compile (they launch pointer-table kernels), declare exactly what they
 mutate, and have fake kernels so that `torch.compile(fullgraph=True)` traces through them. Their
-implementations live in the backend modules (fastsparse.kernels for "triton"), imported on first
-call so that `import fastsparse` never imports triton or initializes CUDA.
+implementations live in the backend modules (fastsparse.kernels for "triton", fastsparse.native
+for "native": CPU and CUDA C++), imported on first call so that `import fastsparse` never
+imports triton or initializes CUDA.
 
 Groupings travel as one string ("filters,channels", "none" for None): see layout.encode_groupings.
 """
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from fastsparse.layout import decode_groupings, group_count
 
-_BACKEND_MODULES = {"triton": "fastsparse.kernels.penalty"}
+_BACKEND_MODULES = {"triton": "fastsparse.kernels.penalty", "native": "fastsparse.native"}
 
 
 def _backend(name: str):

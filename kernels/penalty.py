@@ -24,7 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.layout import Plan, PlanCache
+from fastsparse.layout import (
+    Plan,
+    PlanCache,
+    new_empty,
+    segment_of_group_map,
+    segment_sums,
+)
 
 # Kinds as compile-time ids for the coefficient rule.
 KIND_IDS = {
@@ -254,13 +260,6 @@ def _penalty_grad_kernel(
 _plans = PlanCache()
 
 
-def _empty(shape, *, dtype, device, stride=None) -> torch.Tensor:
-    """Every uninitialized buffer of this module comes from here (tests fill them with NaN)."""
-    if stride is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -335,16 +334,6 @@ def _grad_addresses(plan: Plan, cls, grads):
     return tables["grad_addresses"]
 
 
-def _segment_maps(plan: Plan):
-    """Per-group segment ids and per-segment group counts, for the across-group sums."""
-    if "segment_of_group" not in plan.cache:
-        counts = torch.tensor([s.geometry.groups for s in plan.segments], dtype=torch.int64)
-        ids = torch.repeat_interleave(torch.arange(len(plan.segments), dtype=torch.int32), counts)
-        plan.cache["segment_of_group"] = ids.to(plan.device)
-        plan.cache["segment_lengths"] = counts.to(plan.device)
-    return plan.cache["segment_of_group"], plan.cache["segment_lengths"]
-
-
 def _launch_stats(plan: Plan, tensors, stats: torch.Tensor, classes) -> None:
     for cls in classes:
         tables = _class_tables(plan, cls)
@@ -392,20 +381,10 @@ def _apply_rule(plan: Plan, stats: torch.Tensor, kind: str, alpha: float):
     """Per-group value terms and coefficients [total_groups, 2] = (a, b)."""
     kind_id = KIND_IDS[kind]
     across = kind_id in ACROSS_KIND_IDS
-    segment_of_group, lengths = _segment_maps(plan)
-    if across:
-        n = torch.sqrt(stats[:, 1])
-        sums = torch.stack(
-            [
-                torch.segment_reduce(n, "sum", lengths=lengths, unsafe=True),
-                torch.segment_reduce(stats[:, 1].contiguous(), "sum", lengths=lengths, unsafe=True),
-            ],
-            dim=1,
-        )
-    else:
-        sums = stats  # unused by the kernel
-    coefs = _empty(stats.shape, dtype=stats.dtype, device=stats.device)
-    values = _empty((plan.total_groups,), dtype=stats.dtype, device=stats.device)
+    segment_of_group = segment_of_group_map(plan)
+    sums = segment_sums(plan, stats) if across else stats  # unused by the kernel if within
+    coefs = new_empty(stats.shape, dtype=stats.dtype, device=stats.device)
+    values = new_empty((plan.total_groups,), dtype=stats.dtype, device=stats.device)
     if plan.total_groups:
         _group_rule_kernel[(triton.cdiv(plan.total_groups, RULE_BLOCK),)](
             stats,
@@ -466,7 +445,7 @@ def penalty_backward(tensors, coefs, grad_value, kind, groupings, alpha):
         dtypes = [_acc_dtype(d) for d in dtypes]
     plan = _get_plan(tensors, groupings, dtypes)
     grads = [
-        _empty(t.shape, stride=t.stride(), dtype=d, device=t.device)
+        new_empty(t.shape, stride=t.stride(), dtype=d, device=t.device)
         for t, d in zip(tensors, dtypes)
     ]
     scale_tensor = grad_value.reshape(1)
@@ -504,7 +483,7 @@ def add_penalty_grad(grads, tensors, kind, groupings, alpha, strength):
         _launch_stats(plan, tensors, stats, unfused)
         values, coefs = _apply_rule(plan, stats, kind, alpha)
     else:
-        values = _empty((plan.total_groups,), dtype=acc, device=plan.device)
+        values = new_empty((plan.total_groups,), dtype=acc, device=plan.device)
         coefs = values
     for cls in plan.classes:
         _launch_grad(

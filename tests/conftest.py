@@ -32,14 +32,25 @@ def device():
     return TRITON_DEVICE
 
 
+# The fused backends every kernel test runs on: Triton (compiled on a GPU, interpreted on the
+# CPU) and the native C++ kernels (CUDA C++ on a GPU, OpenMP C++ on the CPU).
+FUSED_BACKENDS = ["triton", "native"]
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request):
+    return request.param
+
+
 @pytest.fixture
 def nan_outputs(monkeypatch):
     """Fill every uninitialized kernel output with NaN, so an unwritten element fails a test."""
-    from fastsparse.kernels import penalty as kernels
+    from fastsparse import layout
 
-    original = kernels._empty
+    original = layout.new_empty
 
     def empty_nan(shape, **kwargs):
         return original(shape, **kwargs).fill_(float("nan"))
 
-    monkeypatch.setattr(kernels, "_empty", empty_nan)
+    for module in ("fastsparse.kernels.penalty", "fastsparse.native"):
+        monkeypatch.setattr(f"{module}.new_empty", empty_nan)

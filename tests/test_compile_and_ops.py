@@ -17,22 +17,22 @@ def _weights(device, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("kind", ["l1l2", "group_hoyer_square"])
-def test_opcheck_penalty(kind, device):
+def test_opcheck_penalty(kind, device, backend):
     result = torch.library.opcheck(
         torch.ops.fastsparse.penalty.default,
-        (_weights(device), kind, "filters,channels", 0.5, "triton"),
+        (_weights(device), kind, "filters,channels", 0.5, backend),
     )
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-def test_opcheck_backward_inplace_and_norms(device):
+def test_opcheck_backward_inplace_and_norms(device, backend):
     weights = [w.detach() for w in _weights(device)]
-    _, coefs = torch.ops.fastsparse.penalty(weights, "l1l2", "filters", 0.5, "triton")
+    _, coefs = torch.ops.fastsparse.penalty(weights, "l1l2", "filters", 0.5, backend)
     grad_value = torch.tensor(2.0, device=device)
     checks = [
         (
             torch.ops.fastsparse.penalty_backward.default,
-            (weights, coefs, grad_value, "l1l2", "filters", 0.5, "triton"),
+            (weights, coefs, grad_value, "l1l2", "filters", 0.5, backend),
         ),
         (
             torch.ops.fastsparse.add_penalty_grad_.default,
@@ -46,7 +46,7 @@ def test_opcheck_backward_inplace_and_norms(device):
                 "triton",
             ),
         ),
-        (torch.ops.fastsparse.group_norms.default, (weights, "kernels", "triton")),
+        (torch.ops.fastsparse.group_norms.default, (weights, "kernels", backend)),
     ]
     for op, args in checks:
         result = torch.library.opcheck(op, args)
@@ -58,7 +58,7 @@ def _train_step_loss(model, x, backend):
     return loss + 1e-2 * fs.penalty([model[0].weight, model[2].weight], "l1l2", backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
 def test_compiled_loss_has_no_graph_breaks(backend, device):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -79,11 +79,11 @@ def test_compiled_loss_has_no_graph_breaks(backend, device):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_inductor_with_fused_penalty(device):
+def test_compiled_inductor_with_fused_penalty(device, backend):
     weights = _weights(device)
 
     def loss_fn(ws):
-        return fs.penalty(ws, "group_l1l2", groups=("filters", "channels"), backend="triton") * 3
+        return fs.penalty(ws, "group_l1l2", groups=("filters", "channels"), backend=backend) * 3
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     value = compiled(weights)
@@ -102,14 +102,14 @@ def test_compiled_inductor_with_fused_penalty(device):
         torch.testing.assert_close(w.grad, e, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_inplace_step(device):
+def test_compiled_inplace_step(device, backend):
     weights = [w.detach().requires_grad_(True) for w in _weights(device)]
     for w in weights:
         w.grad = torch.zeros_like(w)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(ws):
-        return fs.add_penalty_grad_(ws, "group_lasso", 0.5, backend="triton")
+        return fs.add_penalty_grad_(ws, "group_lasso", 0.5, backend=backend)
 
     step(weights)
     for w, e in zip(weights, ref.penalty_grad([w.detach() for w in weights], "group_lasso")):

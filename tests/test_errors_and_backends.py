@@ -118,7 +118,18 @@ def test_explicit_unavailable_backend_raises(monkeypatch, params):
     with pytest.raises(RuntimeError, match="backend 'triton' is not available.*CUDA device"):
         fs.add_penalty_grad_(params, "l1", 1.0, backend="triton")
     assert_unchanged(params, before)
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"  # auto falls back quietly
+
+
+def test_auto_prefers_native_on_cpu_and_falls_back_quietly(monkeypatch, params):
+    assert resolve_backend("auto", torch.device("cpu")) == "native"
+    monkeypatch.setenv("FASTSPARSE_NATIVE", "0")
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    before = snapshot(params)
+    with pytest.raises(RuntimeError, match="backend 'native' is not available.*switched off"):
+        fs.add_penalty_grad_(params, "l1", 1.0, backend="native")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: the tensors are on"):
+        fs.add_penalty_grad_(params, "l1", 1.0, backend="cuda")
+    assert_unchanged(params, before)
 
 
 def test_backend_names_and_environment(monkeypatch):

@@ -36,9 +36,9 @@ def make(shapes, dtype, device, seed=0, zero_groups=True):
     return tensors
 
 
-def triton_value_and_grads(tensors, kind, groups, grad_out=1.7, **options):
+def fused_value_and_grads(backend, tensors, kind, groups, grad_out=1.7, **options):
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    value = fs.penalty(leaves, kind, groups=groups, backend="triton", **options)
+    value = fs.penalty(leaves, kind, groups=groups, backend=backend, **options)
     (value * grad_out).backward()
     return value.detach(), [t.grad for t in leaves]
 
@@ -52,9 +52,9 @@ def oracle_value_and_grads(tensors, kind, groups, grad_out=1.7, **options):
 
 @pytest.mark.parametrize("groups", GROUPINGS, ids=grouping_id)
 @pytest.mark.parametrize("kind", fs.KINDS)
-def test_every_kind_and_grouping_matches_oracle_fp32(kind, groups, device, nan_outputs):
+def test_every_kind_and_grouping_matches_oracle_fp32(kind, groups, device, nan_outputs, backend):
     tensors = make(shapes_for(groups), torch.float32, device)
-    value, grads = triton_value_and_grads(tensors, kind, groups)
+    value, grads = fused_value_and_grads(backend, tensors, kind, groups)
     value32, grads32 = oracle_value_and_grads(tensors, kind, groups)
     value64, grads64 = oracle_value_and_grads([t.double() for t in tensors], kind, groups)
     assert value.dtype == torch.float32 and value.dim() == 0
@@ -68,10 +68,10 @@ def test_every_kind_and_grouping_matches_oracle_fp32(kind, groups, device, nan_o
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", fs.KINDS)
-def test_low_precision_follows_tolerance_rule(kind, dtype, device, nan_outputs):
+def test_low_precision_follows_tolerance_rule(kind, dtype, device, nan_outputs, backend):
     groups = ("filters", "channels") if kind.startswith("group") else "filters"
     tensors = make(shapes_for(groups), dtype, device, seed=1)
-    value, grads = triton_value_and_grads(tensors, kind, groups)
+    value, grads = fused_value_and_grads(backend, tensors, kind, groups)
     value_lp, grads_lp = oracle_value_and_grads(tensors, kind, groups)
     value64, grads64 = oracle_value_and_grads([t.double() for t in tensors], kind, groups)
     assert value.dtype == torch.float32
@@ -84,24 +84,24 @@ def test_low_precision_follows_tolerance_rule(kind, dtype, device, nan_outputs):
 
 
 @pytest.mark.parametrize("kind", fs.KINDS)
-def test_gradcheck_float64(kind, device):
+def test_gradcheck_float64(kind, device, backend):
     shapes = [(3, 2, 2, 2), (3,), (2, 3)]
     tensors = [t.requires_grad_(True) for t in make(shapes, torch.float64, device, seed=2)]
     groups = ("filters", "channels") if kind.startswith("group") else "filters"
     tensors = [t for t in tensors if t.dim() >= 2] if "channels" in groups else tensors
 
     def f(*ts):
-        return fs.penalty(list(ts), kind, groups=groups, backend="triton")
+        return fs.penalty(list(ts), kind, groups=groups, backend=backend)
 
     assert torch.autograd.gradcheck(f, tuple(tensors), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("groups", ["kernels", None], ids=grouping_id)
-def test_gradcheck_float64_other_groupings(groups, device):
+def test_gradcheck_float64_other_groupings(groups, device, backend):
     t = torch.randn(2, 3, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
     for kind in ("l1l2", "group_hoyer_square"):
         assert torch.autograd.gradcheck(
-            lambda w, k=kind: fs.penalty(w, k, groups=groups, backend="triton"), (t,)
+            lambda w, k=kind: fs.penalty(w, k, groups=groups, backend=backend), (t,)
         )
 
 
@@ -119,10 +119,12 @@ def test_contract_table_equals_autograd_of_the_oracle(kind, groups):
         torch.testing.assert_close(total, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_sparse_group_lasso_alpha(device):
+def test_sparse_group_lasso_alpha(device, backend):
     tensors = make([(5, 4, 3, 3)], torch.float32, device)
     for alpha in (0.0, 0.3, 1.0):
-        value, grads = triton_value_and_grads(tensors, "sparse_group_lasso", "filters", alpha=alpha)
+        value, grads = fused_value_and_grads(
+            backend, tensors, "sparse_group_lasso", "filters", alpha=alpha
+        )
         expected, expected_grads = oracle_value_and_grads(
             tensors, "sparse_group_lasso", "filters", alpha=alpha
         )
@@ -130,7 +132,7 @@ def test_sparse_group_lasso_alpha(device):
         torch.testing.assert_close(grads[0], expected_grads[0])
 
 
-def test_mixed_list_of_twenty_tensors(device, nan_outputs):
+def test_mixed_list_of_twenty_tensors(device, nan_outputs, backend):
     gen = torch.Generator().manual_seed(3)
     shapes = [
         tuple(
@@ -143,7 +145,7 @@ def test_mixed_list_of_twenty_tensors(device, nan_outputs):
     ]
     tensors = make(shapes, torch.float32, device, seed=3)
     for kind in ("l1l2", "group_l1l2"):
-        value, grads = triton_value_and_grads(tensors, kind, "filters")
+        value, grads = fused_value_and_grads(backend, tensors, kind, "filters")
         expected, expected_grads = oracle_value_and_grads(tensors, kind, "filters")
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
         for g, e in zip(grads, expected_grads):
@@ -151,20 +153,20 @@ def test_mixed_list_of_twenty_tensors(device, nan_outputs):
 
 
 @pytest.mark.parametrize("kind", ["l1l2", "group_lasso", "group_l1l2"])
-def test_long_groups_take_the_split_path(kind, device, nan_outputs):
+def test_long_groups_take_the_split_path(kind, device, nan_outputs, backend):
     # 20000 elements per group: more than one block, partial sums per chunk.
     tensors = make([(2, 20000), (3, 4)], torch.float32, device, seed=4)
-    value, grads = triton_value_and_grads(tensors, kind, "filters")
+    value, grads = fused_value_and_grads(backend, tensors, kind, "filters")
     expected, expected_grads = oracle_value_and_grads(tensors, kind, "filters")
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
-def test_mixed_dtypes_in_one_list(device):
+def test_mixed_dtypes_in_one_list(device, backend):
     tensors = make([(4, 3, 3, 3), (6, 5)], torch.float32, device)
     tensors = [tensors[0].to(torch.bfloat16), tensors[1]]
-    value, grads = triton_value_and_grads(tensors, "hoyer_square", "filters")
+    value, grads = fused_value_and_grads(backend, tensors, "hoyer_square", "filters")
     expected, expected_grads = oracle_value_and_grads(tensors, "hoyer_square", "filters")
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
     assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
@@ -182,22 +184,22 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("groups", GROUPINGS, ids=grouping_id)
-def test_non_contiguous_layouts(layout, groups, device):
+def test_non_contiguous_layouts(layout, groups, device, backend):
     base = make([(6, 4, 3, 3)], torch.float32, device, seed=5)[0]
     w = LAYOUTS[layout](base)
     for kind in ("l1l2", "group_l1l2"):
-        value, grads = triton_value_and_grads([w], kind, groups)
+        value, grads = fused_value_and_grads(backend, [w], kind, groups)
         expected, expected_grads = oracle_value_and_grads([w], kind, groups)
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", fs.KINDS)
-def test_zero_groups_and_zero_tensors_give_zero_never_nan(kind, device):
+def test_zero_groups_and_zero_tensors_give_zero_never_nan(kind, device, backend):
     w = torch.zeros(4, 3, 2, 2, device=device)
     w[2, 1] = 0.5  # one non-zero group of each grouping
     all_zero = torch.zeros(3, 5, device=device)
-    value, grads = triton_value_and_grads([w, all_zero], kind, ("filters", "channels"))
+    value, grads = fused_value_and_grads(backend, [w, all_zero], kind, ("filters", "channels"))
     expected, expected_grads = oracle_value_and_grads([w, all_zero], kind, ("filters", "channels"))
     assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(value, expected)
@@ -205,21 +207,21 @@ def test_zero_groups_and_zero_tensors_give_zero_never_nan(kind, device):
     assert (grads[1] == 0).all() and (grads[0][0] == 0).all()
 
 
-def test_empty_tensors_give_zero(device):
+def test_empty_tensors_give_zero(device, backend):
     empty = torch.empty(0, 3, device=device, requires_grad=True)
     w = torch.randn(3, 3, device=device, requires_grad=True)
-    value = fs.penalty([empty, w], "l1l2", backend="triton")
+    value = fs.penalty([empty, w], "l1l2", backend=backend)
     value.backward()
     torch.testing.assert_close(value, ref.penalty([w.detach()], "l1l2"))
     assert empty.grad is None or empty.grad.numel() == 0
-    only_empty = fs.penalty([torch.empty(0, device=device)], "l1", backend="triton")
+    only_empty = fs.penalty([torch.empty(0, device=device)], "l1", backend=backend)
     assert only_empty.item() == 0.0 and only_empty.dtype == torch.float32
 
 
-def test_results_are_deterministic(device):
+def test_results_are_deterministic(device, backend):
     tensors = make([(16, 8, 3, 3), (2, 20000)], torch.float32, device, seed=6)
-    first = triton_value_and_grads(tensors, "group_hoyer_square", "filters")
-    second = triton_value_and_grads(tensors, "group_hoyer_square", "filters")
+    first = fused_value_and_grads(backend, tensors, "group_hoyer_square", "filters")
+    second = fused_value_and_grads(backend, tensors, "group_hoyer_square", "filters")
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
 
@@ -241,10 +243,10 @@ def test_results_are_deterministic(device):
 )
 @pytest.mark.parametrize("kind", ["l1l2", "group_l1l2", "hoyer_square", "group_lasso"])
 @pytest.mark.parametrize("groups", ["filters", "channels"])
-def test_gpu_large_shapes(shape, dtype, kind, groups):
+def test_gpu_large_shapes(shape, dtype, kind, groups, backend):
     tensors = make([shape], dtype, "cuda", seed=7)
     atol = TOLERANCE[dtype]
-    value, grads = triton_value_and_grads(tensors, kind, groups)
+    value, grads = fused_value_and_grads(backend, tensors, kind, groups)
     value_lp, grads_lp = oracle_value_and_grads(tensors, kind, groups)
     value64, grads64 = oracle_value_and_grads([t.double() for t in tensors], kind, groups)
     assert_close_to_oracle(value, value_lp, value64, atol=atol, name="value")
@@ -254,9 +256,9 @@ def test_gpu_large_shapes(shape, dtype, kind, groups):
 
 
 @pytest.mark.gpu
-def test_gpu_none_grouping_on_a_large_tensor_splits():
+def test_gpu_none_grouping_on_a_large_tensor_splits(backend):
     tensors = make([(8192, 4096)], torch.float32, "cuda", seed=8)
-    value, grads = triton_value_and_grads(tensors, "l1l2", None)
+    value, grads = fused_value_and_grads(backend, tensors, "l1l2", None)
     expected, expected_grads = oracle_value_and_grads([t.double() for t in tensors], "l1l2", None)
     torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(grads[0].double(), expected_grads[0], rtol=1e-4, atol=1e-9)

@@ -1,6 +1,8 @@
-"""Property-based: random shapes, kinds and groupings, Triton against the oracle."""
+"""Property-based: random shapes, kinds and groupings, each fused backend against the oracle."""
 
+import pytest
 import torch
+from conftest import FUSED_BACKENDS
 from helpers import applies, gradient_scale, term_magnitude
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,9 +35,10 @@ def cases(draw):
     return grouping, shapes, kind, seed, zero_first
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases())
-def test_triton_matches_oracle(case):
+@given(case=cases())
+def test_fused_backends_match_oracle(backend, case):
     from conftest import TRITON_DEVICE
 
     grouping, shapes, kind, seed, zero_first = case
@@ -44,7 +47,7 @@ def test_triton_matches_oracle(case):
     if zero_first:
         tensors[0].zero_()
     leaves = [t.clone().requires_grad_(True) for t in tensors]
-    value = fs.penalty(leaves, kind, groups=grouping, backend="triton")
+    value = fs.penalty(leaves, kind, groups=grouping, backend=backend)
     value.backward()
     expected = ref.penalty([t.double() for t in tensors], kind, grouping)
     expected_grads = ref.penalty_grad([t.double() for t in tensors], kind, grouping)

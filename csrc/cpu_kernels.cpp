@@ -1,0 +1,256 @@
+// CPU kernels of the native backend: group statistics, coefficient rule, gradient, and the fused
+// single-pass in-place gradient. OpenMP over work items (group, chunk); every reduction runs in
+// a fixed order (per-lane partial sums, then lanes in order), so results do not depend on the
+// thread count. Built just in time by fastsparse/native.py; plain C ABI, no torch headers.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fastsparse_native.h"
+
+namespace {
+
+constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorize reductions
+
+struct Bf16 { uint16_t bits; };
+struct Half { uint16_t bits; };
+
+// Loads convert to the accumulation type A; stores round to the storage type (fp16 and bf16
+// through float, round to nearest even).
+template <typename A> inline A load(const float* p) { return (A)*p; }
+template <typename A> inline A load(const double* p) { return (A)*p; }
+template <typename A> inline A load(const Half* p) { return (A)fs_half_to_float(p->bits); }
+template <typename A> inline A load(const Bf16* p) { return (A)fs_bf16_to_float(p->bits); }
+
+template <typename A> inline void store(float* p, A v) { *p = (float)v; }
+template <typename A> inline void store(double* p, A v) { *p = (double)v; }
+template <typename A> inline void store(Half* p, A v) { p->bits = fs_float_to_half((float)v); }
+template <typename A> inline void store(Bf16* p, A v) { p->bits = fs_float_to_bf16((float)v); }
+
+template <typename A> inline A sign_of(A x) { return (A)((x > 0) - (x < 0)); }
+
+// Calls fn(pointer offset, count, stride) for each run of a group's elements [begin, end):
+// runs follow the innermost (column) dimension.
+template <typename Fn>
+inline void for_each_run(const fs_segment& s, int64_t g, int64_t begin, int64_t end, Fn fn) {
+  int64_t j = begin;
+  while (j < end) {
+    const int64_t r = j / s.cols, c = j % s.cols;
+    const int64_t count = std::min(s.cols - c, end - j);
+    fn(g * s.stride_group + r * s.stride_row + c * s.stride_col, count, s.stride_col);
+    j += count;
+  }
+}
+
+template <typename W, typename A>
+void run_stats(const W* p, int64_t n, int64_t stride, A* s1_out, A* s2_out) {
+  A s1[kLanes] = {0}, s2[kLanes] = {0};
+  int64_t i = 0;
+  if (stride == 1) {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int k = 0; k < kLanes; ++k) {
+        const A x = load<A>(p + i + k);
+        s1[k] += x < 0 ? -x : x;
+        s2[k] += x * x;
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    const A x = load<A>(p + i * stride);
+    s1[i % kLanes] += x < 0 ? -x : x;
+    s2[i % kLanes] += x * x;
+  }
+  A t1 = 0, t2 = 0;
+  for (int k = 0; k < kLanes; ++k) {
+    t1 += s1[k];
+    t2 += s2[k];
+  }
+  *s1_out += t1;
+  *s2_out += t2;
+}
+
+template <typename W, typename G, typename A>
+void run_update(const W* p, G* q, int64_t n, int64_t stride, A a, A b, A scale, bool accumulate) {
+  for (int64_t i = 0; i < n; ++i) {
+    const A x = load<A>(p + i * stride);
+    A update = scale * (a * sign_of(x) + b * x);
+    if (accumulate) update += load<A>(q + i * stride);
+    store<A>(q + i * stride, update);
+  }
+}
+
+template <typename W, typename A>
+void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, A* s1, A* s2) {
+  const W* w = reinterpret_cast<const W*>(s.w);
+  const int64_t begin = chunk * s.chunk_len;
+  const int64_t end = std::min(begin + s.chunk_len, s.rows * s.cols);
+  *s1 = 0;
+  *s2 = 0;
+  for_each_run(s, g, begin, end, [&](int64_t off, int64_t n, int64_t stride) {
+    run_stats<W, A>(w + off, n, stride, s1, s2);
+  });
+}
+
+template <typename W, typename G, typename A>
+void chunk_update(const fs_segment& s, int64_t g, int64_t chunk, A a, A b, A scale) {
+  const W* w = reinterpret_cast<const W*>(s.w);
+  G* grad = reinterpret_cast<G*>(s.grad);
+  const int64_t begin = chunk * s.chunk_len;
+  const int64_t end = std::min(begin + s.chunk_len, s.rows * s.cols);
+  for_each_run(s, g, begin, end, [&](int64_t off, int64_t n, int64_t stride) {
+    run_update<W, G, A>(w + off, grad + off, n, stride, a, b, scale, s.accumulate != 0);
+  });
+}
+
+// Dispatch on (weight dtype, grad dtype) to a functor templated on <W, G, A>.
+template <template <typename, typename, typename> class Op, typename... Args>
+void dispatch(const fs_segment& s, Args... args) {
+#define FS_GRAD_CASES(W, A)                                                   \
+  switch (s.grad_dtype) {                                                     \
+    case FS_F32: Op<W, float, A>::run(s, args...); break;                     \
+    case FS_F64: Op<W, double, A>::run(s, args...); break;                    \
+    case FS_F16: Op<W, Half, A>::run(s, args...); break;                      \
+    case FS_BF16: Op<W, Bf16, A>::run(s, args...); break;                     \
+  }
+  switch (s.w_dtype) {
+    case FS_F32: FS_GRAD_CASES(float, float) break;
+    case FS_F64: FS_GRAD_CASES(double, double) break;
+    case FS_F16: FS_GRAD_CASES(Half, float) break;
+    case FS_BF16: FS_GRAD_CASES(Bf16, float) break;
+  }
+#undef FS_GRAD_CASES
+}
+
+template <typename W, typename G, typename A>
+struct StatsOp {
+  static void run(const fs_segment& s, int64_t g, int64_t chunk, double* partial) {
+    A s1, s2;
+    chunk_stats<W, A>(s, g, chunk, &s1, &s2);
+    partial[0] = (double)s1;
+    partial[1] = (double)s2;
+  }
+};
+
+template <typename W, typename G, typename A>
+struct UpdateOp {
+  static void run(const fs_segment& s, int64_t g, int64_t chunk, const double* coef,
+                  double scale) {
+    chunk_update<W, G, A>(s, g, chunk, (A)coef[0], (A)coef[1], (A)scale);
+  }
+};
+
+template <typename W, typename G, typename A>
+struct FusedOp {
+  // One whole group: statistics, rule, gradient. The second pass finds the group in cache.
+  static void run(const fs_segment& s, int64_t g, int kind, double alpha, double scale,
+                  double* value) {
+    A s1 = 0, s2 = 0, v, a, b;
+    for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
+      A c1, c2;
+      chunk_stats<W, A>(s, g, chunk, &c1, &c2);
+      s1 += c1;
+      s2 += c2;
+    }
+    penalty_rule<A>(kind, s1, s2, A(0), A(0), (A)alpha, &v, &a, &b);
+    *value = (double)v;
+    for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
+      chunk_update<W, G, A>(s, g, chunk, a, b, (A)scale);
+    }
+  }
+};
+
+// Work items are (segment, group, chunk), numbered segment after segment; find the segment.
+inline int64_t segment_of_item(const fs_segment* segs, int64_t nseg, int64_t item) {
+  int64_t lo = 0, hi = nseg;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (segs[mid].item_offset <= item) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+inline int64_t total_items(const fs_segment* segs, int64_t nseg) {
+  return nseg ? segs[nseg - 1].item_offset + segs[nseg - 1].groups * segs[nseg - 1].chunks : 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// stats[group_offset + g] = (s1, s2) for every group of every segment; partials has room for
+// 2 values per work item (callers pass a scratch buffer of total_items * 2 doubles).
+int fs_cpu_group_stats(const fs_segment* segs, int64_t nseg, double* stats, double* partials) {
+  const int64_t items = total_items(segs, nseg);
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t item = 0; item < items; ++item) {
+    const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
+    const int64_t local = item - s.item_offset;
+    dispatch<StatsOp>(s, local / s.chunks, local % s.chunks, partials + 2 * item);
+  }
+  // Chunk partials of a group are consecutive items: add them in order.
+#pragma omp parallel for schedule(static)
+  for (int64_t si = 0; si < nseg; ++si) {
+    const fs_segment& s = segs[si];
+    for (int64_t g = 0; g < s.groups; ++g) {
+      const double* p = partials + 2 * (s.item_offset + g * s.chunks);
+      double s1 = 0, s2 = 0;
+      for (int64_t c = 0; c < s.chunks; ++c) {
+        s1 += p[2 * c];
+        s2 += p[2 * c + 1];
+      }
+      stats[2 * (s.group_offset + g)] = s1;
+      stats[2 * (s.group_offset + g) + 1] = s2;
+    }
+  }
+  return 0;
+}
+
+// values[g], coefs[g] = rule(stats[g], segment_sums[segment_of_group[g]]) for every group.
+int fs_cpu_rule(const double* stats, const int32_t* segment_of_group,
+                const double* segment_sums, int64_t total_groups, int kind, double alpha,
+                double* values, double* coefs) {
+  const bool across = kind == FS_GROUP_L1L2 || kind == FS_GROUP_HOYER_SQUARE;
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < total_groups; ++g) {
+    double total_l = 0, total_f2 = 0;
+    if (across) {
+      total_l = segment_sums[2 * segment_of_group[g]];
+      total_f2 = segment_sums[2 * segment_of_group[g] + 1];
+    }
+    penalty_rule<double>(kind, stats[2 * g], stats[2 * g + 1], total_l, total_f2, alpha,
+                         values + g, coefs + 2 * g, coefs + 2 * g + 1);
+  }
+  return 0;
+}
+
+// grad = [grad +] scale * (a_g * sign(w) + b_g * w) with coefs[group] = (a_g, b_g).
+int fs_cpu_apply(const fs_segment* segs, int64_t nseg, const double* coefs, double scale) {
+  const int64_t items = total_items(segs, nseg);
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t item = 0; item < items; ++item) {
+    const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
+    const int64_t local = item - s.item_offset, g = local / s.chunks;
+    dispatch<UpdateOp>(s, g, local % s.chunks, coefs + 2 * (s.group_offset + g), scale);
+  }
+  return 0;
+}
+
+// Within-group kinds in one pass per group: values[group] and grad [+]= scale * dR/dw.
+int fs_cpu_fused(const fs_segment* segs, int64_t nseg, int kind, double alpha, double scale,
+                 double* values) {
+  std::vector<int64_t> starts(nseg + 1, 0);  // (segment, group) pairs, segment after segment
+  for (int64_t si = 0; si < nseg; ++si) starts[si + 1] = starts[si] + segs[si].groups;
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t pair = 0; pair < starts[nseg]; ++pair) {
+    const int64_t si = std::upper_bound(starts.begin(), starts.end(), pair) - starts.begin() - 1;
+    const fs_segment& s = segs[si];
+    const int64_t g = pair - starts[si];
+    dispatch<FusedOp>(s, g, kind, alpha, scale, values + s.group_offset + g);
+  }
+  return 0;
+}
+
+}  // extern "C"

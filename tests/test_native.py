@@ -1,0 +1,94 @@
+"""The native backend's build machinery, CUDA compilation and cross-backend parity.
+
+Numerical parity of every op, kind, grouping and dtype with the oracle runs in the shared tests
+(test_penalty.py and friends are parametrized over the fused backends, "native" included).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_penalty import make
+
+import fastsparse as fs
+from fastsparse import native
+
+
+def test_build_is_cached_and_respects_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSPARSE_CACHE_DIR", str(tmp_path))
+    first = native.build("cpu")
+    assert first.parent == tmp_path / "native" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native.build("cpu") == first and first.stat().st_mtime_ns == stamp
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSPARSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(native.NativeBuildError, match="no compiler: '/nonexistent/c\\+\\+'"):
+        native.build("cpu")
+
+
+def test_cuda_arch_list(monkeypatch):
+    monkeypatch.setenv("FASTSPARSE_CUDA_ARCH_LIST", "9.0")
+    assert native.cuda_arch_flags() == [
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    monkeypatch.setenv("FASTSPARSE_CUDA_ARCH_LIST", " ")
+    with pytest.raises(ValueError, match="names no architecture"):
+        native.cuda_arch_flags()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_sources_compile_for_sm90(tmp_path):
+    csrc = Path(native.__file__).resolve().parents[1] / "csrc"
+    for source in sorted(csrc.glob("*.cu")):
+        result = subprocess.run(
+            ["nvcc", "-arch=sm_90", "-std=c++17", "-c", str(source), "-o", str(tmp_path / "x.o")],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+
+
+def test_native_matches_triton(device):
+    tensors = make([(16, 8, 3, 3), (16,), (10, 24), (2, 20000)], torch.float32, device, seed=21)
+    for kind in ("l1l2", "group_hoyer_square", "sparse_group_lasso"):
+        results = {}
+        for backend in ("native", "triton"):
+            leaves = [t.clone().requires_grad_(True) for t in tensors]
+            value = fs.penalty(leaves, kind, groups=("filters", None), backend=backend)
+            value.backward()
+            results[backend] = (value.detach(), [leaf.grad for leaf in leaves])
+        torch.testing.assert_close(results["native"][0], results["triton"][0])
+        for a, b in zip(results["native"][1], results["triton"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    code = textwrap.dedent(
+        """
+        import sys, torch, fastsparse as fs
+        g = torch.Generator().manual_seed(0)
+        ws = [torch.randn(64, 32, 3, 3, generator=g), torch.randn(3, 40000, generator=g)]
+        for w in ws:
+            w.grad = torch.zeros_like(w)
+        v = fs.add_penalty_grad_(ws, "group_l1l2", 0.5, groups=("filters", None),
+                                 backend="native")
+        torch.save([v] + [w.grad for w in ws], sys.argv[1])
+        """
+    )
+    outputs = []
+    for threads in ("1", "2"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fs_threads_{threads}.pt")
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        subprocess.run([sys.executable, "-c", code, path], check=True, env=env, timeout=120)
+        outputs.append(torch.load(path))
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
