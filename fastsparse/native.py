@@ -385,8 +385,16 @@ def penalty_backward(tensors, coefs, grad_value, kind, groupings, alpha):
     coefs = coefs.to(torch.float64)
     for gi in range(len(groupings)):
         segments = [s for s in plan.segments if s.grouping_index == gi]
-        _apply(plan, segments, tensors, grads, coefs, accumulate=gi > 0, scale=1.0,
-               scale_tensor=scale_tensor)
+        _apply(
+            plan,
+            segments,
+            tensors,
+            grads,
+            coefs,
+            accumulate=gi > 0,
+            scale=1.0,
+            scale_tensor=scale_tensor,
+        )
     return [g.to(t.dtype) for g, t in zip(grads, tensors)]
 
 
