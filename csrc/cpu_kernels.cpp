@@ -45,11 +45,12 @@ inline void for_each_run(const fs_segment& s, int64_t g, int64_t begin, int64_t 
   }
 }
 
+// hard >= 0: only elements with |x| > hard count (l0 + group prox).
 template <typename W, typename A>
-void run_stats(const W* p, int64_t n, int64_t stride, A* s1_out, A* s2_out) {
+void run_stats(const W* p, int64_t n, int64_t stride, A hard, A* s1_out, A* s2_out) {
   A s1[kLanes] = {0}, s2[kLanes] = {0};
   int64_t i = 0;
-  if (stride == 1) {
+  if (stride == 1 && hard < 0) {
     for (; i + kLanes <= n; i += kLanes) {
       for (int k = 0; k < kLanes; ++k) {
         const A x = load<A>(p + i + k);
@@ -59,7 +60,8 @@ void run_stats(const W* p, int64_t n, int64_t stride, A* s1_out, A* s2_out) {
     }
   }
   for (; i < n; ++i) {
-    const A x = load<A>(p + i * stride);
+    A x = load<A>(p + i * stride);
+    if (hard >= 0 && !((x < 0 ? -x : x) > hard)) x = 0;
     s1[i % kLanes] += x < 0 ? -x : x;
     s2[i % kLanes] += x * x;
   }
@@ -83,14 +85,33 @@ void run_update(const W* p, G* q, int64_t n, int64_t stride, A a, A b, A scale, 
 }
 
 template <typename W, typename A>
-void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, A* s1, A* s2) {
+void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, A* s1, A* s2, A hard = -1) {
   const W* w = reinterpret_cast<const W*>(s.w);
   const int64_t begin = chunk * s.chunk_len;
   const int64_t end = std::min(begin + s.chunk_len, s.rows * s.cols);
   *s1 = 0;
   *s2 = 0;
   for_each_run(s, g, begin, end, [&](int64_t off, int64_t n, int64_t stride) {
-    run_stats<W, A>(w + off, n, stride, s1, s2);
+    run_stats<W, A>(w + off, n, stride, hard, s1, s2);
+  });
+}
+
+// Prox step on one chunk in place: element step, then the group factor; returns (s1, s2) after.
+template <typename W, typename A>
+void chunk_prox(const fs_segment& s, int64_t g, int64_t chunk, int kind, A t_elem, A factor,
+                A* s1, A* s2) {
+  W* w = reinterpret_cast<W*>(s.w);
+  const int64_t begin = chunk * s.chunk_len;
+  const int64_t end = std::min(begin + s.chunk_len, s.rows * s.cols);
+  *s1 = 0;
+  *s2 = 0;
+  for_each_run(s, g, begin, end, [&](int64_t off, int64_t n, int64_t stride) {
+    for (int64_t i = 0; i < n; ++i) {
+      const A x = prox_element<A>(kind, load<A>(w + off + i * stride), t_elem) * factor;
+      store<A>(w + off + i * stride, x);
+      *s1 += x < 0 ? -x : x;
+      *s2 += x * x;
+    }
   });
 }
 
@@ -126,9 +147,33 @@ void dispatch(const fs_segment& s, Args... args) {
 
 template <typename W, typename G, typename A>
 struct StatsOp {
-  static void run(const fs_segment& s, int64_t g, int64_t chunk, double* partial) {
+  static void run(const fs_segment& s, int64_t g, int64_t chunk, double hard, double* partial) {
     A s1, s2;
-    chunk_stats<W, A>(s, g, chunk, &s1, &s2);
+    chunk_stats<W, A>(s, g, chunk, &s1, &s2, (A)hard);
+    partial[0] = (double)s1;
+    partial[1] = (double)s2;
+  }
+};
+
+template <typename W, typename G, typename A>
+struct ProxOp {
+  // The factor of a single-chunk group comes from its own (thresholded) norm, computed here;
+  // multi-chunk groups and kind "scale" take it from factors. Element kinds need none.
+  static void run(const fs_segment& s, int64_t g, int64_t chunk, int kind, double t_elem,
+                  double t_group, const double* factors, double* partial) {
+    A factor = 1;
+    if (kind >= FS_PROX_GROUP_LASSO) {
+      if (factors && (s.chunks > 1 || kind == FS_PROX_SCALE)) {
+        factor = (A)factors[s.group_offset + g];
+      } else {
+        A s1, s2;
+        chunk_stats<W, A>(s, g, chunk, &s1, &s2,
+                          kind == FS_PROX_L0_GROUP_LASSO ? (A)t_elem : A(-1));
+        factor = prox_factor<A>(kind, sqrt(s2), (A)t_group);
+      }
+    }
+    A s1, s2;
+    chunk_prox<W, A>(s, g, chunk, kind, (A)t_elem, factor, &s1, &s2);
     partial[0] = (double)s1;
     partial[1] = (double)s2;
   }
@@ -180,17 +225,8 @@ inline int64_t total_items(const fs_segment* segs, int64_t nseg) {
 
 extern "C" {
 
-// stats[group_offset + g] = (s1, s2) for every group of every segment; partials has room for
-// 2 values per work item (callers pass a scratch buffer of total_items * 2 doubles).
-int fs_cpu_group_stats(const fs_segment* segs, int64_t nseg, double* stats, double* partials) {
-  const int64_t items = total_items(segs, nseg);
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t item = 0; item < items; ++item) {
-    const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
-    const int64_t local = item - s.item_offset;
-    dispatch<StatsOp>(s, local / s.chunks, local % s.chunks, partials + 2 * item);
-  }
-  // Chunk partials of a group are consecutive items: add them in order.
+// Adds the chunk partials of each group (consecutive work items) in order into out[group].
+static void reduce_partials(const fs_segment* segs, int64_t nseg, const double* partials, double* out) {
 #pragma omp parallel for schedule(static)
   for (int64_t si = 0; si < nseg; ++si) {
     const fs_segment& s = segs[si];
@@ -201,10 +237,39 @@ int fs_cpu_group_stats(const fs_segment* segs, int64_t nseg, double* stats, doub
         s1 += p[2 * c];
         s2 += p[2 * c + 1];
       }
-      stats[2 * (s.group_offset + g)] = s1;
-      stats[2 * (s.group_offset + g) + 1] = s2;
+      out[2 * (s.group_offset + g)] = s1;
+      out[2 * (s.group_offset + g) + 1] = s2;
     }
   }
+}
+
+// stats[group_offset + g] = (s1, s2) for every group of every segment; partials has room for
+// 2 values per work item. hard >= 0: only elements with |w| > hard count.
+int fs_cpu_group_stats(const fs_segment* segs, int64_t nseg, double* stats, double* partials,
+                       double hard) {
+  const int64_t items = total_items(segs, nseg);
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t item = 0; item < items; ++item) {
+    const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
+    const int64_t local = item - s.item_offset;
+    dispatch<StatsOp>(s, local / s.chunks, local % s.chunks, hard, partials + 2 * item);
+  }
+  reduce_partials(segs, nseg, partials, stats);
+  return 0;
+}
+
+// Prox step in place on every group; after[group] = (s1, s2) once thresholded.
+int fs_cpu_prox(const fs_segment* segs, int64_t nseg, int kind, double t_elem, double t_group,
+                const double* factors, double* after, double* partials) {
+  const int64_t items = total_items(segs, nseg);
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t item = 0; item < items; ++item) {
+    const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
+    const int64_t local = item - s.item_offset;
+    dispatch<ProxOp>(s, local / s.chunks, local % s.chunks, kind, t_elem, t_group, factors,
+                     partials + 2 * item);
+  }
+  reduce_partials(segs, nseg, partials, after);
   return 0;
 }
 

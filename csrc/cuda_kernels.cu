@@ -66,14 +66,37 @@ __device__ void block_sum2(A* x, A* y) {
   __syncthreads();
 }
 
+// hard >= 0: only elements with |x| > hard count (l0 + group prox).
 template <typename W, typename A>
-__device__ void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, A* s1, A* s2) {
+__device__ void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, A* s1, A* s2,
+                            A hard = -1) {
   const W* w = reinterpret_cast<const W*>(s.w);
   const int64_t begin = chunk * s.chunk_len;
   const int64_t end = min(begin + s.chunk_len, s.rows * s.cols);
   A a1 = 0, a2 = 0;
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
-    const A x = load<A>(w + element_offset(s, g, j));
+    A x = load<A>(w + element_offset(s, g, j));
+    if (hard >= 0 && !(fabs(x) > hard)) x = 0;
+    a1 += fabs(x);
+    a2 += x * x;
+  }
+  block_sum2(&a1, &a2);
+  *s1 = a1;
+  *s2 = a2;
+}
+
+// Prox step on one chunk in place; (s1, s2) after it, summed over the block.
+template <typename W, typename A>
+__device__ void chunk_prox(const fs_segment& s, int64_t g, int64_t chunk, int kind, A t_elem,
+                           A factor, A* s1, A* s2) {
+  W* w = reinterpret_cast<W*>(s.w);
+  const int64_t begin = chunk * s.chunk_len;
+  const int64_t end = min(begin + s.chunk_len, s.rows * s.cols);
+  A a1 = 0, a2 = 0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+    const int64_t off = element_offset(s, g, j);
+    const A x = prox_element<A>(kind, load<A>(w + off), t_elem) * factor;
+    store<A>(w + off, x);
     a1 += fabs(x);
     a2 += x * x;
   }
@@ -100,9 +123,37 @@ __device__ void chunk_update(const fs_segment& s, int64_t g, int64_t chunk, A a,
 
 template <typename W, typename G, typename A>
 struct StatsOp {
-  static __device__ void run(const fs_segment& s, int64_t g, int64_t chunk, double* partial) {
+  static __device__ void run(const fs_segment& s, int64_t g, int64_t chunk, double hard,
+                             double* partial) {
     A s1, s2;
-    chunk_stats<W, A>(s, g, chunk, &s1, &s2);
+    chunk_stats<W, A>(s, g, chunk, &s1, &s2, (A)hard);
+    if (threadIdx.x == 0) {
+      partial[0] = (double)s1;
+      partial[1] = (double)s2;
+    }
+  }
+};
+
+template <typename W, typename G, typename A>
+struct ProxOp {
+  // Single-chunk groups compute their factor here; multi-chunk ones and "scale" read factors.
+  static __device__ void run(const fs_segment& s, int64_t g, int64_t chunk, int kind,
+                             double t_elem, double t_group, const double* factors,
+                             double* partial) {
+    A factor = 1;
+    if (kind >= FS_PROX_GROUP_LASSO) {
+      if (factors && (s.chunks > 1 || kind == FS_PROX_SCALE)) {
+        factor = (A)factors[s.group_offset + g];
+      } else {
+        A s1, s2;
+        chunk_stats<W, A>(s, g, chunk, &s1, &s2,
+                          kind == FS_PROX_L0_GROUP_LASSO ? (A)t_elem : A(-1));
+        factor = prox_factor<A>(kind, sqrt(s2), (A)t_group);
+      }
+    }
+    __syncthreads();  // every thread has read the group before anyone writes it
+    A s1, s2;
+    chunk_prox<W, A>(s, g, chunk, kind, (A)t_elem, factor, &s1, &s2);
     if (threadIdx.x == 0) {
       partial[0] = (double)s1;
       partial[1] = (double)s2;
@@ -157,11 +208,21 @@ __device__ void dispatch(const fs_segment& s, Args... args) {
 #undef FS_GRAD_CASES
 }
 
-__global__ void stats_kernel(const fs_segment* segs, int64_t nseg, double* partials) {
+__global__ void stats_kernel(const fs_segment* segs, int64_t nseg, double hard,
+                             double* partials) {
   const int64_t item = blockIdx.x;
   const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
   const int64_t local = item - s.item_offset;
-  dispatch<StatsOp>(s, local / s.chunks, local % s.chunks, partials + 2 * item);
+  dispatch<StatsOp>(s, local / s.chunks, local % s.chunks, hard, partials + 2 * item);
+}
+
+__global__ void prox_kernel(const fs_segment* segs, int64_t nseg, int kind, double t_elem,
+                            double t_group, const double* factors, double* partials) {
+  const int64_t item = blockIdx.x;
+  const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
+  const int64_t local = item - s.item_offset;
+  dispatch<ProxOp>(s, local / s.chunks, local % s.chunks, kind, t_elem, t_group, factors,
+                   partials + 2 * item);
 }
 
 __global__ void reduce_partials_kernel(const fs_segment* segs, int64_t nseg, int64_t items,
@@ -219,12 +280,24 @@ inline int blocks_for(int64_t n) { return (int)((n + kThreads - 1) / kThreads); 
 extern "C" {
 
 int fs_cuda_group_stats(const fs_segment* segs, int64_t nseg, int64_t items, double* stats,
-                        double* partials, void* stream) {
+                        double* partials, double hard, void* stream) {
   if (items == 0) return 0;
   cudaStream_t st = (cudaStream_t)stream;
-  stats_kernel<<<(unsigned)items, kThreads, 0, st>>>(segs, nseg, partials);
+  stats_kernel<<<(unsigned)items, kThreads, 0, st>>>(segs, nseg, hard, partials);
   reduce_partials_kernel<<<blocks_for(items), kThreads, 0, st>>>(segs, nseg, items, partials,
                                                                   stats);
+  return (int)cudaGetLastError();
+}
+
+int fs_cuda_prox(const fs_segment* segs, int64_t nseg, int64_t items, int kind, double t_elem,
+                 double t_group, const double* factors, double* after, double* partials,
+                 void* stream) {
+  if (items == 0) return 0;
+  cudaStream_t st = (cudaStream_t)stream;
+  prox_kernel<<<(unsigned)items, kThreads, 0, st>>>(segs, nseg, kind, t_elem, t_group, factors,
+                                                     partials);
+  reduce_partials_kernel<<<blocks_for(items), kThreads, 0, st>>>(segs, nseg, items, partials,
+                                                                  after);
   return (int)cudaGetLastError();
 }
 

@@ -93,6 +93,26 @@ FS_HD void penalty_rule(int kind, A s1, A s2, A total_l, A total_f2, A alpha, A*
   }
 }
 
+// Prox kinds, as in kernels/prox.py PROX_IDS; "scale" multiplies groups by given factors.
+enum { FS_PROX_L1 = 0, FS_PROX_L0 = 1, FS_PROX_GROUP_LASSO = 2, FS_PROX_GROUP_L0 = 3,
+       FS_PROX_L0_GROUP_LASSO = 4, FS_PROX_SCALE = 5 };
+
+// Element step of the prox kinds (before any group factor).
+template <typename A>
+FS_HD A prox_element(int kind, A x, A t) {
+  const A ax = x < 0 ? -x : x;
+  if (kind == FS_PROX_L1) return ax > t ? (x > 0 ? ax - t : t - ax) : A(0);
+  if (kind == FS_PROX_L0 || kind == FS_PROX_L0_GROUP_LASSO) return ax > t ? x : A(0);
+  return x;
+}
+
+// Group factor of the group prox kinds from the group's norm: 0 for dead groups (n <= t).
+template <typename A>
+FS_HD A prox_factor(int kind, A n, A t) {
+  if (!(n > t)) return A(0);
+  return kind == FS_PROX_GROUP_L0 ? A(1) : A(1) - t / n;
+}
+
 // fp16 / bf16 <-> float, bit-exact and portable (round to nearest even on the way down).
 FS_HD float fs_bf16_to_float(uint16_t h) {
   union { uint32_t u; float f; } v;

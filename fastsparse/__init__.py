@@ -9,7 +9,17 @@ Importing this package never imports Triton and never initializes CUDA; kernels 
 
 from fastsparse.backends import BACKENDS
 from fastsparse.functional import add_penalty_grad_, group_norms, penalty
-from fastsparse.reference import ACROSS_GROUP_KINDS, GROUPINGS, KINDS
+from fastsparse.prox import PROX_KINDS, prox_
+from fastsparse.pruning import (
+    PruningError,
+    SparsityReport,
+    count_macs,
+    coupled_groups,
+    load_pruned,
+    prune,
+    sparsity_report,
+)
+from fastsparse.reference import ACROSS_GROUP_KINDS, GROUPINGS, KINDS, CoupledGroup
 from fastsparse.regularizer import Regularizer
 
 __version__ = "0.1.0"
@@ -19,9 +29,19 @@ __all__ = [
     "BACKENDS",
     "GROUPINGS",
     "KINDS",
+    "PROX_KINDS",
+    "CoupledGroup",
+    "PruningError",
     "Regularizer",
+    "SparsityReport",
     "__version__",
     "add_penalty_grad_",
+    "count_macs",
+    "coupled_groups",
     "group_norms",
+    "load_pruned",
     "penalty",
+    "prox_",
+    "prune",
+    "sparsity_report",
 ]

@@ -13,7 +13,8 @@ import torch
 
 from fastsparse import reference
 from fastsparse.backends import resolve_backend
-from fastsparse.layout import encode_groupings, group_count, segment_geometry
+from fastsparse.coupled import as_coupled_list, coupled_layout
+from fastsparse.layout import encode_groupings, group_count, is_dense, segment_geometry
 from fastsparse.reference import GROUPINGS, KINDS, Grouping
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -142,6 +143,23 @@ def penalty(
         >>> loss = 1e-3 * penalty(model.weight, "l1l2")
         >>> loss.backward()
     """
+    if reference.is_coupled(groups):
+        coupled, alpha = _prepare_coupled(tensors, kind, groups, options)
+        layout, name = _coupled_backend(coupled, backend)
+        if name == "torch":
+            return reference.coupled_penalty(coupled, kind, alpha)
+        from fastsparse import ops
+
+        value, _ = ops.coupled_penalty_op(
+            layout.params,
+            layout.slice_groups,
+            layout.specs,
+            layout.group_counts,
+            kind,
+            alpha,
+            name,
+        )
+        return value
     tensors, groupings, alpha = _prepare(tensors, kind, groups, options)
     nonempty = [t for t in tensors if t.numel() > 0]
     if not nonempty:
@@ -154,6 +172,49 @@ def penalty(
     weights = [t if _addressable(t, groupings) else t.contiguous() for t in nonempty]
     value, _ = ops.penalty_op(weights, kind, encode_groupings(groupings), alpha, name)
     return value
+
+
+def _prepare_coupled(tensors, kind: str, groups, options: dict):
+    """Validate a call on coupled groups; returns (list of CoupledGroup, alpha)."""
+    coupled = as_coupled_list(groups)
+    check_coupled(coupled, tensors)
+    return coupled, _check_kind(kind, options)
+
+
+def check_coupled(coupled: list, tensors) -> None:
+    """Coupled groups must have floating parameters on one device, all among `tensors` (if
+    given: a check against groups traced on another copy of the model), and indices in range."""
+    params = [m.param for cg in coupled for m in cg.members]
+    _check_tensors(params)
+    allowed = None
+    if tensors is not None:
+        if isinstance(tensors, torch.nn.Module):
+            tensors = list(tensors.parameters())
+        allowed = {id(t) for t in _as_list(tensors)}
+    for cg in coupled:
+        for m in cg.members:
+            if allowed is not None and id(m.param) not in allowed:
+                raise ValueError(
+                    f"coupled group {cg.root!r}: parameter {m.name!r} is not among `tensors` "
+                    "(were the groups traced on another copy of the model?)"
+                )
+            size = m.param.shape[m.dim]
+            if m.index.numel() and (int(m.index.min()) < 0 or int(m.index.max()) >= size):
+                raise ValueError(f"coupled group {cg.root!r}: index out of range for {m.name}")
+            if m.group.numel() and (int(m.group.min()) < 0 or int(m.group.max()) >= cg.num_groups):
+                raise ValueError(f"coupled group {cg.root!r}: group id out of range for {m.name}")
+
+
+def _coupled_backend(coupled: list, backend):
+    """(layout, backend name) for coupled groups; the oracle serves layouts the kernels cannot
+    address (a parameter that is not dense)."""
+    layout = coupled_layout(coupled)
+    if not layout.params:
+        return layout, "torch"
+    name = resolve_backend(backend, layout.params[0].device)
+    if name != "torch" and not all(is_dense(p) for p in layout.params):
+        name = "torch"
+    return layout, name
 
 
 def add_penalty_grad_(
@@ -179,21 +240,41 @@ def add_penalty_grad_(
         >>> model(torch.randn(2, 16)).sum().backward()
         >>> value = add_penalty_grad_(model.weight, "group_lasso", 1e-4)
     """
+    if reference.is_coupled(groups):
+        coupled, alpha = _prepare_coupled(tensors, kind, groups, options)
+        strength = _check_strength(strength)
+        layout, name = _coupled_backend(coupled, backend)
+        _check_grads(layout.params)
+        for t in layout.params:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        with torch.no_grad():
+            if name == "torch":
+                value = reference.coupled_penalty(coupled, kind, alpha)
+                updates = reference.coupled_penalty_grad(coupled, kind, alpha)
+                for t, update in zip(reference.coupled_params(coupled), updates):
+                    t.grad.add_(update.to(t.grad.dtype), alpha=strength)
+                return value
+            from fastsparse import ops
+
+            return _with_grads_like_weights(
+                layout.params,
+                lambda weights, grads: ops.add_coupled_penalty_grad_op(
+                    grads,
+                    weights,
+                    layout.slice_groups,
+                    layout.specs,
+                    layout.group_counts,
+                    kind,
+                    alpha,
+                    strength,
+                    name,
+                ),
+                addressable=lambda w: True,
+            )
     tensors, groupings, alpha = _prepare(tensors, kind, groups, options)
     strength = _check_strength(strength)
-    for i, t in enumerate(tensors):
-        for j in range(i):
-            if tensors[j] is t:  # one .grad updated twice in one launch would race
-                raise ValueError(f"tensors[{i}] is the same tensor as tensors[{j}]")
-        if t.grad is not None:
-            g = t.grad
-            if g.shape != t.shape or g.device != t.device or g.layout != torch.strided:
-                raise ValueError(
-                    f"tensors[{i}].grad has shape {tuple(g.shape)} on {g.device} ({g.layout}); "
-                    f"expected a dense gradient of shape {tuple(t.shape)} on {t.device}"
-                )
-            if not g.is_floating_point():
-                raise TypeError(f"tensors[{i}].grad has dtype {g.dtype}; expected floating point")
+    _check_grads(tensors)
     nonempty = [t for t in tensors if t.numel() > 0]
     name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"
     for t in tensors:
@@ -208,45 +289,89 @@ def add_penalty_grad_(
             for t, update in zip(nonempty, updates):
                 t.grad.add_(update.to(t.grad.dtype), alpha=strength)
             return value
-        return _fused_add_penalty_grad(nonempty, kind, groupings, alpha, strength, name)
+        from fastsparse import ops
+
+        return _with_grads_like_weights(
+            nonempty,
+            lambda weights, grads: ops.add_penalty_grad_op(
+                grads, weights, kind, encode_groupings(groupings), alpha, strength, name
+            ),
+            addressable=lambda w: _addressable(w, groupings),
+        )
 
 
-def _fused_add_penalty_grad(tensors, kind, groupings, alpha, strength, backend):
-    from fastsparse import ops
+def _check_grads(tensors: list[torch.Tensor]) -> None:
+    """No tensor twice (one .grad updated twice in one launch would race), dense float grads."""
+    for i, t in enumerate(tensors):
+        for j in range(i):
+            if tensors[j] is t:  # one .grad updated twice in one launch would race
+                raise ValueError(f"tensors[{i}] is the same tensor as tensors[{j}]")
+        if t.grad is not None:
+            g = t.grad
+            if g.shape != t.shape or g.device != t.device or g.layout != torch.strided:
+                raise ValueError(
+                    f"tensors[{i}].grad has shape {tuple(g.shape)} on {g.device} ({g.layout}); "
+                    f"expected a dense gradient of shape {tuple(t.shape)} on {t.device}"
+                )
+            if not g.is_floating_point():
+                raise TypeError(f"tensors[{i}].grad has dtype {g.dtype}; expected floating point")
 
+
+def _with_grads_like_weights(tensors, run, addressable):
+    """Call run(weights, grads) with gradients laid out like their weights.
+
+    The kernels write a gradient with its weight's strides; a weight the kernels cannot
+    address goes as a contiguous copy, and a gradient of another layout through a buffer that
+    is added to it afterwards.
+    """
     weights, grads, spills = [], [], []
     for t in tensors:
         w = t.detach()
-        if not _addressable(w, groupings):
+        if not addressable(w):
             w = w.contiguous()
         g = t.grad
         if g.stride() != w.stride():
-            # The kernels write the gradient with the weight's strides: go through a buffer.
             spill = torch.zeros_like(w, dtype=g.dtype)
             spills.append((g, spill))
             g = spill
         weights.append(w)
         grads.append(g)
-    value = ops.add_penalty_grad_op(
-        grads, weights, kind, encode_groupings(groupings), alpha, strength, backend
-    )
+    value = run(weights, grads)
     for target, spill in spills:
         target.add_(spill)
     return value
 
 
 def group_norms(
-    tensors: Tensors, *, groups: Optional[str] = "filters", backend: Optional[str] = "auto"
+    tensors: Optional[Tensors], *, groups="filters", backend: Optional[str] = "auto"
 ) -> list[torch.Tensor]:
     """Per tensor, the 1-D tensor of its group l2 norms, in one fused pass.
 
     Returns a list with one tensor of shape [number of groups] per input tensor, in the
-    accumulation dtype (fp32; fp64 if an input is fp64). Not differentiable.
+    accumulation dtype (fp32; fp64 if an input is fp64). Not differentiable. With coupled
+    groups (`fastsparse.coupled_groups`), one [G] tensor per CoupledGroup; `tensors` may then
+    be None.
 
     Example:
         >>> [n.shape for n in group_norms([torch.randn(8, 3, 3, 3), torch.randn(8)])]
         [torch.Size([8]), torch.Size([8])]
     """
+    if reference.is_coupled(groups):
+        coupled = as_coupled_list(groups)
+        check_coupled(coupled, tensors)
+        layout, name = _coupled_backend(coupled, backend)
+        if name == "torch":
+            return reference.coupled_group_norms(coupled)
+        from fastsparse import ops
+
+        flat = ops.coupled_group_norms_op(
+            [p.detach() for p in layout.params],
+            layout.slice_groups,
+            layout.specs,
+            layout.group_counts,
+            name,
+        )
+        return list(torch.split(flat, layout.group_counts))
     tensors = _as_list(tensors)
     _check_tensors(tensors)
     if isinstance(groups, (tuple, list)):

@@ -9,10 +9,14 @@ so one group is a [rows, cols] strided block and group_size = rows * cols. This 
 geometry covers "filters", "channels", "kernels" and None on contiguous, channels_last and most
 sliced tensors; a tensor it cannot describe is handled on a contiguous copy by the caller.
 
-A *plan* cuts a list of tensors (times a tuple of groupings) into segments, numbers their groups
-globally (segment after segment) and sorts the segments into launch classes: one launch per
-(grouping, dtype, block shape). The plan is backend-neutral: the Triton launcher turns each class
-into a device-side int64 table. Plans are cached by the tensors' addresses, shapes and strides.
+A *plan* cuts a list of tensors into segments following a list of specs (tensor, grouping, pass),
+numbers their groups globally (segment after segment) and sorts the segments into launch classes:
+one launch per (pass, dtypes, block shape). A tensor appears once per pass at most, so the
+segments of one pass may write gradients concurrently; passes run one after the other. For a
+tuple of groupings the specs are the cross product (pass = grouping index); coupled groups give
+one spec per (parameter, dim) they touch. The plan is backend-neutral: the Triton launcher turns
+each class into a device-side int64 table, the native one each selection of segments. Plans are
+cached by the tensors' addresses, shapes and strides.
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ def next_power_of_2(n: int) -> int:
 @dataclass
 class Segment:
     tensor_index: int
-    grouping_index: int
+    pass_index: int
     geometry: SegmentGeometry
     group_offset: int  # first global group id
     segment_id: int
@@ -138,9 +142,9 @@ class Segment:
 
 @dataclass
 class LaunchClass:
-    """Segments that go through one kernel launch (same grouping, dtypes and block shape)."""
+    """Segments that go through one kernel launch (same pass, dtypes and block shape)."""
 
-    grouping_index: int
+    pass_index: int
     dtype: torch.dtype
     grad_dtype: torch.dtype
     block_groups: int
@@ -179,12 +183,20 @@ def _block_shape(geometry: SegmentGeometry) -> tuple[int, int, int]:
     return 1, SPLIT_BLOCK, -(-size // SPLIT_BLOCK)
 
 
+Spec = tuple  # (tensor index, grouping, pass index)
+
+
+def cross_specs(num_tensors: int, groupings: Sequence[Optional[str]]) -> list[Spec]:
+    """Every grouping on every tensor; grouping i runs in pass i."""
+    return [(ti, g, gi) for ti in range(num_tensors) for gi, g in enumerate(groupings)]
+
+
 def build_plan(
     tensors: Sequence[torch.Tensor],
-    groupings: Sequence[Optional[str]],
+    specs: Sequence[Spec],
     grad_dtypes: Optional[Sequence[torch.dtype]] = None,
 ) -> Plan:
-    """Cut tensors × groupings into segments and sort them into launch classes.
+    """Cut tensors into segments following `specs` and sort them into launch classes.
 
     `grad_dtypes` (default: the tensors' dtypes) are the dtypes of the gradients the kernels
     write, part of a class's key. Every tensor must be one `segment_geometry` can describe
@@ -192,25 +204,29 @@ def build_plan(
     """
     segments, classes = [], {}
     offset = 0
-    for ti, t in enumerate(tensors):
-        for gi, grouping in enumerate(groupings):
-            if t.numel() == 0:
-                continue
-            geometry = segment_geometry(t, grouping)
-            if geometry is None:
-                raise ValueError(f"tensor {ti} has a layout the fused kernels cannot address")
-            block_groups, block_size, chunks = _block_shape(geometry)
-            segment = Segment(ti, gi, geometry, offset, len(segments), chunks)
-            segments.append(segment)
-            offset += geometry.groups
-            padded = next_power_of_2(chunks)
-            grad_dtype = t.dtype if grad_dtypes is None else grad_dtypes[ti]
-            key = (gi, t.dtype, grad_dtype, block_groups, block_size, padded)
-            if key not in classes:
-                classes[key] = LaunchClass(*key)
-            classes[key].segments.append(segment)
+    for ti, grouping, pass_index in specs:
+        t = tensors[ti]
+        if t.numel() == 0:
+            continue
+        geometry = segment_geometry(t, grouping)
+        if geometry is None:
+            raise ValueError(f"tensor {ti} has a layout the fused kernels cannot address")
+        block_groups, block_size, chunks = _block_shape(geometry)
+        segment = Segment(ti, pass_index, geometry, offset, len(segments), chunks)
+        segments.append(segment)
+        offset += geometry.groups
+        grad_dtype = t.dtype if grad_dtypes is None else grad_dtypes[ti]
+        key = (pass_index, t.dtype, grad_dtype, block_groups, block_size, next_power_of_2(chunks))
+        if key not in classes:
+            classes[key] = LaunchClass(*key)
+        classes[key].segments.append(segment)
     device = tensors[0].device if tensors else torch.device("cpu")
-    return Plan(segments, list(classes.values()), offset, device)
+    ordered = sorted(classes.values(), key=lambda c: c.pass_index)
+    return Plan(segments, ordered, offset, device)
+
+
+def passes(plan: Plan) -> range:
+    return range(1 + max((s.pass_index for s in plan.segments), default=0))
 
 
 def segment_of_group_map(plan: Plan) -> torch.Tensor:
@@ -266,14 +282,14 @@ class PlanCache:
     def get(
         self,
         tensors: Sequence[torch.Tensor],
-        groupings: Sequence[Optional[str]],
+        specs: Sequence[Spec],
         grad_dtypes: Optional[Sequence[torch.dtype]] = None,
     ) -> Plan:
         dtypes = None if grad_dtypes is None else tuple(grad_dtypes)
-        key = (tuple(tensor_key(t) for t in tensors), tuple(groupings), dtypes)
+        key = (tuple(tensor_key(t) for t in tensors), tuple(specs), dtypes)
         plan = self._plans.get(key)
         if plan is None:
-            plan = build_plan(tensors, groupings, grad_dtypes)
+            plan = build_plan(tensors, specs, grad_dtypes)
             self._plans[key] = plan
             if len(self._plans) > self.capacity:
                 self._plans.popitem(last=False)
@@ -292,3 +308,25 @@ def encode_groupings(groupings: Sequence[Optional[str]]) -> str:
 
 def decode_groupings(text: str) -> tuple[Optional[str], ...]:
     return tuple(None if g == "none" else g for g in text.split(","))
+
+
+def encode_specs(specs: Sequence[Spec]) -> str:
+    """Explicit specs as a string: [(0, "filters", 0), (2, "channels", 0)] becomes
+    "@0:filters,2:channels".
+
+    Pass indices are not encoded: decode_specs numbers a tensor's specs in order of appearance.
+    """
+    return "@" + ",".join(f"{ti}:{encode_groupings((g,))}" for ti, g, _ in specs)
+
+
+def decode_specs(text: str, num_tensors: int) -> list[Spec]:
+    """Specs from a groupings string ("filters,channels": the cross product) or encode_specs."""
+    if not text.startswith("@"):
+        return cross_specs(num_tensors, decode_groupings(text))
+    specs, seen = [], {}
+    for item in text[1:].split(","):
+        index, grouping = item.split(":")
+        ti = int(index)
+        specs.append((ti, decode_groupings(grouping)[0], seen.get(ti, 0)))
+        seen[ti] = seen.get(ti, 0) + 1
+    return specs

@@ -17,8 +17,8 @@ Environment:
     FASTSPARSE_CACHE_DIR       where built libraries are kept.
     CXX, NVCC                  the compilers (default c++ and nvcc).
 
-The driver functions below have the signatures of fastsparse.kernels.penalty's, so
-fastsparse.ops serves both backends with the same torch.library ops.
+The launchers below are this backend's primitives (stats, rule, apply, fused, prox), which
+fastsparse/engine.py composes into the ops, as it does the Triton backend's.
 """
 
 from __future__ import annotations
@@ -36,14 +36,7 @@ from typing import Optional
 
 import torch
 
-from fastsparse.layout import (
-    SPLIT_BLOCK,
-    Plan,
-    PlanCache,
-    new_empty,
-    segment_of_group_map,
-    segment_sums,
-)
+from fastsparse.layout import SPLIT_BLOCK, Plan, PlanCache, new_empty
 
 # Field order of fs_segment in csrc/fastsparse_native.h.
 NATIVE_FIELDS = (
@@ -74,7 +67,7 @@ KIND_IDS = {
     "group_l1l2": 6,
     "group_hoyer_square": 7,
 }
-ACROSS_KINDS = ("group_l1l2", "group_hoyer_square")
+PROX_IDS = {"l1": 0, "l0": 1, "group_lasso": 2, "group_l0": 3, "l0_group_lasso": 4, "scale": 5}
 
 # --------------------------------------------------------------------------------------------
 # Building and loading
@@ -171,7 +164,8 @@ def _declare(lib: ctypes.CDLL, device_type: str) -> None:
     stream = [p] if device_type == "cuda" else []
     items = [i64] if device_type == "cuda" else []
     signatures = {
-        "group_stats": [p, i64, *items, p, p, *stream],
+        "group_stats": [p, i64, *items, p, p, f64, *stream],
+        "prox": [p, i64, *items, i32, f64, f64, p, p, p, *stream],
         "rule": [p, p, p, i64, i32, f64, p, p, *stream],
         "apply": [p, i64, *items, p, f64, *([p] if device_type == "cuda" else []), *stream],
         "fused": [p, i64, *items, i32, f64, f64, p, *stream],
@@ -215,12 +209,22 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 # Launchers (same interface as fastsparse.kernels.penalty)
 # --------------------------------------------------------------------------------------------
 
-_plans = PlanCache()
+plans = PlanCache()
 
 
 def _check(status: int, what: str) -> None:
     if status != 0:
         raise RuntimeError(f"native {what} failed with status {status}")
+
+
+def _selected(plan: Plan, select) -> list:
+    pass_index, split = select
+    return [
+        s
+        for s in plan.segments
+        if (pass_index is None or s.pass_index == pass_index)
+        and (split is None or (s.chunks > 1) == split)
+    ]
 
 
 def _table(plan: Plan, segments, tensors, grads, accumulate: bool) -> tuple[torch.Tensor, int]:
@@ -260,170 +264,133 @@ def _table(plan: Plan, segments, tensors, grads, accumulate: bool) -> tuple[torc
             items += geo.groups * s.chunks
         table = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(NATIVE_FIELDS))
         cached = (table.to(plan.device, non_blocking=True), items)
-        if len(plan.cache) > 64:  # addresses change when grads are reallocated: stay bounded
-            for stale in [k for k in plan.cache if isinstance(k, tuple)][:32]:
-                del plan.cache[stale]
+        stale = [k for k in plan.cache if isinstance(k, tuple) and k[0] == "native"]
+        for k in stale[: max(0, len(stale) - 32)]:  # addresses change as grads are reallocated
+            del plan.cache[k]
         plan.cache[key] = cached
     return cached
 
 
-def _stream_args(device: torch.device) -> list:
+def _call(plan: Plan, name: str, *args, items: Optional[int] = None) -> None:
+    """Call fs_<device>_<name>: CUDA functions take the work-item count and torch's stream."""
+    device = plan.device
+    fn = getattr(library(device.type), f"fs_{device.type}_{name}")
     if device.type == "cuda":
-        return [torch.cuda.current_stream(device).cuda_stream]
-    return []
+        head, tail = args[:2], args[2:]
+        counted = (*head, items, *tail) if items is not None else args
+        _check(fn(*counted, torch.cuda.current_stream(device).cuda_stream), name)
+    else:
+        _check(fn(*args), name)
 
 
-def _item_args(device: torch.device, items: int) -> list:
-    return [items] if device.type == "cuda" else []
-
-
-def _acc_dtype(tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _stats(plan: Plan, segments, tensors) -> torch.Tensor:
-    """float64 [total_groups, 2] statistics; groups outside `segments` stay 0."""
-    lib = library(plan.device.type)
-    stats = torch.zeros((plan.total_groups, 2), dtype=torch.float64, device=plan.device)
+def _pairs_kernel(plan: Plan, name: str, segments, tensors, *args) -> torch.Tensor:
+    """Run group_stats or prox over `segments`: [total_groups, 2] pairs (others stay 0)."""
+    out = torch.zeros((plan.total_groups, 2), dtype=torch.float64, device=plan.device)
     if segments:
         table, items = _table(plan, segments, tensors, None, False)
         partials = torch.empty((max(items, 1), 2), dtype=torch.float64, device=plan.device)
-        status = getattr(lib, f"fs_{plan.device.type}_group_stats")(
-            table.data_ptr(),
-            len(segments),
-            *_item_args(plan.device, items),
-            stats.data_ptr(),
-            partials.data_ptr(),
-            *_stream_args(plan.device),
-        )
-        _check(status, "group_stats")
-    return stats
+        if name == "group_stats":
+            call_args = (out.data_ptr(), partials.data_ptr(), *args)
+        else:
+            call_args = (*args, out.data_ptr(), partials.data_ptr())
+        _call(plan, name, table.data_ptr(), len(segments), *call_args, items=items)
+    return out
 
 
-def _rule(plan: Plan, stats: torch.Tensor, kind: str, alpha: float):
-    lib = library(plan.device.type)
-    segment_of_group = segment_of_group_map(plan)
-    sums = segment_sums(plan, stats) if kind in ACROSS_KINDS else stats
-    values = new_empty((plan.total_groups,), dtype=torch.float64, device=plan.device)
-    coefs = new_empty((plan.total_groups, 2), dtype=torch.float64, device=plan.device)
-    status = getattr(lib, f"fs_{plan.device.type}_rule")(
-        stats.data_ptr(),
+def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
+    """float64 [total_groups, 2] = (s1, s2) of the selected segments' groups (others stay 0)."""
+    hard = -1.0 if element_threshold is None else float(element_threshold)
+    return _pairs_kernel(plan, "group_stats", _selected(plan, select), tensors, hard)
+
+
+def rule(stats_, segment_of_group, segment_sums_, kind: str, alpha: float):
+    """Per-group value terms [groups] and coefficients [groups, 2] from statistics."""
+    device = stats_.device
+    stats_ = stats_.to(torch.float64).contiguous()
+    sums = segment_sums_.to(torch.float64).contiguous()
+    groups = stats_.shape[0]
+    values = new_empty((groups,), dtype=torch.float64, device=device)
+    coefs = new_empty((groups, 2), dtype=torch.float64, device=device)
+    fn = getattr(library(device.type), f"fs_{device.type}_rule")
+    args = [
+        stats_.data_ptr(),
         segment_of_group.data_ptr(),
         sums.data_ptr(),
-        plan.total_groups,
+        groups,
         KIND_IDS[kind],
         float(alpha),
         values.data_ptr(),
         coefs.data_ptr(),
-        *_stream_args(plan.device),
-    )
-    _check(status, "rule")
+    ]
+    if device.type == "cuda":
+        args.append(torch.cuda.current_stream(device).cuda_stream)
+    _check(fn(*args), "rule")
     return values, coefs
 
 
-def _apply(plan, segments, tensors, grads, coefs, *, accumulate, scale, scale_tensor=None):
+def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tensor=None):
+    """grads [+]= scale * scale_tensor * (a_g sign(w) + b_g w) on the selected segments."""
+    segments = _selected(plan, select)
     if not segments:
         return
-    lib = library(plan.device.type)
     table, items = _table(plan, segments, tensors, grads, accumulate)
-    device_args = []
+    coefs = coefs.to(torch.float64).contiguous()
     if plan.device.type == "cuda":
-        device_args = [0 if scale_tensor is None else scale_tensor.data_ptr()]
-    elif scale_tensor is not None:
-        scale = scale * float(scale_tensor)
-    status = getattr(lib, f"fs_{plan.device.type}_apply")(
+        pointer = 0
+        if scale_tensor is not None:
+            scale_tensor = scale_tensor.reshape(1).to(torch.float64)
+            pointer = scale_tensor.data_ptr()
+        extra = (pointer,)
+    else:
+        if scale_tensor is not None:
+            scale = scale * float(scale_tensor)
+        extra = ()
+    _call(
+        plan,
+        "apply",
         table.data_ptr(),
         len(segments),
-        *_item_args(plan.device, items),
         coefs.data_ptr(),
         float(scale),
-        *device_args,
-        *_stream_args(plan.device),
+        *extra,
+        items=items,
     )
-    _check(status, "apply")
 
 
-def _fused(plan, segments, tensors, grads, kind, alpha, scale, values):
+def fused(plan, tensors, grads, select, kind, alpha, scale, values):
+    """One pass per group for within-group kinds: values[g] and grads += scale * dR/dw."""
+    segments = _selected(plan, select)
     if not segments:
         return
-    lib = library(plan.device.type)
     table, items = _table(plan, segments, tensors, grads, True)
-    status = getattr(lib, f"fs_{plan.device.type}_fused")(
+    _call(
+        plan,
+        "fused",
         table.data_ptr(),
         len(segments),
-        *_item_args(plan.device, items),
         KIND_IDS[kind],
         float(alpha),
         float(scale),
         values.data_ptr(),
-        *_stream_args(plan.device),
+        items=items,
     )
-    _check(status, "fused")
 
 
-def penalty_forward(tensors, kind, groupings, alpha):
-    """Penalty value (0-dim) and per-group coefficients [total_groups, 2] for the backward."""
-    plan = _plans.get(tensors, groupings)
-    stats = _stats(plan, plan.segments, tensors)
-    values, coefs = _rule(plan, stats, kind, alpha)
-    acc = _acc_dtype(tensors)
-    return values.sum().to(acc), coefs.to(acc)
-
-
-def penalty_backward(tensors, coefs, grad_value, kind, groupings, alpha):
-    """dR/dW * grad_value for each tensor, in the tensor's dtype and layout."""
-    # Several groupings add up in fp32 buffers for low-precision weights (rounded once).
-    dtypes = [t.dtype for t in tensors]
-    if len(groupings) > 1:
-        dtypes = [torch.float64 if d == torch.float64 else torch.float32 for d in dtypes]
-    plan = _plans.get(tensors, groupings, dtypes)
-    grads = [
-        new_empty(t.shape, stride=t.stride(), dtype=d, device=t.device)
-        for t, d in zip(tensors, dtypes)
-    ]
-    scale_tensor = grad_value.reshape(1).to(torch.float64)
-    coefs = coefs.to(torch.float64)
-    for gi in range(len(groupings)):
-        segments = [s for s in plan.segments if s.grouping_index == gi]
-        _apply(
-            plan,
-            segments,
-            tensors,
-            grads,
-            coefs,
-            accumulate=gi > 0,
-            scale=1.0,
-            scale_tensor=scale_tensor,
-        )
-    return [g.to(t.dtype) for g, t in zip(grads, tensors)]
-
-
-def add_penalty_grad(grads, tensors, kind, groupings, alpha, strength):
-    """grads[i] += strength * dR/dW_i in place; returns the penalty value (0-dim)."""
-    plan = _plans.get(tensors, groupings, [g.dtype for g in grads])
-    across = kind in ACROSS_KINDS
-    unfused = [s for s in plan.segments if across or s.chunks > 1]
-    unfused_ids = {s.segment_id for s in unfused}
-    if unfused:
-        values, coefs = _rule(plan, _stats(plan, unfused, tensors), kind, alpha)
-    else:
-        values = new_empty((plan.total_groups,), dtype=torch.float64, device=plan.device)
-        coefs = values
-    # One grouping after the other: a tensor's gradient is never written by two at once.
-    for gi in range(len(groupings)):
-        of_grouping = [s for s in plan.segments if s.grouping_index == gi]
-        two_pass = [s for s in of_grouping if s.segment_id in unfused_ids]
-        one_pass = [s for s in of_grouping if s.segment_id not in unfused_ids]
-        _apply(plan, two_pass, tensors, grads, coefs, accumulate=True, scale=strength)
-        _fused(plan, one_pass, tensors, grads, kind, alpha, strength, values)
-    return values.sum().to(_acc_dtype(tensors))
-
-
-def group_norms(tensors, grouping):
-    """The group l2 norms of all tensors, concatenated in order (accumulation dtype)."""
-    plan = _plans.get(tensors, (grouping,))
-    stats = _stats(plan, plan.segments, tensors)
-    return torch.sqrt(stats[:, 1]).to(_acc_dtype(tensors))
+def prox(plan, tensors, select, kind, t_elem, t_group, factors):
+    """Prox step in place on the selected segments; [total_groups, 2] (s1, s2) after it."""
+    segments = _selected(plan, select)
+    pointer = 0
+    if factors is not None:
+        factors = factors.to(torch.float64).contiguous()
+        pointer = factors.data_ptr()
+    elif kind == "scale" or (
+        kind in ("group_lasso", "group_l0", "l0_group_lasso")
+        and any(s.chunks > 1 for s in segments)
+    ):
+        raise ValueError("group prox on groups longer than one chunk needs factors")
+    return _pairs_kernel(
+        plan, "prox", segments, tensors, PROX_IDS[kind], float(t_elem), float(t_group), pointer
+    )
 
 
 if __name__ == "__main__":  # python -m fastsparse.native: build ahead of time

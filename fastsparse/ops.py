@@ -1,12 +1,14 @@
 """torch.library registration of every fused op, in one place: schemas, fake kernels, autograd.
 
 The ops are opaque to torch.compile (they launch pointer-table kernels), declare exactly what they
-mutate, and have fake kernels so that `torch.compile(fullgraph=True)` traces through them. Their
-implementations live in the backend modules (fastsparse.kernels for "triton", fastsparse.native
-for "native": CPU and CUDA C++), imported on first call so that `import fastsparse` never
+mutate, and have fake kernels so that `torch.compile(fullgraph=True)` traces through them. They
+run fastsparse/engine.py on a backend: "triton" (fastsparse.kernels.backend) or "native"
+(fastsparse.native: CPU and CUDA C++), imported on first call so that `import fastsparse` never
 imports triton or initializes CUDA.
 
-Groupings travel as one string ("filters,channels", "none" for None): see layout.encode_groupings.
+`groups` strings say which segments a tensor list is cut into (fastsparse/layout.py): a
+groupings list ("filters,channels", "none" for None) or explicit specs ("@0:filters,1:channels",
+used for coupled groups, with `slice_groups` and `group_counts`: see fastsparse/coupled.py).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from fastsparse.layout import decode_groupings, group_count
+from fastsparse import engine
+from fastsparse.layout import decode_specs, group_count
 
-_BACKEND_MODULES = {"triton": "fastsparse.kernels.penalty", "native": "fastsparse.native"}
+_BACKEND_MODULES = {"triton": "fastsparse.kernels.backend", "native": "fastsparse.native"}
 
 
 def _backend(name: str):
@@ -28,15 +31,23 @@ def _backend(name: str):
     return importlib.import_module(_BACKEND_MODULES[name])
 
 
+def _specs(weights: List[Tensor], groups: str):
+    return decode_specs(groups, len(weights))
+
+
 def _acc_dtype(weights: List[Tensor]) -> torch.dtype:
     return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
 
 
 def _total_groups(weights: List[Tensor], groups: str) -> int:
-    return sum(group_count(w.shape, g) for w in weights for g in decode_groupings(groups))
+    return sum(group_count(weights[ti].shape, g) for ti, g, _ in _specs(weights, groups))
 
 
-# --- penalty value (differentiable) ----------------------------------------------------------
+def _scalar(weights: List[Tensor]) -> Tensor:
+    return weights[0].new_empty((), dtype=_acc_dtype(weights))
+
+
+# --- penalty value (differentiable) and its backward --------------------------------------------
 
 
 @torch.library.custom_op("fastsparse::penalty", mutates_args=())
@@ -44,59 +55,52 @@ def penalty_op(
     weights: List[Tensor], kind: str, groups: str, alpha: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
     """(value, per-group gradient coefficients [groups, 2]) of the summed penalty."""
-    value, coefs = _backend(backend).penalty_forward(weights, kind, decode_groupings(groups), alpha)
-    return value.to(_acc_dtype(weights)), coefs
+    return engine.penalty_forward(_backend(backend), weights, kind, _specs(weights, groups), alpha)
 
 
 @penalty_op.register_fake
 def _(weights, kind, groups, alpha, backend):
-    acc = _acc_dtype(weights)
-    value = weights[0].new_empty((), dtype=acc)
-    return value, weights[0].new_empty((_total_groups(weights, groups), 2), dtype=acc)
+    coefs = weights[0].new_empty((_total_groups(weights, groups), 2), dtype=_acc_dtype(weights))
+    return _scalar(weights), coefs
 
 
 @torch.library.custom_op("fastsparse::penalty_backward", mutates_args=())
 def penalty_backward_op(
-    weights: List[Tensor],
-    coefs: Tensor,
-    grad_value: Tensor,
-    kind: str,
-    groups: str,
-    alpha: float,
-    backend: str,
+    weights: List[Tensor], coefs: Tensor, grad_value: Tensor, groups: str, backend: str
 ) -> List[Tensor]:
-    """grad_value * dR/dW for each weight, in the weight's dtype and layout."""
-    return _backend(backend).penalty_backward(
-        weights, coefs, grad_value, kind, decode_groupings(groups), alpha
+    """grad_value * (a_g sign(w) + b_g w) for each weight, in the weight's dtype and layout."""
+    return engine.penalty_backward(
+        _backend(backend), weights, coefs, grad_value, _specs(weights, groups)
     )
 
 
 @penalty_backward_op.register_fake
-def _(weights, coefs, grad_value, kind, groups, alpha, backend):
+def _(weights, coefs, grad_value, groups, backend):
     return [
         torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) for w in weights
     ]
 
 
-def _penalty_setup_context(ctx, inputs, output):
-    weights, kind, groups, alpha, backend = inputs
+def _backward(ctx, grad_value, _grad_coefs):
+    *weights, coefs = ctx.saved_tensors
+    grads = penalty_backward_op(weights, coefs, grad_value, ctx.groups, ctx.backend)
+    return (grads,) + (None,) * ctx.other_inputs
+
+
+def _setup_context(ctx, inputs, output, groups_position, backend_position):
     _, coefs = output
     ctx.mark_non_differentiable(coefs)
-    ctx.save_for_backward(*weights, coefs)
-    ctx.options = (kind, groups, alpha, backend)
+    ctx.save_for_backward(*inputs[0], coefs)
+    ctx.groups, ctx.backend = inputs[groups_position], inputs[backend_position]
+    ctx.other_inputs = len(inputs) - 1
 
 
-def _penalty_backward(ctx, grad_value, _grad_coefs):
-    *weights, coefs = ctx.saved_tensors
-    kind, groups, alpha, backend = ctx.options
-    grads = penalty_backward_op(weights, coefs, grad_value, kind, groups, alpha, backend)
-    return grads, None, None, None, None
+penalty_op.register_autograd(
+    _backward, setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs, output, 2, 4)
+)
 
 
-penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
-
-
-# --- in-place gradient -------------------------------------------------------------------------
+# --- in-place gradient and group norms ----------------------------------------------------------
 
 
 @torch.library.custom_op("fastsparse::add_penalty_grad_", mutates_args=("grads",))
@@ -110,27 +114,270 @@ def add_penalty_grad_op(
     backend: str,
 ) -> Tensor:
     """grads[i] += strength * dR/dW_i; returns the penalty value R (0-dim)."""
-    value = _backend(backend).add_penalty_grad(
-        grads, weights, kind, decode_groupings(groups), alpha, strength
+    return engine.add_penalty_grad(
+        _backend(backend), grads, weights, kind, _specs(weights, groups), alpha, strength
     )
-    return value.to(_acc_dtype(weights))
 
 
 @add_penalty_grad_op.register_fake
 def _(grads, weights, kind, groups, alpha, strength, backend):
-    return weights[0].new_empty((), dtype=_acc_dtype(weights))
-
-
-# --- group norms -------------------------------------------------------------------------------
+    return _scalar(weights)
 
 
 @torch.library.custom_op("fastsparse::group_norms", mutates_args=())
-def group_norms_op(weights: List[Tensor], grouping: str, backend: str) -> Tensor:
+def group_norms_op(weights: List[Tensor], groups: str, backend: str) -> Tensor:
     """The group l2 norms of all weights, concatenated (split them by group counts)."""
-    (decoded,) = decode_groupings(grouping)
-    return _backend(backend).group_norms(weights, decoded)
+    return engine.group_norms(_backend(backend), weights, _specs(weights, groups))
 
 
 @group_norms_op.register_fake
-def _(weights, grouping, backend):
-    return weights[0].new_empty((_total_groups(weights, grouping),), dtype=_acc_dtype(weights))
+def _(weights, groups, backend):
+    return weights[0].new_empty((_total_groups(weights, groups),), dtype=_acc_dtype(weights))
+
+
+# --- coupled groups -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsparse::coupled_penalty", mutates_args=())
+def coupled_penalty_op(
+    weights: List[Tensor],
+    slice_groups: Tensor,
+    groups: str,
+    group_counts: List[int],
+    kind: str,
+    alpha: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """(value, per-slice coefficients) of a penalty over coupled groups."""
+    return engine.coupled_penalty_forward(
+        _backend(backend),
+        weights,
+        _specs(weights, groups),
+        slice_groups,
+        group_counts,
+        kind,
+        alpha,
+    )
+
+
+@coupled_penalty_op.register_fake
+def _(weights, slice_groups, groups, group_counts, kind, alpha, backend):
+    coefs = weights[0].new_empty((_total_groups(weights, groups), 2), dtype=_acc_dtype(weights))
+    return _scalar(weights), coefs
+
+
+coupled_penalty_op.register_autograd(
+    _backward, setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs, output, 2, 6)
+)
+
+
+@torch.library.custom_op("fastsparse::add_coupled_penalty_grad_", mutates_args=("grads",))
+def add_coupled_penalty_grad_op(
+    grads: List[Tensor],
+    weights: List[Tensor],
+    slice_groups: Tensor,
+    groups: str,
+    group_counts: List[int],
+    kind: str,
+    alpha: float,
+    strength: float,
+    backend: str,
+) -> Tensor:
+    return engine.add_coupled_penalty_grad(
+        _backend(backend),
+        grads,
+        weights,
+        _specs(weights, groups),
+        slice_groups,
+        group_counts,
+        kind,
+        alpha,
+        strength,
+    )
+
+
+@add_coupled_penalty_grad_op.register_fake
+def _(grads, weights, slice_groups, groups, group_counts, kind, alpha, strength, backend):
+    return _scalar(weights)
+
+
+@torch.library.custom_op("fastsparse::coupled_group_norms", mutates_args=())
+def coupled_group_norms_op(
+    weights: List[Tensor], slice_groups: Tensor, groups: str, group_counts: List[int], backend: str
+) -> Tensor:
+    return engine.coupled_group_norms(
+        _backend(backend), weights, _specs(weights, groups), slice_groups, group_counts
+    )
+
+
+@coupled_group_norms_op.register_fake
+def _(weights, slice_groups, groups, group_counts, backend):
+    return weights[0].new_empty((sum(group_counts),), dtype=_acc_dtype(weights))
+
+
+# --- proximal steps -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsparse::prox_", mutates_args=("weights",))
+def prox_op(
+    weights: List[Tensor], groups: str, kind: str, t_elem: float, t_group: float, backend: str
+) -> Tensor:
+    """Threshold in place; the flat bool mask of groups with a nonzero left."""
+    return engine.prox_(_backend(backend), weights, _specs(weights, groups), kind, t_elem, t_group)
+
+
+@prox_op.register_fake
+def _(weights, groups, kind, t_elem, t_group, backend):
+    return weights[0].new_empty((_total_groups(weights, groups),), dtype=torch.bool)
+
+
+@torch.library.custom_op("fastsparse::coupled_prox_", mutates_args=("weights",))
+def coupled_prox_op(
+    weights: List[Tensor],
+    slice_groups: Tensor,
+    groups: str,
+    group_counts: List[int],
+    kind: str,
+    threshold: float,
+    backend: str,
+) -> Tensor:
+    """group_lasso / group_l0 on coupled groups in place; kept mask [coupled groups]."""
+    return engine.coupled_prox_(
+        _backend(backend),
+        weights,
+        _specs(weights, groups),
+        slice_groups,
+        group_counts,
+        kind,
+        threshold,
+    )
+
+
+@coupled_prox_op.register_fake
+def _(weights, slice_groups, groups, group_counts, kind, threshold, backend):
+    return weights[0].new_empty((sum(group_counts),), dtype=torch.bool)
+
+
+# =================================================================================================
+# Feature flow regularization and selective weight decay (issue 8).
+#
+# Appended: only new ops. Their kernels are Triton only (fastsparse.kernels.feature_flow and
+# .selective_decay); the "torch" backend is the oracle, called by the public functions in
+# fastsparse.feature_flow and fastsparse.selective_decay without going through these ops.
+# =================================================================================================
+
+_METHOD_MODULES = {
+    "feature_flow": {"triton": "fastsparse.kernels.feature_flow"},
+    "selective_decay": {"triton": "fastsparse.kernels.selective_decay"},
+}
+
+
+def _method_backend(method: str, name: str):
+    modules = _METHOD_MODULES[method]
+    if name not in modules:
+        raise ValueError(
+            f"no fused {method} implementation for backend {name!r}; "
+            f"available: {', '.join(modules)} (or 'torch', the oracle)"
+        )
+    return importlib.import_module(modules[name])
+
+
+# --- feature flow: value (differentiable), gradient, value and gradient in one pass ------------
+
+
+@torch.library.custom_op("fastsparse::feature_flow", mutates_args=())
+def feature_flow_op(
+    features: List[Tensor], gradient_weight: float, curvature_weight: float, backend: str
+) -> Tensor:
+    """R = a sum ||D_l||^2 + b sum ||C_l||^2 of same-shape, same-stride dense maps (0-dim).
+
+    The weights are per element (the caller divides by numel for reduction "mean").
+    """
+    module = _method_backend("feature_flow", backend)
+    return module.value(features, gradient_weight, curvature_weight)
+
+
+@feature_flow_op.register_fake
+def _(features, gradient_weight, curvature_weight, backend):
+    return features[0].new_empty((), dtype=_acc_dtype(features))
+
+
+@torch.library.custom_op("fastsparse::feature_flow_backward", mutates_args=())
+def feature_flow_backward_op(
+    features: List[Tensor],
+    grad_value: Tensor,
+    gradient_weight: float,
+    curvature_weight: float,
+    backend: str,
+) -> List[Tensor]:
+    """grad_value * dR/dF_l for every map, in the maps' dtype and strides."""
+    module = _method_backend("feature_flow", backend)
+    return module.grads(features, grad_value, gradient_weight, curvature_weight)
+
+
+@feature_flow_backward_op.register_fake
+def _(features, grad_value, gradient_weight, curvature_weight, backend):
+    return [
+        torch.empty_strided(f.shape, f.stride(), dtype=f.dtype, device=f.device) for f in features
+    ]
+
+
+def _feature_flow_setup_context(ctx, inputs, output):
+    features, gradient_weight, curvature_weight, backend = inputs
+    ctx.save_for_backward(*features)
+    ctx.options = (gradient_weight, curvature_weight, backend)
+
+
+def _feature_flow_backward(ctx, grad_value):
+    # The gradient is recomputed from the saved maps (one more read, no extra memory held
+    # between forward and backward); `feature_flow_value_and_grads` does both in one pass.
+    features = list(ctx.saved_tensors)
+    grads = feature_flow_backward_op(features, grad_value, *ctx.options)
+    return grads, None, None, None
+
+
+feature_flow_op.register_autograd(_feature_flow_backward, setup_context=_feature_flow_setup_context)
+
+
+@torch.library.custom_op("fastsparse::feature_flow_value_and_grads", mutates_args=())
+def feature_flow_value_and_grads_op(
+    features: List[Tensor], gradient_weight: float, curvature_weight: float, backend: str
+) -> Tuple[Tensor, List[Tensor]]:
+    """(R, [dR/dF_l]) in one pass: every map read once, every gradient written once."""
+    module = _method_backend("feature_flow", backend)
+    return module.value_and_grads(features, gradient_weight, curvature_weight)
+
+
+@feature_flow_value_and_grads_op.register_fake
+def _(features, gradient_weight, curvature_weight, backend):
+    value = features[0].new_empty((), dtype=_acc_dtype(features))
+    grads = [
+        torch.empty_strided(f.shape, f.stride(), dtype=f.dtype, device=f.device) for f in features
+    ]
+    return value, grads
+
+
+# --- selective weight decay (in place on the gradients) ----------------------------------------
+
+
+@torch.library.custom_op("fastsparse::selective_decay_", mutates_args=("grads",))
+def selective_decay_op(
+    grads: List[Tensor],
+    weights: List[Tensor],
+    thresholds: Tensor,
+    threshold_index: List[int],
+    strength: float,
+    relevance: str,
+    keep_loss_grad: bool,
+    backend: str,
+) -> Tensor:
+    """Extra decay on the irrelevant weights' gradients, in place; returns their count (int64)."""
+    module = _method_backend("selective_decay", backend)
+    return module.selective_decay_(
+        grads, weights, thresholds, threshold_index, strength, relevance, keep_loss_grad
+    )
+
+
+@selective_decay_op.register_fake
+def _(grads, weights, thresholds, threshold_index, strength, relevance, keep_loss_grad, backend):
+    return weights[0].new_empty((), dtype=torch.int64)

@@ -17,12 +17,14 @@ from typing import Iterable, Sequence, Union
 import torch
 
 from fastsparse import reference
+from fastsparse.backends import BACKENDS, resolve_backend
+from fastsparse.functional import _coupled_backend
+from fastsparse.layout import encode_groupings, group_count, segment_geometry
 from fastsparse.reference import GROUPINGS, PROX_KINDS, CoupledGroup
 
 __all__ = ["PROX_BACKENDS", "PROX_KINDS", "prox_"]
 
-# Backend names accepted today. TODO(lead): take this list from fastsparse.backends once it exists.
-PROX_BACKENDS = ("auto", "torch", "triton", "cuda")
+PROX_BACKENDS = BACKENDS
 
 Tensors = Union[torch.Tensor, Iterable[torch.Tensor], torch.nn.Module, None]
 
@@ -55,7 +57,7 @@ def prox_(
         threshold: t >= 0.
         groups: ``"filters"`` (dim 0), ``"channels"`` (dim 1), ``"kernels"`` (dims 0 and 1),
             ``None`` (the whole tensor), or coupled groups from `fastsparse.coupled_groups`.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: as in `fastsparse.penalty` ("auto", "triton", "native", "cuda", "torch").
 
     Returns:
         A list of bool tensors, one per tensor (shape [groups of the grouping]) or one per
@@ -91,10 +93,55 @@ def prox_(
 
 
 def _dispatch(tensors, kind, threshold, groups, backend):
-    """The single place where a backend is chosen. Arguments are already validated."""
-    # TODO(lead): route "auto"/"triton"/"cuda" to the fused kernels; the oracle serves them all
-    # for now.
-    return reference.prox_(tensors, kind, threshold, groups)
+    """The single place where a backend is chosen. Arguments are already validated.
+
+    The fused kernels serve every kind on tensors, and group_lasso / group_l0 on coupled
+    groups; the oracle serves the rest (element kinds and l0_group_lasso on coupled groups,
+    whose "once per covered element" rule has no fused form yet).
+    """
+    t_elem, t_group = threshold if isinstance(threshold, (tuple, list)) else (threshold,) * 2
+    t_elem, t_group = float(t_elem), float(t_group)
+    if tensors is None:
+        layout, name = _coupled_backend(groups, backend)
+        if name == "torch" or kind not in ("group_lasso", "group_l0"):
+            return reference.prox_(None, kind, threshold, groups)
+        from fastsparse import ops
+
+        with torch.no_grad():
+            kept = ops.coupled_prox_op(
+                layout.params,
+                layout.slice_groups,
+                layout.specs,
+                layout.group_counts,
+                kind,
+                t_group,
+                name,
+            )
+        return list(torch.split(kept, layout.group_counts))
+    nonempty = [t for t in tensors if t.numel() > 0]
+    name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"
+    if name == "torch":
+        return reference.prox_(tensors, kind, threshold, groups)
+    from fastsparse import ops
+
+    with torch.no_grad():
+        # The kernels write in place through the weights' strides; a layout they cannot
+        # address is thresholded on a contiguous copy, then copied back.
+        weights = [t.detach() for t in nonempty]
+        weights = [
+            w if segment_geometry(w, groups) is not None else w.contiguous() for w in weights
+        ]
+        flat = ops.prox_op(weights, encode_groupings((groups,)), kind, t_elem, t_group, name)
+        for t, w in zip(nonempty, weights):
+            if w.data_ptr() != t.data_ptr():
+                t.copy_(w)
+    kept = iter(torch.split(flat, [group_count(w.shape, groups) for w in weights]))
+    return [
+        next(kept)
+        if t.numel()
+        else torch.zeros(group_count(t.shape, groups), dtype=torch.bool, device=t.device)
+        for t in tensors
+    ]
 
 
 def _check_threshold(kind: str, threshold) -> None:

@@ -11,11 +11,10 @@ kinds, two per-segment sums (L, F^2). So three kernels serve every kind and grou
   itself, so a whole penalty step reads the weights once (within-group kinds, groups that fit
   one block).
 
-A program handles a tile of [BLOCK_G groups, BLOCK_K elements] of one segment (see
-fastsparse/layout.py); it finds its segment by binary search in the class's `item_starts`.
-Launchers take a cached `Plan` and issue one launch per launch class. Value reductions use no
-atomics: per-group terms are written to a buffer and summed with torch, so results are
-deterministic.
+The launchers below are the Triton backend's primitives (stats, rule, apply, fused), which
+fastsparse/engine.py composes into the ops. One launch per launch class (kernels/common.py).
+Value reductions use no atomics: per-group terms go to a buffer summed with torch, so results
+are deterministic.
 """
 
 from __future__ import annotations
@@ -24,15 +23,22 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.layout import (
-    Plan,
-    PlanCache,
-    new_empty,
-    segment_of_group_map,
-    segment_sums,
+from fastsparse.kernels.common import (
+    TL_DTYPES,
+    acc_dtype,
+    address_table,
+    class_tables,
+    grad_addresses,
+    launch_reduction,
+    locate,
+    num_warps,
+    selected,
+    tile,
+    weight_pointer,
 )
+from fastsparse.layout import Plan, PlanCache, new_empty
 
-# Kinds as compile-time ids for the coefficient rule.
+# Kinds as compile-time ids for the coefficient rule (the same ids as csrc/fastsparse_native.h).
 KIND_IDS = {
     "l1": 0,
     "l2": 1,
@@ -44,29 +50,6 @@ KIND_IDS = {
     "group_hoyer_square": 7,
 }
 ACROSS_KIND_IDS = (6, 7)
-
-# Fields of a segment's row in a class table (int64).
-(
-    F_W_ADDR,
-    F_GROUPS,
-    F_ROWS,
-    F_COLS,
-    F_STRIDE_GROUP,
-    F_STRIDE_ROW,
-    F_STRIDE_COL,
-    F_STATS_ROW,
-    F_CHUNKS,
-    F_GROUP_OFFSET,
-) = range(10)
-NUM_FIELDS = 10
-
-TL_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
-
 RULE_BLOCK = 1024
 
 
@@ -114,61 +97,27 @@ def _penalty_rule(s1, s2, total_l, total_f2, KIND: tl.constexpr, alpha):
 
 
 @triton.jit
-def _locate(item_starts_ptr, num_segments, search_steps):
-    """(segment, item within segment) of this program, by binary search in item_starts."""
-    item = tl.program_id(0).to(tl.int64)
-    lo = item * 0
-    hi = lo + num_segments
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        go_right = tl.load(item_starts_ptr + mid) <= item
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid)
-    return lo, item - tl.load(item_starts_ptr + lo)
-
-
-@triton.jit
-def _tile(table_ptr, segment, local_item, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Group ids, element offsets and mask of this program's [BLOCK_G, BLOCK_K] tile."""
-    row = table_ptr + segment * 10
-    groups = tl.load(row + 1)
-    rows = tl.load(row + 2)
-    cols = tl.load(row + 3)
-    stride_group = tl.load(row + 4)
-    stride_row = tl.load(row + 5)
-    stride_col = tl.load(row + 6)
-    chunks = tl.load(row + 8)
-    tile = local_item // chunks
-    chunk = local_item % chunks
-    g = tile * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
-    j = chunk * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    if rows == 1:  # the common case: no division per element
-        element = j * stride_col
-    else:
-        element = (j // cols) * stride_row + (j % cols) * stride_col
-    offsets = g[:, None] * stride_group + element[None, :]
-    group_mask = g < groups
-    mask = group_mask[:, None] & (j < rows * cols)[None, :]
-    return g, chunk, offsets, group_mask, mask
-
-
-@triton.jit
 def _group_stats_kernel(
     table_ptr,
     item_starts_ptr,
     num_segments,
     search_steps,
     out_ptr,
+    threshold,
     W_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    HARD_THRESHOLD: tl.constexpr,
     CHUNKS_PADDED: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    segment, local_item = _locate(item_starts_ptr, num_segments, search_steps)
-    g, chunk, offsets, group_mask, mask = _tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
-    w_ptr = tl.load(table_ptr + segment * 10 + 0).to(tl.pointer_type(W_DTYPE))
+    """(s1, s2) per group and chunk; with HARD_THRESHOLD, of w where |w| > threshold only."""
+    segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
+    g, chunk, offsets, group_mask, mask = tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
+    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
     x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    if HARD_THRESHOLD:
+        x = tl.where(tl.abs(x) > threshold, x, 0.0)
     s1 = tl.sum(tl.abs(x), axis=1)
     s2 = tl.sum(x * x, axis=1)
     out_row = tl.load(table_ptr + segment * 10 + 7) + g
@@ -229,9 +178,9 @@ def _penalty_grad_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    segment, local_item = _locate(item_starts_ptr, num_segments, search_steps)
-    g, chunk, offsets, group_mask, mask = _tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
-    w_ptr = tl.load(table_ptr + segment * 10 + 0).to(tl.pointer_type(W_DTYPE))
+    segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
+    g, chunk, offsets, group_mask, mask = tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
+    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
     global_g = tl.load(table_ptr + segment * 10 + 9) + g
     x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     if FUSED:  # the whole group is in registers: reduce, then apply the rule here
@@ -254,163 +203,78 @@ def _penalty_grad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: the Triton backend's primitives (see fastsparse/engine.py)
 # --------------------------------------------------------------------------------------------
 
-_plans = PlanCache()
+plans = PlanCache()
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _plan_acc_dtype(plan: Plan) -> torch.dtype:
+def _stats_dtype(plan: Plan) -> torch.dtype:
     return torch.float64 if any(c.dtype == torch.float64 for c in plan.classes) else torch.float32
 
 
-def _num_warps(cls) -> int:
-    elements = cls.block_groups * cls.block_size
-    return 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
+def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
+    """[total_groups, 2] = (s1, s2) of the selected classes' groups (others stay 0).
 
+    With `element_threshold`, only elements with |w| > threshold count (for l0 + group prox).
+    """
+    out = torch.zeros((plan.total_groups, 2), dtype=_stats_dtype(plan), device=plan.device)
+    for cls in selected(plan, select):
+        tables = class_tables(plan, cls)
 
-def _class_tables(plan: Plan, cls) -> dict:
-    """Device-side segment table and item starts of a launch class, built once per plan."""
-    tables = cls.device_tables
-    if not tables:
-        rows, starts, stats_row = [], [0], 0
-        for seg in cls.segments:
-            geo = seg.geometry
-            # Fused classes write statistics at the global group id; split classes write
-            # per-chunk partials into a class-local buffer.
-            row_in_stats = stats_row if cls.split else seg.group_offset
-            rows.append(
-                [
-                    0,  # weight address, filled per call
-                    geo.groups,
-                    geo.rows,
-                    geo.cols,
-                    geo.stride_group,
-                    geo.stride_row,
-                    geo.stride_col,
-                    row_in_stats,
-                    seg.chunks,
-                    seg.group_offset,
-                ]
+        def launch(buffer, cls=cls, tables=tables):
+            _group_stats_kernel[(tables["num_items"],)](
+                address_table(plan, cls, tensors),
+                tables["item_starts"],
+                len(cls.segments),
+                tables["search_steps"],
+                buffer,
+                0.0 if element_threshold is None else float(element_threshold),
+                W_DTYPE=TL_DTYPES[cls.dtype],
+                ACC_DTYPE=TL_DTYPES[acc_dtype(cls.dtype)],
+                HARD_THRESHOLD=element_threshold is not None,
+                CHUNKS_PADDED=cls.chunks_padded,
+                BLOCK_G=cls.block_groups,
+                BLOCK_K=cls.block_size,
+                num_warps=num_warps(cls),
             )
-            starts.append(starts[-1] + cls.items(seg))
-            stats_row += geo.groups
-        tables["rows"] = rows
-        tables["item_starts"] = torch.tensor(starts, dtype=torch.int64).to(plan.device)
-        tables["num_items"] = starts[-1]
-        tables["search_steps"] = max(1, len(cls.segments).bit_length())
-        tables["class_groups"] = stats_row
-        if cls.split:
-            ids = [
-                torch.arange(s.group_offset, s.group_offset + s.geometry.groups)
-                for s in cls.segments
-            ]
-            tables["global_ids"] = torch.cat(ids).to(plan.device)
-    return tables
+
+        launch_reduction(plan, cls, out, launch)
+    return out
 
 
-def _address_table(plan: Plan, cls, tensors, key: str):
-    """Class table with the current weight addresses (cached while the addresses hold)."""
-    tables = _class_tables(plan, cls)
-    addresses = tuple(tensors[s.tensor_index].data_ptr() for s in cls.segments)
-    if tables.get(key + "_addresses") != addresses:
-        rows = [[a, *r[1:]] for a, r in zip(addresses, tables["rows"])]
-        tables[key] = torch.tensor(rows, dtype=torch.int64).to(plan.device, non_blocking=True)
-        tables[key + "_addresses"] = addresses
-    return tables[key]
-
-
-def _grad_addresses(plan: Plan, cls, grads):
-    tables = _class_tables(plan, cls)
-    addresses = tuple(grads[s.tensor_index].data_ptr() for s in cls.segments)
-    if tables.get("grad_addresses_key") != addresses:
-        tensor = torch.tensor(addresses, dtype=torch.int64)
-        tables["grad_addresses"] = tensor.to(plan.device, non_blocking=True)
-        tables["grad_addresses_key"] = addresses
-    return tables["grad_addresses"]
-
-
-def _launch_stats(plan: Plan, tensors, stats: torch.Tensor, classes) -> None:
-    for cls in classes:
-        tables = _class_tables(plan, cls)
-        table = _address_table(plan, cls, tensors, "weights")
-        if cls.split:
-            out = torch.zeros(
-                (tables["class_groups"], cls.chunks_padded, 2),
-                dtype=stats.dtype,
-                device=stats.device,
-            )
-        else:
-            out = stats
-        _group_stats_kernel[(tables["num_items"],)](
-            table,
-            tables["item_starts"],
-            len(cls.segments),
-            tables["search_steps"],
-            out,
-            W_DTYPE=TL_DTYPES[cls.dtype],
-            ACC_DTYPE=TL_DTYPES[_acc_dtype(cls.dtype)],
-            CHUNKS_PADDED=cls.chunks_padded,
-            BLOCK_G=cls.block_groups,
-            BLOCK_K=cls.block_size,
-            num_warps=_num_warps(cls),
-        )
-        if cls.split:
-            stats.index_copy_(0, tables["global_ids"], out.sum(dim=1))
-
-
-def _get_plan(tensors, groupings, grad_dtypes=None) -> Plan:
-    plan = _plans.get(tensors, groupings, grad_dtypes)
-    plan.classes.sort(key=lambda c: c.grouping_index)  # gradient writes before accumulations
-    return plan
-
-
-def group_stats(tensors, groupings) -> tuple[Plan, torch.Tensor]:
-    """Plan and per-group statistics [total_groups, 2] = (s1, s2) for every segment."""
-    plan = _get_plan(tensors, groupings)
-    stats = torch.zeros((plan.total_groups, 2), dtype=_plan_acc_dtype(plan), device=plan.device)
-    _launch_stats(plan, tensors, stats, plan.classes)
-    return plan, stats
-
-
-def _apply_rule(plan: Plan, stats: torch.Tensor, kind: str, alpha: float):
-    """Per-group value terms and coefficients [total_groups, 2] = (a, b)."""
+def rule(stats_, segment_of_group, segment_sums_, kind: str, alpha: float):
+    """Per-group value terms [groups] and coefficients [groups, 2] = (a, b) from statistics."""
+    groups = stats_.shape[0]
     kind_id = KIND_IDS[kind]
-    across = kind_id in ACROSS_KIND_IDS
-    segment_of_group = segment_of_group_map(plan)
-    sums = segment_sums(plan, stats) if across else stats  # unused by the kernel if within
-    coefs = new_empty(stats.shape, dtype=stats.dtype, device=stats.device)
-    values = new_empty((plan.total_groups,), dtype=stats.dtype, device=stats.device)
-    if plan.total_groups:
-        _group_rule_kernel[(triton.cdiv(plan.total_groups, RULE_BLOCK),)](
-            stats,
+    coefs = new_empty(stats_.shape, dtype=stats_.dtype, device=stats_.device)
+    values = new_empty((groups,), dtype=stats_.dtype, device=stats_.device)
+    if groups:
+        _group_rule_kernel[(triton.cdiv(groups, RULE_BLOCK),)](
+            stats_,
             segment_of_group,
-            sums,
+            segment_sums_.to(stats_.dtype),
             coefs,
             values,
-            plan.total_groups,
+            groups,
             float(alpha),
             KIND=kind_id,
-            ACROSS=across,
+            ACROSS=kind_id in ACROSS_KIND_IDS,
             BLOCK=RULE_BLOCK,
         )
     return values, coefs
 
 
 def _launch_grad(
-    plan, cls, tensors, grads, coefs, values, kind, alpha, *, fused, accumulate, scale, scale_tensor
+    plan, cls, tensors, grads, coefs, values, kind, alpha, fused, accumulate, scale, scale_tensor
 ):
-    tables = _class_tables(plan, cls)
+    tables = class_tables(plan, cls)
     _penalty_grad_kernel[(tables["num_items"],)](
-        _address_table(plan, cls, tensors, "weights"),
+        address_table(plan, cls, tensors),
         tables["item_starts"],
         len(cls.segments),
         tables["search_steps"],
-        _grad_addresses(plan, cls, grads),
+        grad_addresses(plan, cls, grads),
         coefs,
         values,
         float(scale),
@@ -418,38 +282,36 @@ def _launch_grad(
         float(alpha),
         W_DTYPE=TL_DTYPES[cls.dtype],
         G_DTYPE=TL_DTYPES[cls.grad_dtype],
-        ACC_DTYPE=TL_DTYPES[_acc_dtype(cls.dtype)],
+        ACC_DTYPE=TL_DTYPES[acc_dtype(cls.dtype)],
         KIND=KIND_IDS[kind],
         FUSED=fused,
         ACCUMULATE=accumulate,
         HAS_SCALE_PTR=scale_tensor is not None,
         BLOCK_G=cls.block_groups,
         BLOCK_K=cls.block_size,
-        num_warps=_num_warps(cls),
+        num_warps=num_warps(cls),
     )
 
 
-def penalty_forward(tensors, kind, groupings, alpha):
-    """Penalty value (0-dim, accumulation dtype) and per-group coefficients for the backward."""
-    plan, stats = group_stats(tensors, groupings)
-    values, coefs = _apply_rule(plan, stats, kind, alpha)
-    return values.sum(), coefs
+def _exact_scale(plan: Plan, scale: float, scale_tensor):
+    """(float, tensor) scale arguments; a float kernel argument is fp32, so fp64 plans take the
+    whole scale from an fp64 tensor."""
+    if _stats_dtype(plan) != torch.float64:
+        return scale, scale_tensor
+    exact = torch.tensor([scale], dtype=torch.float64).to(plan.device, non_blocking=True)
+    if scale_tensor is not None:
+        exact = exact * scale_tensor.reshape(1).to(torch.float64)
+    return 1.0, exact
 
 
-def penalty_backward(tensors, coefs, grad_value, kind, groupings, alpha):
-    """dR/dW * grad_value for each tensor, in the tensor's dtype and layout."""
-    # With several groupings the gradient is summed grouping after grouping: low-precision
-    # weights then sum into fp32 buffers, rounded once at the end (as autograd would).
-    dtypes = [t.dtype for t in tensors]
-    if len(groupings) > 1:
-        dtypes = [_acc_dtype(d) for d in dtypes]
-    plan = _get_plan(tensors, groupings, dtypes)
-    grads = [
-        new_empty(t.shape, stride=t.stride(), dtype=d, device=t.device)
-        for t, d in zip(tensors, dtypes)
-    ]
-    scale_tensor = grad_value.reshape(1)
-    for cls in plan.classes:
+def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tensor=None):
+    """grads [+]= scale * scale_tensor * (a_g sign(w) + b_g w) on the selected classes."""
+    scale, scale_tensor = _exact_scale(plan, scale, scale_tensor)
+    if scale_tensor is not None:
+        scale_tensor = scale_tensor.reshape(1)
+    coefs = coefs.to(_stats_dtype(plan))
+    for cls in selected(plan, select):
+        # KIND only matters in FUSED mode: a fixed one avoids a compilation per kind here.
         _launch_grad(
             plan,
             cls,
@@ -457,53 +319,19 @@ def penalty_backward(tensors, coefs, grad_value, kind, groupings, alpha):
             grads,
             coefs,
             coefs,
-            kind,
-            alpha,
-            fused=False,
-            accumulate=cls.grouping_index > 0,
-            scale=1.0,
-            scale_tensor=scale_tensor,
+            "l1",
+            0.0,
+            False,
+            accumulate,
+            scale,
+            scale_tensor,
         )
-    return [g.to(t.dtype) for g, t in zip(grads, tensors)]
 
 
-def add_penalty_grad(grads, tensors, kind, groupings, alpha, strength):
-    """grads[i] += strength * dR/dW_i in place; returns the penalty value (0-dim)."""
-    plan = _get_plan(tensors, groupings, [g.dtype for g in grads])
-    across = KIND_IDS[kind] in ACROSS_KIND_IDS
-    unfused = [c for c in plan.classes if across or c.split]
-    acc = _plan_acc_dtype(plan)
-    # A float kernel argument is fp32: fp64 weights take the strength from an fp64 tensor.
-    scale_tensor = None
-    if acc == torch.float64:
-        scale_tensor = torch.tensor([strength], dtype=acc).to(plan.device, non_blocking=True)
-        strength = 1.0
-    if unfused:
-        stats = torch.zeros((plan.total_groups, 2), dtype=acc, device=plan.device)
-        _launch_stats(plan, tensors, stats, unfused)
-        values, coefs = _apply_rule(plan, stats, kind, alpha)
-    else:
-        values = new_empty((plan.total_groups,), dtype=acc, device=plan.device)
-        coefs = values
-    for cls in plan.classes:
+def fused(plan, tensors, grads, select, kind, alpha, scale, values):
+    """One pass per group for within-group kinds: values[g] and grads += scale * dR/dw."""
+    scale, scale_tensor = _exact_scale(plan, scale, None)
+    for cls in selected(plan, select):
         _launch_grad(
-            plan,
-            cls,
-            tensors,
-            grads,
-            coefs,
-            values,
-            kind,
-            alpha,
-            fused=not (across or cls.split),
-            accumulate=True,
-            scale=strength,
-            scale_tensor=scale_tensor,
+            plan, cls, tensors, grads, values, values, kind, alpha, True, True, scale, scale_tensor
         )
-    return values.sum()
-
-
-def group_norms(tensors, grouping):
-    """The group l2 norms of all tensors, concatenated in order (accumulation dtype)."""
-    _, stats = group_stats(tensors, (grouping,))
-    return torch.sqrt(stats[:, 1])

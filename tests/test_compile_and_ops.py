@@ -32,7 +32,7 @@ def test_opcheck_backward_inplace_and_norms(device, backend):
     checks = [
         (
             torch.ops.fastsparse.penalty_backward.default,
-            (weights, coefs, grad_value, "l1l2", "filters", 0.5, backend),
+            (weights, coefs, grad_value, "filters", backend),
         ),
         (
             torch.ops.fastsparse.add_penalty_grad_.default,

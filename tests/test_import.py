@@ -21,8 +21,10 @@ def test_import_does_not_load_triton_or_initialize_cuda():
         assert "fastsparse.kernels" not in sys.modules
         assert not torch.cuda.is_initialized(), "import fastsparse initialized CUDA"
         w = torch.randn(4, 3, requires_grad=True)
-        fastsparse.penalty(w, "l1l2").backward()  # auto backend on CPU: the oracle
-        assert "triton" not in sys.modules and not torch.cuda.is_initialized()
+        fastsparse.penalty(w, "l1l2").backward()  # auto backend on CPU: native C++ kernels
+        # (Calling a torch.library op makes torch import its dynamo utilities, which look for
+        # triton themselves: only the import of fastsparse is promised to stay lean.)
+        assert not torch.cuda.is_initialized()
         print("ok")
         """
     )

@@ -1,0 +1,181 @@
+"""What every Triton kernel of fastsparse shares: segment lookup, tiles, class tables.
+
+A program handles a tile of [BLOCK_G groups, BLOCK_K elements] of one segment (see
+fastsparse/layout.py); it finds its segment by binary search in its launch class's
+`item_starts`, then reads the segment's row of the class table (int64 fields below, addresses
+included: pointer tables, so one launch serves tensors of any shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastsparse.layout import Plan
+
+# Fields of a segment's row in a class table (int64); kernels read them by these offsets.
+(
+    F_W_ADDR,
+    F_GROUPS,
+    F_ROWS,
+    F_COLS,
+    F_STRIDE_GROUP,
+    F_STRIDE_ROW,
+    F_STRIDE_COL,
+    F_OUT_ROW,
+    F_CHUNKS,
+    F_GROUP_OFFSET,
+) = range(10)
+NUM_FIELDS = 10
+
+TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def locate(item_starts_ptr, num_segments, search_steps):
+    """(segment, item within segment) of this program, by binary search in item_starts."""
+    item = tl.program_id(0).to(tl.int64)
+    lo = item * 0
+    hi = lo + num_segments
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        go_right = tl.load(item_starts_ptr + mid) <= item
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo, item - tl.load(item_starts_ptr + lo)
+
+
+@triton.jit
+def tile(table_ptr, segment, local_item, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Group ids, chunk, element offsets and masks of this program's [BLOCK_G, BLOCK_K] tile."""
+    row = table_ptr + segment * 10
+    groups = tl.load(row + 1)
+    rows = tl.load(row + 2)
+    cols = tl.load(row + 3)
+    stride_group = tl.load(row + 4)
+    stride_row = tl.load(row + 5)
+    stride_col = tl.load(row + 6)
+    chunks = tl.load(row + 8)
+    tile_index = local_item // chunks
+    chunk = local_item % chunks
+    g = tile_index * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    j = chunk * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    if rows == 1:  # the common case: no division per element
+        element = j * stride_col
+    else:
+        element = (j // cols) * stride_row + (j % cols) * stride_col
+    offsets = g[:, None] * stride_group + element[None, :]
+    group_mask = g < groups
+    mask = group_mask[:, None] & (j < rows * cols)[None, :]
+    return g, chunk, offsets, group_mask, mask
+
+
+@triton.jit
+def weight_pointer(table_ptr, segment, W_DTYPE: tl.constexpr):
+    return tl.load(table_ptr + segment * 10).to(tl.pointer_type(W_DTYPE))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_warps(cls) -> int:
+    elements = cls.block_groups * cls.block_size
+    return 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
+
+
+def selected(plan: Plan, select):
+    """The launch classes of a selection (pass_index, split), None meaning any."""
+    pass_index, split = select
+    return [
+        c
+        for c in plan.classes
+        if (pass_index is None or c.pass_index == pass_index)
+        and (split is None or c.split == split)
+    ]
+
+
+def class_tables(plan: Plan, cls) -> dict:
+    """Geometry rows, item starts and sizes of a launch class, built once per plan."""
+    tables = cls.device_tables
+    if not tables:
+        rows, starts, class_row = [], [0], 0
+        for seg in cls.segments:
+            geo = seg.geometry
+            # Single-chunk classes write per-group outputs at the global group id; split classes
+            # write per-chunk partials into a class-local buffer, added up afterwards.
+            out_row = class_row if cls.split else seg.group_offset
+            rows.append(
+                [
+                    0,  # weight address, filled per call
+                    geo.groups,
+                    geo.rows,
+                    geo.cols,
+                    geo.stride_group,
+                    geo.stride_row,
+                    geo.stride_col,
+                    out_row,
+                    seg.chunks,
+                    seg.group_offset,
+                ]
+            )
+            starts.append(starts[-1] + cls.items(seg))
+            class_row += geo.groups
+        tables["rows"] = rows
+        tables["item_starts"] = torch.tensor(starts, dtype=torch.int64).to(plan.device)
+        tables["num_items"] = starts[-1]
+        tables["search_steps"] = max(1, len(cls.segments).bit_length())
+        tables["class_groups"] = class_row
+        if cls.split:
+            ids = [
+                torch.arange(s.group_offset, s.group_offset + s.geometry.groups)
+                for s in cls.segments
+            ]
+            tables["global_ids"] = torch.cat(ids).to(plan.device)
+    return tables
+
+
+def address_table(plan: Plan, cls, tensors) -> torch.Tensor:
+    """The class table with the current weight addresses (cached while the addresses hold)."""
+    tables = class_tables(plan, cls)
+    addresses = tuple(tensors[s.tensor_index].data_ptr() for s in cls.segments)
+    if tables.get("weight_addresses") != addresses:
+        rows = [[a, *r[1:]] for a, r in zip(addresses, tables["rows"])]
+        tables["table"] = torch.tensor(rows, dtype=torch.int64).to(plan.device, non_blocking=True)
+        tables["weight_addresses"] = addresses
+    return tables["table"]
+
+
+def grad_addresses(plan: Plan, cls, grads) -> torch.Tensor:
+    """Per segment of the class, the address of the gradient it writes."""
+    tables = class_tables(plan, cls)
+    addresses = tuple(grads[s.tensor_index].data_ptr() for s in cls.segments)
+    if tables.get("grad_addresses_key") != addresses:
+        tensor = torch.tensor(addresses, dtype=torch.int64)
+        tables["grad_addresses"] = tensor.to(plan.device, non_blocking=True)
+        tables["grad_addresses_key"] = addresses
+    return tables["grad_addresses"]
+
+
+def launch_reduction(plan: Plan, cls, out: torch.Tensor, launch) -> None:
+    """Run a kernel writing per-group pairs into out [total_groups, 2].
+
+    `launch(partials, chunks_padded)` starts the kernel; a single-chunk class writes straight
+    into `out`, a split class into a zeroed [class_groups, chunks_padded, 2] buffer whose chunks
+    are then added in order (deterministic) and copied to the classes' global rows.
+    """
+    tables = class_tables(plan, cls)
+    if not cls.split:
+        launch(out)
+        return
+    partials = torch.zeros(
+        (tables["class_groups"], cls.chunks_padded, 2), dtype=out.dtype, device=out.device
+    )
+    launch(partials)
+    out.index_copy_(0, tables["global_ids"], partials.sum(dim=1))
