@@ -74,13 +74,27 @@ void run_stats(const W* p, int64_t n, int64_t stride, A hard, A* s1_out, A* s2_o
   *s2_out += t2;
 }
 
-template <typename W, typename G, typename A>
-void run_update(const W* p, G* q, int64_t n, int64_t stride, A a, A b, A scale, bool accumulate) {
+template <typename W, typename G, typename A, bool kAccumulate>
+inline void run_update_loop(const W* p, G* q, int64_t n, int64_t stride, A a, A b) {
   for (int64_t i = 0; i < n; ++i) {
     const A x = load<A>(p + i * stride);
-    A update = scale * (a * sign_of(x) + b * x);
-    if (accumulate) update += load<A>(q + i * stride);
+    A update = a * sign_of(x) + b * x;
+    if (kAccumulate) update += load<A>(q + i * stride);
     store<A>(q + i * stride, update);
+  }
+}
+
+// q [+]= scale * (a * sign(p) + b * p); unit stride gets its own loops so they vectorize.
+template <typename W, typename G, typename A>
+void run_update(const W* p, G* q, int64_t n, int64_t stride, A a, A b, A scale, bool accumulate) {
+  a *= scale;
+  b *= scale;
+  if (stride == 1) {
+    if (accumulate) run_update_loop<W, G, A, true>(p, q, n, 1, a, b);
+    else run_update_loop<W, G, A, false>(p, q, n, 1, a, b);
+  } else {
+    if (accumulate) run_update_loop<W, G, A, true>(p, q, n, stride, a, b);
+    else run_update_loop<W, G, A, false>(p, q, n, stride, a, b);
   }
 }
 
