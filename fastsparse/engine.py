@@ -24,6 +24,20 @@ from fastsparse.layout import new_empty, passes, segment_of_group_map, segment_s
 ACROSS_KINDS = ("group_l1l2", "group_hoyer_square")
 GROUP_PROX_KINDS = ("group_lasso", "group_l0", "l0_group_lasso")
 
+# Compile-time ids of the kinds in every backend's kernels (csrc/fastsparse_native.h too).
+KIND_IDS = {
+    "l1": 0,
+    "l2": 1,
+    "group_lasso": 2,
+    "l1l2": 3,
+    "hoyer_square": 4,
+    "sparse_group_lasso": 5,
+    "group_l1l2": 6,
+    "group_hoyer_square": 7,
+}
+# "scale" multiplies each group by given factors (coupled groups: factors from their norms).
+PROX_IDS = {"l1": 0, "l0": 1, "group_lasso": 2, "group_l0": 3, "l0_group_lasso": 4, "scale": 5}
+
 
 class Select(NamedTuple):
     pass_index: Optional[int] = None

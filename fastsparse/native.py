@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 
+from fastsparse.engine import GROUP_PROX_KINDS, KIND_IDS, PROX_IDS
 from fastsparse.layout import SPLIT_BLOCK, Plan, PlanCache, new_empty
 
 # Field order of fs_segment in csrc/fastsparse_native.h.
@@ -57,18 +58,6 @@ NATIVE_FIELDS = (
     "accumulate",
 )
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-KIND_IDS = {
-    "l1": 0,
-    "l2": 1,
-    "group_lasso": 2,
-    "l1l2": 3,
-    "hoyer_square": 4,
-    "sparse_group_lasso": 5,
-    "group_l1l2": 6,
-    "group_hoyer_square": 7,
-}
-PROX_IDS = {"l1": 0, "l0": 1, "group_lasso": 2, "group_l0": 3, "l0_group_lasso": 4, "scale": 5}
-
 # --------------------------------------------------------------------------------------------
 # Building and loading
 # --------------------------------------------------------------------------------------------
@@ -383,10 +372,7 @@ def prox(plan, tensors, select, kind, t_elem, t_group, factors):
     if factors is not None:
         factors = factors.to(torch.float64).contiguous()
         pointer = factors.data_ptr()
-    elif kind == "scale" or (
-        kind in ("group_lasso", "group_l0", "l0_group_lasso")
-        and any(s.chunks > 1 for s in segments)
-    ):
+    elif kind == "scale" or (kind in GROUP_PROX_KINDS and any(s.chunks > 1 for s in segments)):
         raise ValueError("group prox on groups longer than one chunk needs factors")
     return _pairs_kernel(
         plan, "prox", segments, tensors, PROX_IDS[kind], float(t_elem), float(t_group), pointer

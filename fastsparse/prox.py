@@ -18,7 +18,7 @@ import torch
 
 from fastsparse import reference
 from fastsparse.backends import BACKENDS, resolve_backend
-from fastsparse.functional import _coupled_backend
+from fastsparse.functional import _coupled_backend, check_coupled
 from fastsparse.layout import encode_groupings, group_count, segment_geometry
 from fastsparse.reference import GROUPINGS, PROX_KINDS, CoupledGroup
 
@@ -85,7 +85,7 @@ def prox_(
     _check_threshold(kind, threshold)
     if reference.is_coupled(groups):
         coupled = [groups] if isinstance(groups, CoupledGroup) else list(groups)
-        _check_coupled(coupled, tensors)
+        check_coupled(coupled, tensors)
         return _dispatch(None, kind, threshold, coupled, backend)
     tensor_list = _tensor_list(tensors)
     _check_grouping(groups, tensor_list)
@@ -192,21 +192,3 @@ def _check_grouping(groups, tensors: list[torch.Tensor]) -> None:
                 f"grouping {groups!r} needs tensors with at least {min_dims} dims; tensors[{i}] "
                 f"has shape {tuple(t.shape)}"
             )
-
-
-def _check_coupled(groups: list[CoupledGroup], tensors) -> None:
-    allowed = None if tensors is None else {id(t) for t in _tensor_list(tensors)}
-    for cg in groups:
-        for m in cg.members:
-            if not m.param.is_floating_point():
-                raise TypeError(f"{m.name} has dtype {m.param.dtype}; prox_ needs floating tensors")
-            if allowed is not None and id(m.param) not in allowed:
-                raise ValueError(
-                    f"coupled group {cg.root!r}: parameter {m.name!r} is not among `tensors` "
-                    "(were the groups traced on another copy of the model?)"
-                )
-            size = m.param.shape[m.dim]
-            if m.index.numel() and (int(m.index.min()) < 0 or int(m.index.max()) >= size):
-                raise ValueError(f"coupled group {cg.root!r}: index out of range for {m.name}")
-            if m.group.numel() and (int(m.group.min()) < 0 or int(m.group.max()) >= cg.num_groups):
-                raise ValueError(f"coupled group {cg.root!r}: group id out of range for {m.name}")

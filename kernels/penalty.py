@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsparse.engine import ACROSS_KINDS, KIND_IDS
 from fastsparse.kernels.common import (
     TL_DTYPES,
     acc_dtype,
@@ -38,18 +39,7 @@ from fastsparse.kernels.common import (
 )
 from fastsparse.layout import Plan, PlanCache, new_empty
 
-# Kinds as compile-time ids for the coefficient rule (the same ids as csrc/fastsparse_native.h).
-KIND_IDS = {
-    "l1": 0,
-    "l2": 1,
-    "group_lasso": 2,
-    "l1l2": 3,
-    "hoyer_square": 4,
-    "sparse_group_lasso": 5,
-    "group_l1l2": 6,
-    "group_hoyer_square": 7,
-}
-ACROSS_KIND_IDS = (6, 7)
+ACROSS_KIND_IDS = tuple(KIND_IDS[k] for k in ACROSS_KINDS)
 RULE_BLOCK = 1024
 
 

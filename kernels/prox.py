@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsparse.engine import PROX_IDS
 from fastsparse.kernels.common import (
     TL_DTYPES,
     acc_dtype,
@@ -31,9 +32,6 @@ from fastsparse.kernels.common import (
     weight_pointer,
 )
 from fastsparse.layout import Plan
-
-# "scale" multiplies each group by factors[g] (coupled groups: factors from their own norms).
-PROX_IDS = {"l1": 0, "l0": 1, "group_lasso": 2, "group_l0": 3, "l0_group_lasso": 4, "scale": 5}
 
 
 @triton.jit
