@@ -1,0 +1,169 @@
+"""Fused Triton kernel for selective weight decay of irrelevant weights (Bonetta et al., 2022).
+
+One in-place pass over (weight, grad) for a whole list of tensors: per element
+
+    r = relevance(w, g)      |g * w| ("taylor", default), |w| ("magnitude") or |g| ("gradient")
+    irrelevant = r <= tau_t  (tau_t: the threshold of the element's tensor)
+    g <- g + lambda * w      where irrelevant (keep_loss_grad=True: extra decay on top of the loss)
+    g <- lambda * w          where irrelevant (keep_loss_grad=False: decay only)
+    g unchanged              elsewhere (the plain update of the relevant weights)
+
+and the number of irrelevant elements (one partial count per program, added by torch: no atomics).
+Tensors are addressed as flat dense blocks through a device-side int64 table
+(weight address, grad address, numel, threshold index); a program finds its tensor by binary search
+in the item starts, as the penalty kernels do. One launch per (weight dtype, grad dtype) class.
+
+Kernel -> launcher (`selective_decay_`); the torch.library op is registered in fastsparse/ops.py
+and the public API is fastsparse.selective_decay. The oracle is
+fastsparse.reference.selective_decay_grad.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fastsparse.kernels.common import locate
+
+TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+RELEVANCE_IDS = {"taylor": 0, "magnitude": 1, "gradient": 2}
+NUM_FIELDS = 4  # weight address, grad address, numel, threshold index
+BLOCK = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _selective_decay_kernel(
+    table_ptr,
+    item_starts_ptr,
+    num_tensors,
+    search_steps,
+    thresholds_ptr,
+    strength_ptr,
+    counts_ptr,
+    W_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    RELEVANCE: tl.constexpr,
+    KEEP_LOSS_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    tensor, block = locate(item_starts_ptr, num_tensors, search_steps)
+    row = table_ptr + tensor * 4
+    w_ptr = tl.load(row).to(tl.pointer_type(W_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    numel = tl.load(row + 2)
+    tau = tl.load(thresholds_ptr + tl.load(row + 3)).to(ACC)
+    strength = tl.load(strength_ptr).to(ACC)
+
+    offsets = block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offsets < numel
+    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    if RELEVANCE == 0:
+        relevance = tl.abs(g * w)
+    elif RELEVANCE == 1:
+        relevance = tl.abs(w)
+    else:
+        relevance = tl.abs(g)
+    irrelevant = (relevance <= tau) & mask
+    decay = strength * w
+    if KEEP_LOSS_GRAD:
+        new = g + tl.where(irrelevant, decay, 0.0)
+    else:
+        new = tl.where(irrelevant, decay, g)
+    tl.store(g_ptr + offsets, new.to(G_DTYPE), mask=mask)
+    tl.store(counts_ptr + tl.program_id(0), tl.sum(irrelevant.to(tl.int64), axis=0))
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+_TABLES: OrderedDict = OrderedDict()
+_TABLES_CAPACITY = 256
+
+
+def _device_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant table on `device`, cached by its values (no copy when seen before)."""
+    key = (values, dtype, device)
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        _TABLES[key] = table
+        if len(_TABLES) > _TABLES_CAPACITY:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
+
+
+def selective_decay_(
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+    threshold_index: Sequence[int],
+    strength: float,
+    relevance: str,
+    keep_loss_grad: bool,
+) -> torch.Tensor:
+    """Update grads in place (see the module docstring); returns the irrelevant count (int64).
+
+    Every weight must be dense with its grad's strides (fastsparse.selective_decay prepares
+    them); `thresholds[threshold_index[i]]` is tensor i's threshold.
+    """
+    device = weights[0].device
+    classes: dict = {}
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        if w.numel():
+            classes.setdefault((w.dtype, g.dtype), []).append(i)
+    counts = []
+    for (w_dtype, g_dtype), members in classes.items():
+        acc = _acc_dtype(w_dtype, g_dtype)
+        rows, starts = [], [0]
+        for i in members:
+            numel = weights[i].numel()
+            rows.append([weights[i].data_ptr(), grads[i].data_ptr(), numel, threshold_index[i]])
+            starts.append(starts[-1] + triton.cdiv(numel, BLOCK))
+        table = _device_tensor(tuple(v for row in rows for v in row), torch.int64, device)
+        item_starts = _device_tensor(tuple(starts), torch.int64, device)
+        programs = starts[-1]
+        partial = torch.empty((programs,), dtype=torch.int64, device=device)
+        _selective_decay_kernel[(programs,)](
+            table,
+            item_starts,
+            len(members),
+            max(1, len(members).bit_length()),
+            thresholds.to(acc),
+            _device_tensor((float(strength),), acc, device),
+            partial,
+            W_DTYPE=TL_DTYPES[w_dtype],
+            G_DTYPE=TL_DTYPES[g_dtype],
+            ACC=TL_DTYPES[acc],
+            RELEVANCE=RELEVANCE_IDS[relevance],
+            KEEP_LOSS_GRAD=keep_loss_grad,
+            BLOCK=BLOCK,
+            num_warps=8,
+        )
+        counts.append(partial.sum())
+    if not counts:
+        return torch.zeros((), dtype=torch.int64, device=device)
+    return torch.stack(counts).sum()
