@@ -231,6 +231,16 @@ inline int64_t segment_of_item(const fs_segment* segs, int64_t nseg, int64_t ite
   return lo;
 }
 
+// Below this many elements a call runs on one thread: waking a thread team costs more than
+// the work (and much more on a loaded machine).
+constexpr int64_t kParallelMinElements = 1 << 16;
+
+inline bool worth_parallel(const fs_segment* segs, int64_t nseg) {
+  int64_t elements = 0;
+  for (int64_t i = 0; i < nseg; ++i) elements += segs[i].groups * segs[i].rows * segs[i].cols;
+  return elements >= kParallelMinElements;
+}
+
 inline int64_t total_items(const fs_segment* segs, int64_t nseg) {
   return nseg ? segs[nseg - 1].item_offset + segs[nseg - 1].groups * segs[nseg - 1].chunks : 0;
 }
@@ -241,7 +251,8 @@ extern "C" {
 
 // Adds the chunk partials of each group (consecutive work items) in order into out[group].
 static void reduce_partials(const fs_segment* segs, int64_t nseg, const double* partials, double* out) {
-#pragma omp parallel for schedule(static)
+  const bool parallel = nseg > 64;
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t si = 0; si < nseg; ++si) {
     const fs_segment& s = segs[si];
     for (int64_t g = 0; g < s.groups; ++g) {
@@ -261,8 +272,9 @@ static void reduce_partials(const fs_segment* segs, int64_t nseg, const double* 
 // 2 values per work item. hard >= 0: only elements with |w| > hard count.
 int fs_cpu_group_stats(const fs_segment* segs, int64_t nseg, double* stats, double* partials,
                        double hard) {
+  const bool parallel = worth_parallel(segs, nseg);
   const int64_t items = total_items(segs, nseg);
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
   for (int64_t item = 0; item < items; ++item) {
     const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
     const int64_t local = item - s.item_offset;
@@ -275,8 +287,9 @@ int fs_cpu_group_stats(const fs_segment* segs, int64_t nseg, double* stats, doub
 // Prox step in place on every group; after[group] = (s1, s2) once thresholded.
 int fs_cpu_prox(const fs_segment* segs, int64_t nseg, int kind, double t_elem, double t_group,
                 const double* factors, double* after, double* partials) {
+  const bool parallel = worth_parallel(segs, nseg);
   const int64_t items = total_items(segs, nseg);
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
   for (int64_t item = 0; item < items; ++item) {
     const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
     const int64_t local = item - s.item_offset;
@@ -291,8 +304,9 @@ int fs_cpu_prox(const fs_segment* segs, int64_t nseg, int kind, double t_elem, d
 int fs_cpu_rule(const double* stats, const int32_t* segment_of_group,
                 const double* segment_sums, int64_t total_groups, int kind, double alpha,
                 double* values, double* coefs) {
+  const bool parallel = total_groups >= 4096;
   const bool across = kind == FS_GROUP_L1L2 || kind == FS_GROUP_HOYER_SQUARE;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t g = 0; g < total_groups; ++g) {
     double total_l = 0, total_f2 = 0;
     if (across) {
@@ -307,8 +321,9 @@ int fs_cpu_rule(const double* stats, const int32_t* segment_of_group,
 
 // grad = [grad +] scale * (a_g * sign(w) + b_g * w) with coefs[group] = (a_g, b_g).
 int fs_cpu_apply(const fs_segment* segs, int64_t nseg, const double* coefs, double scale) {
+  const bool parallel = worth_parallel(segs, nseg);
   const int64_t items = total_items(segs, nseg);
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
   for (int64_t item = 0; item < items; ++item) {
     const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
     const int64_t local = item - s.item_offset, g = local / s.chunks;
@@ -320,9 +335,10 @@ int fs_cpu_apply(const fs_segment* segs, int64_t nseg, const double* coefs, doub
 // Within-group kinds in one pass per group: values[group] and grad [+]= scale * dR/dw.
 int fs_cpu_fused(const fs_segment* segs, int64_t nseg, int kind, double alpha, double scale,
                  double* values) {
+  const bool parallel = worth_parallel(segs, nseg);
   std::vector<int64_t> starts(nseg + 1, 0);  // (segment, group) pairs, segment after segment
   for (int64_t si = 0; si < nseg; ++si) starts[si + 1] = starts[si] + segs[si].groups;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) if (parallel)
   for (int64_t pair = 0; pair < starts[nseg]; ++pair) {
     const int64_t si = std::upper_bound(starts.begin(), starts.end(), pair) - starts.begin() - 1;
     const fs_segment& s = segs[si];
