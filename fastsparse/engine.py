@@ -129,6 +129,23 @@ def group_norms(backend, tensors, specs):
     return torch.sqrt(backend.stats(plan, tensors, ALL)[:, 1]).to(_acc_dtype(tensors))
 
 
+# --- [issue 7] statistics and given coefficients: the pieces sharded tensors are built from ---
+# (fastsparse/distributed.py adds the statistics of a group's shards across ranks between them)
+
+
+def group_stats(backend, tensors, specs):
+    """(s1, s2) of every group of all segments, concatenated in order: [groups, 2] (acc dtype)."""
+    plan = backend.plans.get(tensors, specs)
+    return backend.stats(plan, tensors, ALL).to(_acc_dtype(tensors))
+
+
+def add_coefficient_grad(backend, grads, tensors, coefs, specs, strength):
+    """grads[i] += strength * (a_g sign(w) + b_g w) with given coefs [groups, 2] = (a_g, b_g)."""
+    plan = backend.plans.get(tensors, specs, [g.dtype for g in grads])
+    for p in passes(plan):  # a tensor's gradient is never written by two passes at once
+        backend.apply(plan, tensors, grads, coefs, Select(p), accumulate=True, scale=strength)
+
+
 # --- coupled groups: groups made of slices of several tensors -----------------------------------
 #
 # A coupled plan's segments are slices (one spec per (tensor, dim) a coupled group touches);

@@ -7,6 +7,7 @@ and routes to the fused torch.library ops (fastsparse.ops) or to the oracle (bac
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Sequence, Union
 
 import torch
@@ -115,6 +116,27 @@ def _zero_value(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.zeros((), dtype=_output_dtype(tensors), device=device)
 
 
+# --- [issue 7] DTensor inputs (FSDP2, tensor parallel) go to fastsparse/distributed.py --------
+
+
+def _sharded(tensors) -> bool:
+    """True if any of the tensors is a DTensor (only possible once torch imported DTensor)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(isinstance(t, module.DTensor) for t in tensors)
+
+
+def _distributed():
+    from fastsparse import distributed
+
+    return distributed
+
+
+def grad_dtype(t: torch.Tensor) -> torch.dtype:
+    """[issue 7] The dtype of t's gradient: t.grad_dtype when set (e.g. fp32 gradients of bf16
+    parameters), else t's dtype."""
+    return getattr(t, "grad_dtype", None) or t.dtype
+
+
 def penalty(
     tensors: Tensors,
     kind: str,
@@ -145,6 +167,8 @@ def penalty(
     """
     if reference.is_coupled(groups):
         coupled, alpha = _prepare_coupled(tensors, kind, groups, options)
+        if _sharded(reference.coupled_params(coupled)):  # [issue 7]
+            return _distributed().coupled_penalty(coupled, kind, alpha, backend)
         layout, name = _coupled_backend(coupled, backend)
         if name == "torch":
             return reference.coupled_penalty(coupled, kind, alpha)
@@ -161,6 +185,8 @@ def penalty(
         )
         return value
     tensors, groupings, alpha = _prepare(tensors, kind, groups, options)
+    if _sharded(tensors):  # [issue 7]
+        return _distributed().penalty(tensors, kind, groupings, alpha, backend)
     nonempty = [t for t in tensors if t.numel() > 0]
     if not nonempty:
         return _zero_value(tensors)
@@ -243,11 +269,13 @@ def add_penalty_grad_(
     if reference.is_coupled(groups):
         coupled, alpha = _prepare_coupled(tensors, kind, groups, options)
         strength = _check_strength(strength)
+        if _sharded(reference.coupled_params(coupled)):  # [issue 7]
+            return _distributed().add_coupled_penalty_grad_(coupled, kind, strength, alpha, backend)
         layout, name = _coupled_backend(coupled, backend)
         _check_grads(layout.params)
         for t in layout.params:
             if t.grad is None:
-                t.grad = torch.zeros_like(t)
+                t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
         with torch.no_grad():
             if name == "torch":
                 value = reference.coupled_penalty(coupled, kind, alpha)
@@ -275,11 +303,13 @@ def add_penalty_grad_(
     tensors, groupings, alpha = _prepare(tensors, kind, groups, options)
     strength = _check_strength(strength)
     _check_grads(tensors)
+    if _sharded(tensors):  # [issue 7]
+        return _distributed().add_penalty_grad_(tensors, kind, strength, groupings, alpha, backend)
     nonempty = [t for t in tensors if t.numel() > 0]
     name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"
     for t in tensors:
         if t.grad is None:
-            t.grad = torch.zeros_like(t)
+            t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
     if not nonempty:
         return _zero_value(tensors)
     with torch.no_grad():
@@ -359,6 +389,8 @@ def group_norms(
     if reference.is_coupled(groups):
         coupled = as_coupled_list(groups)
         check_coupled(coupled, tensors)
+        if _sharded(reference.coupled_params(coupled)):  # [issue 7]
+            return _distributed().coupled_group_norms(coupled, backend)
         layout, name = _coupled_backend(coupled, backend)
         if name == "torch":
             return reference.coupled_group_norms(coupled)
@@ -377,6 +409,8 @@ def group_norms(
     if isinstance(groups, (tuple, list)):
         raise ValueError("group_norms takes one grouping, not a tuple")
     (grouping,) = _check_groupings(groups, tensors)
+    if _sharded(tensors):  # [issue 7]
+        return _distributed().group_norms(tensors, grouping, backend)
     dtype = _output_dtype(tensors)
     nonempty = [t.detach() for t in tensors if t.numel() > 0]
     name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"

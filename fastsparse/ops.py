@@ -135,6 +135,40 @@ def _(weights, groups, backend):
     return weights[0].new_empty((_total_groups(weights, groups),), dtype=_acc_dtype(weights))
 
 
+# --- [issue 7] group statistics, and the gradient of given coefficients (sharded tensors) --------
+
+
+@torch.library.custom_op("fastsparse::group_stats", mutates_args=())
+def group_stats_op(weights: List[Tensor], groups: str, backend: str) -> Tensor:
+    """Per-group (s1, s2) of all weights' groups, concatenated: [groups, 2] (accumulation dtype)."""
+    return engine.group_stats(_backend(backend), weights, _specs(weights, groups))
+
+
+@group_stats_op.register_fake
+def _(weights, groups, backend):
+    return weights[0].new_empty((_total_groups(weights, groups), 2), dtype=_acc_dtype(weights))
+
+
+@torch.library.custom_op("fastsparse::add_coefficient_grad_", mutates_args=("grads",))
+def add_coefficient_grad_op(
+    grads: List[Tensor],
+    weights: List[Tensor],
+    coefs: Tensor,
+    groups: str,
+    strength: float,
+    backend: str,
+) -> None:
+    """grads[i] += strength * (a_g sign(w) + b_g w) for given coefs [groups, 2] = (a_g, b_g)."""
+    engine.add_coefficient_grad(
+        _backend(backend), grads, weights, coefs, _specs(weights, groups), strength
+    )
+
+
+@add_coefficient_grad_op.register_fake
+def _(grads, weights, coefs, groups, strength, backend):
+    return None
+
+
 # --- coupled groups -----------------------------------------------------------------------------
 
 

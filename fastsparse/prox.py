@@ -18,7 +18,7 @@ import torch
 
 from fastsparse import reference
 from fastsparse.backends import BACKENDS, resolve_backend
-from fastsparse.functional import _coupled_backend, check_coupled
+from fastsparse.functional import _coupled_backend, _sharded, check_coupled
 from fastsparse.layout import encode_groupings, group_count, segment_geometry
 from fastsparse.reference import GROUPINGS, PROX_KINDS, CoupledGroup
 
@@ -86,9 +86,17 @@ def prox_(
     if reference.is_coupled(groups):
         coupled = [groups] if isinstance(groups, CoupledGroup) else list(groups)
         check_coupled(coupled, tensors)
+        if _sharded(reference.coupled_params(coupled)):  # DTensors: fastsparse/distributed.py
+            from fastsparse import distributed
+
+            return distributed.coupled_prox_(coupled, kind, threshold, backend)
         return _dispatch(None, kind, threshold, coupled, backend)
     tensor_list = _tensor_list(tensors)
     _check_grouping(groups, tensor_list)
+    if _sharded(tensor_list):  # DTensors: fastsparse/distributed.py
+        from fastsparse import distributed
+
+        return distributed.prox_(tensor_list, kind, threshold, groups, backend)
     return _dispatch(tensor_list, kind, threshold, groups, backend)
 
 
