@@ -1,0 +1,7 @@
+"""``python -m fastsparse``: the same as the ``fastsparse`` command."""
+
+import sys
+
+from fastsparse.cli import main
+
+sys.exit(main())
