@@ -8,6 +8,8 @@ included: pointer tables, so one launch serves tensors of any shapes).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import triton
 import triton.language as tl
@@ -179,3 +181,21 @@ def launch_reduction(plan: Plan, cls, out: torch.Tensor, launch) -> None:
     )
     launch(partials)
     out.index_copy_(0, tables["global_ids"], partials.sum(dim=1))
+
+
+_TABLES: OrderedDict = OrderedDict()
+_TABLES_CAPACITY = 256
+
+
+def device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant table on `device`, cached by its values (no copy when seen before)."""
+    key = (values, dtype, device)
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        _TABLES[key] = table
+        if len(_TABLES) > _TABLES_CAPACITY:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table

@@ -20,13 +20,13 @@ fastsparse/ops.py and the public API is fastsparse.feature_flow.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from fastsparse.kernels.common import device_table
 from fastsparse.layout import new_empty
 
 TL_DTYPES = {
@@ -118,26 +118,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_TABLES: OrderedDict = OrderedDict()
-_TABLES_CAPACITY = 256
-
-
-def _device_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small constant table on `device`, cached by its values (no copy when seen before)."""
-    key = (values, dtype, device)
-    table = _TABLES.get(key)
-    if table is None:
-        table = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-        _TABLES[key] = table
-        if len(_TABLES) > _TABLES_CAPACITY:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
-    return table
-
-
 def _addresses(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return _device_tensor(tuple(t.data_ptr() for t in tensors), torch.int64, device)
+    return device_table(tuple(t.data_ptr() for t in tensors), torch.int64, device)
 
 
 def _launch(
@@ -156,7 +138,7 @@ def _launch(
     device, numel = first.device, first.numel()
     acc = _acc_dtype(first.dtype)
     programs = triton.cdiv(numel, BLOCK)
-    coef = _device_tensor(tuple(coefs), acc, device)
+    coef = device_table(tuple(coefs), acc, device)
     partials = new_empty((programs,), dtype=acc, device=device)
     feature_addrs = _addresses(features, device)
     grad_addrs = feature_addrs if grads is None else _addresses(grads, device)

@@ -20,14 +20,13 @@ fastsparse.reference.selective_decay_grad.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from fastsparse.kernels.common import locate
+from fastsparse.kernels.common import device_table, locate
 
 TL_DTYPES = {
     torch.float16: tl.float16,
@@ -98,24 +97,6 @@ def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-_TABLES: OrderedDict = OrderedDict()
-_TABLES_CAPACITY = 256
-
-
-def _device_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small constant table on `device`, cached by its values (no copy when seen before)."""
-    key = (values, dtype, device)
-    table = _TABLES.get(key)
-    if table is None:
-        table = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-        _TABLES[key] = table
-        if len(_TABLES) > _TABLES_CAPACITY:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
-    return table
-
-
 def selective_decay_(
     grads: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
@@ -143,8 +124,8 @@ def selective_decay_(
             numel = weights[i].numel()
             rows.append([weights[i].data_ptr(), grads[i].data_ptr(), numel, threshold_index[i]])
             starts.append(starts[-1] + triton.cdiv(numel, BLOCK))
-        table = _device_tensor(tuple(v for row in rows for v in row), torch.int64, device)
-        item_starts = _device_tensor(tuple(starts), torch.int64, device)
+        table = device_table(tuple(v for row in rows for v in row), torch.int64, device)
+        item_starts = device_table(tuple(starts), torch.int64, device)
         programs = starts[-1]
         partial = torch.empty((programs,), dtype=torch.int64, device=device)
         _selective_decay_kernel[(programs,)](
@@ -153,7 +134,7 @@ def selective_decay_(
             len(members),
             max(1, len(members).bit_length()),
             thresholds.to(acc),
-            _device_tensor((float(strength),), acc, device),
+            device_table((float(strength),), acc, device),
             partial,
             W_DTYPE=TL_DTYPES[w_dtype],
             G_DTYPE=TL_DTYPES[g_dtype],

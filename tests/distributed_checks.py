@@ -22,16 +22,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
-KINDS = (
-    "l1",
-    "l2",
-    "group_lasso",
-    "l1l2",
-    "group_l1l2",
-    "hoyer_square",
-    "group_hoyer_square",
-    "sparse_group_lasso",
-)
+from fastsparse.reference import KINDS
+
 GROUPINGS = ("filters", "channels", "kernels", None, ("filters", "channels"))
 PLACEMENTS = ("shard0", "shard1", "replicate", "mixed")
 # On a 2 x 2 mesh: HSDP (replicated over dim 0, sharded over dim 1), rows on one mesh dim and
