@@ -3,17 +3,19 @@
 // a fixed order (per-lane partial sums, then lanes in order), so results do not depend on the
 // thread count. Built just in time by fastsparse/native.py; plain C ABI, no torch headers.
 #include <math.h>
+
+#include <cmath>
 #include <stdint.h>
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "fastsparse_native.h"
 
 namespace {
 
-constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorize reductions
 
 struct Bf16 { uint16_t bits; };
 struct Half { uint16_t bits; };
@@ -45,30 +47,95 @@ inline void for_each_run(const fs_segment& s, int64_t g, int64_t begin, int64_t 
   }
 }
 
-// hard >= 0: only elements with |x| > hard count (l0 + group prox).
+// Statistics of unit-stride runs use 32-byte vectors (GCC/Clang vector extensions; one AVX
+// register) and kUnroll independent accumulators of each, so the loop is bound by memory, not by
+// the latency of the additions. Wider generic vectors are split badly on AVX2, hence 32 bytes.
+constexpr int kVectorBytes = 32;
+constexpr int kUnroll = 4;
+
+template <typename A> struct VectorOf;
+template <> struct VectorOf<float> {
+  typedef float type __attribute__((vector_size(kVectorBytes)));
+  typedef uint32_t bits __attribute__((vector_size(kVectorBytes)));
+  static constexpr uint32_t kAbsMask = 0x7fffffffu;
+};
+template <> struct VectorOf<double> {
+  typedef double type __attribute__((vector_size(kVectorBytes)));
+  typedef uint64_t bits __attribute__((vector_size(kVectorBytes)));
+  static constexpr uint64_t kAbsMask = 0x7fffffffffffffffull;
+};
+template <typename A> using Vector = typename VectorOf<A>::type;
+template <typename A> constexpr int kWidth = kVectorBytes / sizeof(A);
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+
+template <typename W, typename A> inline Vector<A> load_vector(const W* p) {
+  Vector<A> x;
+  if constexpr (std::is_same<W, A>::value) {
+    memcpy(&x, p, sizeof(x));
+  } else if constexpr (std::is_same<W, Bf16>::value && std::is_same<A, float>::value) {
+    U16x8 h;
+    memcpy(&h, p, sizeof(h));
+    const U32x8 bits = __builtin_convertvector(h, U32x8) << 16;  // bf16 is float's top half
+    memcpy(&x, &bits, sizeof(x));
+  } else {
+    for (int k = 0; k < kWidth<A>; ++k) x[k] = load<A>(p + k);
+  }
+  return x;
+}
+
+// |x| by clearing the sign bits (a vector select would be split into scalar compares).
+template <typename A> inline Vector<A> abs_vector(Vector<A> x) {
+  typename VectorOf<A>::bits b;
+  memcpy(&b, &x, sizeof(b));
+  b &= VectorOf<A>::kAbsMask;
+  memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
+// x where |x| > hard, else 0 (the l0 step of the l0 + group prox, applied to the statistics).
+template <typename A> inline Vector<A> keep_above(Vector<A> x, A hard) {
+  typename VectorOf<A>::bits b, keep;
+  const auto above = abs_vector<A>(x) > hard;  // lanes of all ones where true
+  memcpy(&b, &x, sizeof(b));
+  memcpy(&keep, &above, sizeof(keep));
+  b &= keep;
+  memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
+// hard >= 0: only elements with |x| > hard count (l0 + group prox). Unit-stride runs sum in
+// kUnroll vectors of lanes, then the vectors and lanes in order, then the tail: a fixed order,
+// so the result does not depend on the thread count.
 template <typename W, typename A>
 void run_stats(const W* p, int64_t n, int64_t stride, A hard, A* s1_out, A* s2_out) {
-  A s1[kLanes] = {0}, s2[kLanes] = {0};
+  constexpr int kStep = kUnroll * kWidth<A>;
+  A t1 = 0, t2 = 0;
   int64_t i = 0;
-  if (stride == 1 && hard < 0) {
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int k = 0; k < kLanes; ++k) {
-        const A x = load<A>(p + i + k);
-        s1[k] += x < 0 ? -x : x;
-        s2[k] += x * x;
+  if (stride == 1 && n >= kStep) {
+    Vector<A> s1[kUnroll] = {}, s2[kUnroll] = {};
+    for (; i + kStep <= n; i += kStep) {
+      for (int u = 0; u < kUnroll; ++u) {
+        Vector<A> x = load_vector<W, A>(p + i + u * kWidth<A>);
+        if (hard >= 0) x = keep_above<A>(x, hard);
+        s1[u] += abs_vector<A>(x);
+        s2[u] += x * x;
       }
+    }
+    for (int u = 1; u < kUnroll; ++u) {
+      s1[0] += s1[u];
+      s2[0] += s2[u];
+    }
+    for (int k = 0; k < kWidth<A>; ++k) {
+      t1 += s1[0][k];
+      t2 += s2[0][k];
     }
   }
   for (; i < n; ++i) {
     A x = load<A>(p + i * stride);
     if (hard >= 0 && !((x < 0 ? -x : x) > hard)) x = 0;
-    s1[i % kLanes] += x < 0 ? -x : x;
-    s2[i % kLanes] += x * x;
-  }
-  A t1 = 0, t2 = 0;
-  for (int k = 0; k < kLanes; ++k) {
-    t1 += s1[k];
-    t2 += s2[k];
+    t1 += x < 0 ? -x : x;
+    t2 += x * x;
   }
   *s1_out += t1;
   *s2_out += t2;
@@ -159,13 +226,19 @@ void dispatch(const fs_segment& s, Args... args) {
 #undef FS_GRAD_CASES
 }
 
+// Each Op runs the work items [begin, end) of one segment: dispatching on dtypes once per task
+// rather than once per group keeps tiny groups (biases, norm scales) cheap. Stats, prox and
+// update items are (group, chunk) pairs; fused items are whole groups.
 template <typename W, typename G, typename A>
 struct StatsOp {
-  static void run(const fs_segment& s, int64_t g, int64_t chunk, double hard, double* partial) {
-    A s1, s2;
-    chunk_stats<W, A>(s, g, chunk, &s1, &s2, (A)hard);
-    partial[0] = (double)s1;
-    partial[1] = (double)s2;
+  static void run(const fs_segment& s, int64_t begin, int64_t end, double hard,
+                  double* partials) {
+    for (int64_t item = begin; item < end; ++item) {
+      A s1, s2;
+      chunk_stats<W, A>(s, item / s.chunks, item % s.chunks, &s1, &s2, (A)hard);
+      partials[2 * item] = (double)s1;
+      partials[2 * item + 1] = (double)s2;
+    }
   }
 };
 
@@ -173,62 +246,82 @@ template <typename W, typename G, typename A>
 struct ProxOp {
   // The factor of a single-chunk group comes from its own (thresholded) norm, computed here;
   // multi-chunk groups and kind "scale" take it from factors. Element kinds need none.
-  static void run(const fs_segment& s, int64_t g, int64_t chunk, int kind, double t_elem,
-                  double t_group, const double* factors, double* partial) {
-    A factor = 1;
-    if (kind >= FS_PROX_GROUP_LASSO) {
-      if (factors && (s.chunks > 1 || kind == FS_PROX_SCALE)) {
-        factor = (A)factors[s.group_offset + g];
-      } else {
-        A s1, s2;
-        chunk_stats<W, A>(s, g, chunk, &s1, &s2,
-                          kind == FS_PROX_L0_GROUP_LASSO ? (A)t_elem : A(-1));
-        factor = prox_factor<A>(kind, sqrt(s2), (A)t_group);
+  static void run(const fs_segment& s, int64_t begin, int64_t end, int kind, double t_elem,
+                  double t_group, const double* factors, double* partials) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / s.chunks, chunk = item % s.chunks;
+      A factor = 1;
+      if (kind >= FS_PROX_GROUP_LASSO) {
+        if (factors && (s.chunks > 1 || kind == FS_PROX_SCALE)) {
+          factor = (A)factors[s.group_offset + g];
+        } else {
+          A s1, s2;
+          chunk_stats<W, A>(s, g, chunk, &s1, &s2,
+                            kind == FS_PROX_L0_GROUP_LASSO ? (A)t_elem : A(-1));
+          factor = prox_factor<A>(kind, sqrt(s2), (A)t_group);
+        }
       }
+      A s1, s2;
+      chunk_prox<W, A>(s, g, chunk, kind, (A)t_elem, factor, &s1, &s2);
+      partials[2 * item] = (double)s1;
+      partials[2 * item + 1] = (double)s2;
     }
-    A s1, s2;
-    chunk_prox<W, A>(s, g, chunk, kind, (A)t_elem, factor, &s1, &s2);
-    partial[0] = (double)s1;
-    partial[1] = (double)s2;
   }
 };
 
 template <typename W, typename G, typename A>
 struct UpdateOp {
-  static void run(const fs_segment& s, int64_t g, int64_t chunk, const double* coef,
+  static void run(const fs_segment& s, int64_t begin, int64_t end, const double* coefs,
                   double scale) {
-    chunk_update<W, G, A>(s, g, chunk, (A)coef[0], (A)coef[1], (A)scale);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / s.chunks;
+      const double* coef = coefs + 2 * (s.group_offset + g);
+      chunk_update<W, G, A>(s, g, item % s.chunks, (A)coef[0], (A)coef[1], (A)scale);
+    }
   }
 };
 
 template <typename W, typename G, typename A>
 struct FusedOp {
-  // One whole group: statistics, rule, gradient. The second pass finds the group in cache.
-  static void run(const fs_segment& s, int64_t g, int kind, double alpha, double scale,
-                  double* value) {
-    A s1 = 0, s2 = 0, v, a, b;
-    for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
-      A c1, c2;
-      chunk_stats<W, A>(s, g, chunk, &c1, &c2);
-      s1 += c1;
-      s2 += c2;
-    }
-    penalty_rule<A>(kind, s1, s2, A(0), A(0), (A)alpha, &v, &a, &b);
-    *value = (double)v;
-    for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
-      chunk_update<W, G, A>(s, g, chunk, a, b, (A)scale);
+  // Whole groups: statistics, rule, gradient. The second pass finds the group in cache.
+  static void run(const fs_segment& s, int64_t begin, int64_t end, int kind, double alpha,
+                  double scale, double* values) {
+    for (int64_t g = begin; g < end; ++g) {
+      A s1 = 0, s2 = 0, v, a, b;
+      for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
+        A c1, c2;
+        chunk_stats<W, A>(s, g, chunk, &c1, &c2);
+        s1 += c1;
+        s2 += c2;
+      }
+      penalty_rule<A>(kind, s1, s2, A(0), A(0), (A)alpha, &v, &a, &b);
+      values[s.group_offset + g] = (double)v;
+      for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
+        chunk_update<W, G, A>(s, g, chunk, a, b, (A)scale);
+      }
     }
   }
 };
 
-// Work items are (segment, group, chunk), numbered segment after segment; find the segment.
-inline int64_t segment_of_item(const fs_segment* segs, int64_t nseg, int64_t item) {
-  int64_t lo = 0, hi = nseg;
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (segs[mid].item_offset <= item) lo = mid; else hi = mid;
+// Work is cut into tasks: consecutive items of one segment, about kTaskElements elements each,
+// handed to threads dynamically (groups range from 1 to millions of elements).
+constexpr int64_t kTaskElements = 1 << 15;
+
+struct Task {
+  int64_t segment, begin, end;  // items [begin, end) of the segment
+};
+
+// whole_groups: an item is a group (fused op); otherwise a (group, chunk) pair.
+inline std::vector<Task> make_tasks(const fs_segment* segs, int64_t nseg, bool whole_groups) {
+  std::vector<Task> tasks;
+  for (int64_t si = 0; si < nseg; ++si) {
+    const fs_segment& s = segs[si];
+    const int64_t items = whole_groups ? s.groups : s.groups * s.chunks;
+    const int64_t item_elements = whole_groups ? s.rows * s.cols : s.chunk_len;
+    const int64_t per_task = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, item_elements));
+    for (int64_t b = 0; b < items; b += per_task) tasks.push_back({si, b, std::min(items, b + per_task)});
   }
-  return lo;
+  return tasks;
 }
 
 // Below this many elements a call runs on one thread: waking a thread team costs more than
@@ -241,8 +334,13 @@ inline bool worth_parallel(const fs_segment* segs, int64_t nseg) {
   return elements >= kParallelMinElements;
 }
 
-inline int64_t total_items(const fs_segment* segs, int64_t nseg) {
-  return nseg ? segs[nseg - 1].item_offset + segs[nseg - 1].groups * segs[nseg - 1].chunks : 0;
+// Runs body(segment, task) for every task, in parallel when the call is large enough.
+template <typename Body>
+void run_tasks(const fs_segment* segs, int64_t nseg, bool whole_groups, Body body) {
+  const std::vector<Task> tasks = make_tasks(segs, nseg, whole_groups);
+  const int64_t count = (int64_t)tasks.size();
+#pragma omp parallel for schedule(dynamic, 1) if (worth_parallel(segs, nseg))
+  for (int64_t t = 0; t < count; ++t) body(segs[tasks[t].segment], tasks[t]);
 }
 
 }  // namespace
@@ -272,14 +370,9 @@ static void reduce_partials(const fs_segment* segs, int64_t nseg, const double* 
 // 2 values per work item. hard >= 0: only elements with |w| > hard count.
 int fs_cpu_group_stats(const fs_segment* segs, int64_t nseg, double* stats, double* partials,
                        double hard) {
-  const bool parallel = worth_parallel(segs, nseg);
-  const int64_t items = total_items(segs, nseg);
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
-  for (int64_t item = 0; item < items; ++item) {
-    const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
-    const int64_t local = item - s.item_offset;
-    dispatch<StatsOp>(s, local / s.chunks, local % s.chunks, hard, partials + 2 * item);
-  }
+  run_tasks(segs, nseg, false, [&](const fs_segment& s, const Task& t) {
+    dispatch<StatsOp>(s, t.begin, t.end, hard, partials + 2 * s.item_offset);
+  });
   reduce_partials(segs, nseg, partials, stats);
   return 0;
 }
@@ -287,15 +380,10 @@ int fs_cpu_group_stats(const fs_segment* segs, int64_t nseg, double* stats, doub
 // Prox step in place on every group; after[group] = (s1, s2) once thresholded.
 int fs_cpu_prox(const fs_segment* segs, int64_t nseg, int kind, double t_elem, double t_group,
                 const double* factors, double* after, double* partials) {
-  const bool parallel = worth_parallel(segs, nseg);
-  const int64_t items = total_items(segs, nseg);
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
-  for (int64_t item = 0; item < items; ++item) {
-    const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
-    const int64_t local = item - s.item_offset;
-    dispatch<ProxOp>(s, local / s.chunks, local % s.chunks, kind, t_elem, t_group, factors,
-                     partials + 2 * item);
-  }
+  run_tasks(segs, nseg, false, [&](const fs_segment& s, const Task& t) {
+    dispatch<ProxOp>(s, t.begin, t.end, kind, t_elem, t_group, factors,
+                     partials + 2 * s.item_offset);
+  });
   reduce_partials(segs, nseg, partials, after);
   return 0;
 }
@@ -321,30 +409,18 @@ int fs_cpu_rule(const double* stats, const int32_t* segment_of_group,
 
 // grad = [grad +] scale * (a_g * sign(w) + b_g * w) with coefs[group] = (a_g, b_g).
 int fs_cpu_apply(const fs_segment* segs, int64_t nseg, const double* coefs, double scale) {
-  const bool parallel = worth_parallel(segs, nseg);
-  const int64_t items = total_items(segs, nseg);
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
-  for (int64_t item = 0; item < items; ++item) {
-    const fs_segment& s = segs[segment_of_item(segs, nseg, item)];
-    const int64_t local = item - s.item_offset, g = local / s.chunks;
-    dispatch<UpdateOp>(s, g, local % s.chunks, coefs + 2 * (s.group_offset + g), scale);
-  }
+  run_tasks(segs, nseg, false, [&](const fs_segment& s, const Task& t) {
+    dispatch<UpdateOp>(s, t.begin, t.end, coefs, scale);
+  });
   return 0;
 }
 
 // Within-group kinds in one pass per group: values[group] and grad [+]= scale * dR/dw.
 int fs_cpu_fused(const fs_segment* segs, int64_t nseg, int kind, double alpha, double scale,
                  double* values) {
-  const bool parallel = worth_parallel(segs, nseg);
-  std::vector<int64_t> starts(nseg + 1, 0);  // (segment, group) pairs, segment after segment
-  for (int64_t si = 0; si < nseg; ++si) starts[si + 1] = starts[si] + segs[si].groups;
-#pragma omp parallel for schedule(dynamic, 16) if (parallel)
-  for (int64_t pair = 0; pair < starts[nseg]; ++pair) {
-    const int64_t si = std::upper_bound(starts.begin(), starts.end(), pair) - starts.begin() - 1;
-    const fs_segment& s = segs[si];
-    const int64_t g = pair - starts[si];
-    dispatch<FusedOp>(s, g, kind, alpha, scale, values + s.group_offset + g);
-  }
+  run_tasks(segs, nseg, true, [&](const fs_segment& s, const Task& t) {
+    dispatch<FusedOp>(s, t.begin, t.end, kind, alpha, scale, values);
+  });
   return 0;
 }
 

@@ -332,10 +332,11 @@ def add_penalty_grad_(
 
 def _check_grads(tensors: list[torch.Tensor]) -> None:
     """No tensor twice (one .grad updated twice in one launch would race), dense float grads."""
+    first_index: dict[int, int] = {}
     for i, t in enumerate(tensors):
-        for j in range(i):
-            if tensors[j] is t:  # one .grad updated twice in one launch would race
-                raise ValueError(f"tensors[{i}] is the same tensor as tensors[{j}]")
+        j = first_index.setdefault(id(t), i)
+        if j != i:  # one .grad updated twice in one launch would race
+            raise ValueError(f"tensors[{i}] is the same tensor as tensors[{j}]")
         if t.grad is not None:
             g = t.grad
             if g.shape != t.shape or g.device != t.device or g.layout != torch.strided:

@@ -21,6 +21,7 @@ cached by the tensors' addresses, shapes and strides.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -93,11 +94,16 @@ def _collapse_element_dims(sizes, strides):
 
 def is_dense(t: torch.Tensor) -> bool:
     """True when t's elements fill a block of memory exactly once (any dim order)."""
+    return _is_dense(tuple(t.shape), tuple(t.stride()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_dense(shape: tuple, stride: tuple) -> bool:
     expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+    for size, st in sorted(zip(shape, stride), key=lambda d: d[1]):
         if size == 1:
             continue
-        if stride != expected:
+        if st != expected:
             return False
         expected *= size
     return True
@@ -105,14 +111,19 @@ def is_dense(t: torch.Tensor) -> bool:
 
 def segment_geometry(t: torch.Tensor, grouping: Optional[str]) -> Optional[SegmentGeometry]:
     """The strided description of t's groups, or None if strides cannot express it."""
-    if not is_dense(t):
+    return _segment_geometry(tuple(t.shape), tuple(t.stride()), grouping)
+
+
+# Cached: every call of an op describes every tensor, and a model has hundreds of them.
+@functools.lru_cache(maxsize=4096)
+def _segment_geometry(sizes: tuple, strides: tuple, grouping) -> Optional[SegmentGeometry]:
+    if not _is_dense(sizes, strides):
         return None
-    gdims = group_dims(t.dim(), grouping)
-    sizes, strides = tuple(t.shape), tuple(t.stride())
+    gdims = group_dims(len(sizes), grouping)
     collapsed = _collapse_group_dims([sizes[d] for d in gdims], [strides[d] for d in gdims])
     if collapsed is None:
         return None
-    rest = [d for d in range(t.dim()) if d not in gdims]
+    rest = [d for d in range(len(sizes)) if d not in gdims]
     elements = _collapse_element_dims([sizes[d] for d in rest], [strides[d] for d in rest])
     if elements is None:
         return None
