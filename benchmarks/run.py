@@ -16,10 +16,12 @@ bytes, G = the gradients' bytes, groups = number of groups):
 
 Timing: on CUDA, CUDA events around each call, after a synchronize and an L2 flush (a 256 MB
 write), so a time covers the host launch overhead and the device work; on CPU, time.perf_counter
-around each call. Each provider's first call (which compiles, builds plans, checks the result
-against the oracle) is timed separately as first_call_s; then warmup calls; then timed repeats
-(enough to fill --target-seconds, within the repeat limits). Inputs are reset before every call,
-outside the timed region: .grad set to None (value_grad) or zeroed (inplace).
+around each call, after the same 256 MB write has flushed the CPU's caches (without it, what the
+reset of the inputs left in a 32 MB L3 flatters whichever provider touches it first). Each
+provider's first call (which compiles, builds plans, checks the result against the oracle) is
+timed separately as first_call_s; then warmup calls; then timed repeats (enough to fill
+--target-seconds, within the repeat limits). Inputs are reset before every call, outside the
+timed region: .grad set to None (value_grad) or zeroed (inplace).
 
 Peak extra memory: on CUDA, torch.cuda.max_memory_allocated() during one call minus the memory
 allocated before it; on CPU, the same from the allocation events of torch.profiler
@@ -203,7 +205,7 @@ DEFAULT_SETTINGS = {
 class Timer:
     """Times calls on one device; see the module docstring for the method."""
 
-    L2_FLUSH_BYTES = 256 * 2**20
+    FLUSH_BYTES = 256 * 2**20  # more than any GPU's L2 or CPU's last-level cache
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -214,9 +216,9 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def _flush_l2(self) -> None:
+    def _flush_caches(self) -> None:
         if self._flush is None:
-            self._flush = torch.empty(self.L2_FLUSH_BYTES, dtype=torch.int8, device=self.device)
+            self._flush = torch.empty(self.FLUSH_BYTES, dtype=torch.int8, device=self.device)
         self._flush.zero_()
 
     def time(self, fn: Callable, setup: Callable, repeats: int) -> List[float]:
@@ -226,7 +228,7 @@ class Timer:
             pairs = []
             for _ in range(repeats):
                 setup()
-                self._flush_l2()
+                self._flush_caches()
                 self.sync()
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
@@ -239,6 +241,7 @@ class Timer:
         else:
             for _ in range(repeats):
                 setup()
+                self._flush_caches()
                 start = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - start)

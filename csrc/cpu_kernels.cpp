@@ -141,9 +141,29 @@ void run_stats(const W* p, int64_t n, int64_t stride, A hard, A* s1_out, A* s2_o
   *s2_out += t2;
 }
 
+// sign(x) per lane: comparisons give all-ones (-1) lanes, so (x < 0) - (x > 0) is the sign.
+template <typename A> inline Vector<A> sign_vector(Vector<A> x) {
+  return __builtin_convertvector((x < 0) - (x > 0), Vector<A>);
+}
+
 template <typename W, typename G, typename A, bool kAccumulate>
 inline void run_update_loop(const W* p, G* q, int64_t n, int64_t stride, A a, A b) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  // Same arithmetic as the scalar loop below, in vector lanes (the int conversions of
+  // sign_of otherwise keep the loop at about one element per cycle).
+  constexpr bool kVector = std::is_same<G, A>::value && (std::is_same<W, A>::value ||
+                                                         std::is_same<W, Bf16>::value);
+  if constexpr (kVector) {
+    if (stride == 1) {
+      for (; i + kWidth<A> <= n; i += kWidth<A>) {
+        const Vector<A> x = load_vector<W, A>(p + i);
+        Vector<A> update = a * sign_vector<A>(x) + b * x;
+        if (kAccumulate) update += load_vector<G, A>(q + i);
+        memcpy(q + i, &update, sizeof(update));
+      }
+    }
+  }
+  for (; i < n; ++i) {
     const A x = load<A>(p + i * stride);
     A update = a * sign_of(x) + b * x;
     if (kAccumulate) update += load<A>(q + i * stride);
