@@ -73,6 +73,16 @@ def _parse_strengths(specs: Optional[List[str]], kinds: List[str]) -> Dict[str, 
     return result
 
 
+def _json_table(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
 def load_config_file(path: str) -> Dict[str, Any]:
     """Read a JSON (``.json``) or TOML (``.toml``) config file into a dict (UsageError if bad)."""
     file = Path(path).expanduser()
@@ -116,11 +126,16 @@ _RUN_FLAGS = {
     "data_dir": dict(help="folder with the data set's files (mnist, cifar10)"),
     "kind": dict(
         help="penalty: l1, l2, group_lasso, l1l2, group_l1l2, hoyer_square, "
-        "group_hoyer_square, sparse_group_lasso, or none"
+        "group_hoyer_square, sparse_group_lasso; method: oicsr, feature_flow, "
+        "selective_decay, slimming; or none"
     ),
     "strength": dict(type=float, help="penalty multiplier (default: a per-kind value)"),
     "groups": dict(type=_groups, help="filters | channels | kernels | none, or a comma list"),
     "alpha": dict(type=float, help="sparse_group_lasso's l1 share (default 0.5)"),
+    "method_options": dict(
+        type=lambda text: _json_table(text, "--method-options"),
+        help="a method's options as JSON, e.g. '{\"final_sparsity\": 0.5}' (methods only)",
+    ),
     "regularize": dict(help="prunable (default: all conv/linear but the classifier) or all"),
     "schedule": dict(help="strength warm-up: constant, linear or cosine"),
     "warmup": dict(type=float, help="fraction of training over which the strength ramps up"),
@@ -313,7 +328,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = _config_from_args(args, DEMO_CONFIG)
     if config.penalty_kind is None:
-        raise UsageError("the demo needs a regularizer: give --kind")
+        raise UsageError(
+            "the demo compares the fused and eager penalty backends: give a penalty --kind "
+            "(methods run with fastsparse train and study)"
+        )
     data = load_data(config)
     device = resolve_device(config.device)
     where = (
@@ -363,15 +381,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.save(state, out / "checkpoint.pt")
 
     print(
-        f"training {config.model} on {data.name} with {config.penalty_kind or 'no'} "
-        f"regularizer → {out}"
+        f"training {config.model} on {data.name} with "
+        f"{config.kind if config.regularized else 'no'} regularizer → {out}"
     )
     result = run(config, data=data, progress=not args.no_progress, on_epoch_end=checkpoint)
     torch.save(result.model.state_dict(), out / "model.pt")
     torch.save(result.pruned.state_dict(), out / "pruned.pt")
     relative = " x its layer's largest" if config.threshold_mode == "relative" else ""
+    score = {
+        "filter_norm": "l2 norm",
+        "bn_scale": "BatchNorm |scale|",
+        "group_norm": "coupled-group l2 norm",
+    }[config.prune_criterion]
     report = (
-        f"every filter with l2 norm <= {config.threshold:g}{relative} was zeroed with its "
+        f"every filter with {score} <= {config.threshold:g}{relative} was zeroed with its "
         f"coupled slices, then the zero groups were removed:\n{result.report.format()}"
     )
     (out / "report.txt").write_text(report + "\n")
@@ -397,17 +420,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """fastsparse study."""
+    from fastsparse.methods import METHODS
     from fastsparse.reference import KINDS
     from fastsparse.study import STUDY_EPOCHS, STUDY_THRESHOLDS, run_study
 
+    valid = f"valid kinds: {', '.join(KINDS)}; methods: {', '.join(METHODS)}"
     kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else list(KINDS)
-    bad = [k for k in kinds if k not in KINDS]
+    bad = [k for k in kinds if k not in KINDS + METHODS]
     if bad:
-        raise UsageError(f"unknown kind {bad[0]!r}; valid kinds: {', '.join(KINDS)}")
+        raise UsageError(f"unknown kind {bad[0]!r}; {valid}")
     strengths = _parse_strengths(args.strengths, kinds)
-    bad = [k for k in strengths if k not in KINDS]
+    bad = [k for k in strengths if k not in KINDS + METHODS]
     if bad:
-        raise UsageError(f"unknown kind {bad[0]!r} in --strengths; valid kinds: {', '.join(KINDS)}")
+        raise UsageError(f"unknown kind {bad[0]!r} in --strengths; {valid}")
     thresholds = _floats(args.thresholds) if args.thresholds else list(STUDY_THRESHOLDS)
     if not thresholds:
         raise UsageError("--thresholds needs at least one value")
@@ -503,7 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
         "results.csv, tradeoff.png, results.md and command.txt.",
     )
     study.add_argument("--out", default="results/study", help="output directory")
-    study.add_argument("--kinds", help="comma-separated kinds (default: all eight)")
+    study.add_argument(
+        "--kinds",
+        help="comma-separated penalty kinds and methods (oicsr, feature_flow, selective_decay, "
+        "slimming); default: the eight penalties",
+    )
     study.add_argument(
         "--strengths",
         action="append",

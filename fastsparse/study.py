@@ -1,5 +1,10 @@
 """The trade-off study: accuracy against filters (and FLOPs) removed, penalty by penalty.
 
+The methods of :mod:`fastsparse.methods` (OICSR, feature flow, selective weight decay, network
+slimming) take part like the penalty kinds (``kinds=["group_lasso", "slimming"]``); each is
+thresholded by its own rule (slimming: BatchNorm scales; OICSR: the norm of the whole out-in
+channel group; the others: filter norms).
+
 For every penalty kind and strength, :func:`run_study` trains the model from the same seed (same
 initialization, same batch order), then thresholds and prunes it at every threshold of the sweep
 (pruning needs no retraining: it is cheap), and records one row per (kind, strength, threshold).
@@ -33,9 +38,11 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
+from fastsparse.methods import METHODS
 from fastsparse.reference import KINDS
 from fastsparse.training import (
     RunConfig,
+    check_method,
     evaluate,
     load_data,
     measure_inference,
@@ -66,6 +73,11 @@ STUDY_STRENGTHS: Dict[str, tuple] = {
     "hoyer_square": (3e-6, 1e-5, 3e-5, 1e-4, 3e-4),
     "group_hoyer_square": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "sparse_group_lasso": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    # the methods of fastsparse.methods (a decade apart: their scales are less known)
+    "oicsr": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "feature_flow": (1e-3, 1e-2, 1e-1, 1.0),
+    "selective_decay": (1e-3, 1e-2, 1e-1, 1.0),
+    "slimming": (1e-4, 1e-3, 1e-2, 3e-2),
 }
 
 # Relative thresholds: a filter goes when its norm is <= t x the largest norm of its layer.
@@ -86,7 +98,13 @@ def _rows_for_thresholds(result, data, thresholds, inference_repeats) -> List[di
         if t == result.config.threshold:
             rows.append(result.summary())
             continue
-        pruned = threshold_and_prune(result.model, example, t, result.config.threshold_mode)
+        pruned = threshold_and_prune(
+            result.model,
+            example,
+            t,
+            result.config.threshold_mode,
+            result.config.prune_criterion,
+        )
         variant = dataclasses.replace(
             result,
             config=dataclasses.replace(result.config, threshold=t),
@@ -121,7 +139,9 @@ def run_study(
 
     Args:
         out_dir: where the CSV, plot, table and command file go (created).
-        kinds: penalty kinds to sweep.
+        kinds: penalty kinds and methods (:data:`fastsparse.methods.METHODS`) to sweep. A
+            method's filters are thresholded by its own rule (``RunConfig.prune_criterion``);
+            ``base.method_options`` go to every method of the sweep.
         strengths: kind -> strengths; kinds missing from it use :data:`STUDY_STRENGTHS`.
         thresholds: relative (or, with ``base.threshold_mode == "absolute"``, absolute)
             thresholds applied to every trained model.
@@ -138,14 +158,26 @@ def run_study(
     """
     strengths = dict(strengths or {})
     base = dataclasses.replace(base or RunConfig(), epochs=epochs, threshold=thresholds[0])
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in KINDS + METHODS]
     if unknown:
-        raise ValueError(f"unknown kind(s) {', '.join(unknown)}; valid kinds: {', '.join(KINDS)}")
+        raise ValueError(
+            f"unknown kind(s) {', '.join(unknown)}; valid kinds: {', '.join(KINDS)}; "
+            f"methods: {', '.join(METHODS)}"
+        )
     plan = [("none", 0.0)] if baseline else []
     for kind in kinds:
         plan += [(kind, float(s)) for s in strengths.get(kind, STUDY_STRENGTHS[kind])]
+
+    def config_of(kind: str, s: Optional[float]) -> RunConfig:
+        return dataclasses.replace(
+            base,
+            kind=kind,
+            strength=s if kind != "none" else None,
+            method_options=dict(base.method_options) if kind in METHODS else {},
+        )
+
     for kind, s in plan:  # fail on any bad setting before the first run
-        dataclasses.replace(base, kind=kind, strength=s if kind != "none" else None).validate()
+        config_of(kind, s).validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = "\n".join(
@@ -157,13 +189,15 @@ def run_study(
         + [f"  {kind} {s:g}" for kind, s in plan]
     )
     data = load_data(base)
+    for kind in dict.fromkeys(k for k, _ in plan):  # a method that cannot apply fails now
+        check_method(config_of(kind, None), data)
     rows: List[dict] = read_rows(out / "results.csv") if resume else []
     done = {(r["kind"], float(r["strength"])) for r in rows}
     start, cpu_start = time.perf_counter(), time.process_time()
     for i, (kind, s) in enumerate(plan):
         if (kind, s) in done:
             continue
-        config = dataclasses.replace(base, kind=kind, strength=s if kind != "none" else None)
+        config = config_of(kind, s)
         result = run(
             config,
             data=data,

@@ -45,12 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsparse.data import DATASET_NAMES, Dataset, load_dataset
+from fastsparse.methods import METHODS
 from fastsparse.models import MODEL_NAMES, get_model
 from fastsparse.reference import GROUPINGS, KINDS
 
 __all__ = [
     "DEFAULT_STRENGTHS",
     "MODES",
+    "PRUNE_CRITERIA",
     "SCHEDULES",
     "ConfigError",
     "ProgressBar",
@@ -62,6 +64,8 @@ __all__ = [
     "evaluate",
     "filter_norms",
     "flush_denormals",
+    "check_method",
+    "make_method",
     "make_regularizer",
     "measure_inference",
     "prunable_weights",
@@ -93,7 +97,18 @@ DEFAULT_STRENGTHS: Dict[str, float] = {
     "hoyer_square": 1e-4,
     "group_hoyer_square": 1e-2,
     "sparse_group_lasso": 3e-3,
+    # the methods of fastsparse.methods (untuned starting points; see the study)
+    "oicsr": 1e-2,
+    "feature_flow": 1e-2,
+    "selective_decay": 1e-2,
+    "slimming": 1e-3,
 }
+
+# How a trained model's weak filters are found (see threshold_and_prune): by the l2 norm of the
+# filter's weights; by the largest |scale| of the BatchNorms on its channel (network slimming's
+# rule); or by the l2 norm of its whole coupled group (OICSR's out-in-channel energy).
+PRUNE_CRITERIA = ("filter_norm", "bn_scale", "group_norm")
+METHOD_CRITERIA = {"slimming": "bn_scale", "oicsr": "group_norm"}
 
 
 class ConfigError(ValueError):
@@ -111,15 +126,20 @@ class RunConfig:
         model: one of :data:`fastsparse.models.MODEL_NAMES`.
         dataset: one of :data:`fastsparse.data.DATASET_NAMES`.
         data_dir: folder of the data set's files (``None`` for the bundled ``mnist_subset``).
-        kind: a penalty of :data:`fastsparse.KINDS`, or ``None``/``"none"`` for no regularizer.
+        kind: a penalty of :data:`fastsparse.KINDS`, a method of
+            :data:`fastsparse.methods.METHODS` (``"oicsr"``, ``"feature_flow"``,
+            ``"selective_decay"``, ``"slimming"``), or ``None``/``"none"`` for no regularizer.
         strength: the penalty's multiplier; ``None`` takes :data:`DEFAULT_STRENGTHS` [kind].
         groups: the grouping (``"filters"``, ``"channels"``, ``"kernels"``, ``None`` or a list).
         alpha: ``sparse_group_lasso``'s mix of l1 and group lasso (``None``: the default 0.5).
+        method_options: options of a method (``build_method``'s keyword arguments, e.g.
+            ``{"final_sparsity": 0.5}`` for selective decay); methods only.
         regularize: ``"prunable"`` (weights of the layers whose filters can be removed: every
             conv/linear layer but the classifier) or ``"all"`` conv/linear weights.
         schedule: strength warm-up, one of :data:`SCHEDULES`.
         warmup: fraction of the training steps over which the strength ramps up from 0.
-        mode: ``"autograd"`` (``loss + reg()``) or ``"inplace"`` (``reg.apply_()`` after backward).
+        mode: ``"autograd"`` (``loss + reg()``) or ``"inplace"`` (``reg.apply_()`` after backward;
+            for the methods ``oicsr`` and ``slimming``, their ``inplace=True``).
         backend: the penalty backend (``"auto"``, ``"triton"``, ``"native"``, ``"torch"``...).
         epochs, batch_size, lr, momentum, weight_decay: SGD settings.
         lr_schedule: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
@@ -140,6 +160,7 @@ class RunConfig:
     strength: Optional[float] = None
     groups: Any = "filters"
     alpha: Optional[float] = None
+    method_options: Dict[str, Any] = field(default_factory=dict)
     regularize: str = "prunable"
     schedule: str = "linear"
     warmup: float = 0.3
@@ -180,16 +201,31 @@ class RunConfig:
 
     @property
     def penalty_kind(self) -> Optional[str]:
-        """The penalty kind, or None when the run has no regularizer."""
-        return None if self.kind in (None, "none") else self.kind
+        """The penalty kind, or None when the run has no penalty (none, or a method)."""
+        return self.kind if self.kind in KINDS else None
+
+    @property
+    def method(self) -> Optional[str]:
+        """The method of :data:`fastsparse.methods.METHODS`, or None."""
+        return self.kind if self.kind in METHODS else None
+
+    @property
+    def regularized(self) -> bool:
+        """True when the run has a penalty or a method."""
+        return self.kind not in (None, "none")
+
+    @property
+    def prune_criterion(self) -> str:
+        """How weak filters are found: the method's own rule, else the filter norm."""
+        return METHOD_CRITERIA.get(self.kind, "filter_norm")
 
     @property
     def resolved_strength(self) -> float:
         """The strength, with :data:`DEFAULT_STRENGTHS` filled in; 0 without a regularizer."""
-        if self.penalty_kind is None:
+        if not self.regularized:
             return 0.0
         if self.strength is None:
-            return DEFAULT_STRENGTHS[self.penalty_kind]
+            return DEFAULT_STRENGTHS[self.kind]
         return float(self.strength)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -224,8 +260,15 @@ class RunConfig:
 
         choice("model", MODEL_NAMES)
         choice("dataset", DATASET_NAMES)
-        if self.kind is not None and self.kind != "none" and self.kind not in KINDS:
-            fail(f"unknown kind {self.kind!r}; valid kinds: {', '.join(KINDS)} (or 'none')")
+        if self.kind is not None and self.kind != "none" and self.kind not in KINDS + METHODS:
+            fail(
+                f"unknown kind {self.kind!r}; valid kinds: {', '.join(KINDS)}; methods: "
+                f"{', '.join(METHODS)} (or 'none')"
+            )
+        if not isinstance(self.method_options, dict):
+            fail(f"method_options must be a table of options, got {self.method_options!r}")
+        if self.method_options and self.penalty_kind is not None:
+            fail("method_options apply to the methods only: " + ", ".join(METHODS))
         choice("regularize", REGULARIZE)
         choice("schedule", SCHEDULES)
         choice("mode", MODES)
@@ -443,6 +486,44 @@ def make_regularizer(
     return Regularizer(params, kind, strength, groups=groups, backend=backend, **options)
 
 
+# Methods whose builders take inplace=True (the in-place gradient instead of a loss term).
+_INPLACE_METHODS = ("oicsr", "slimming")
+
+
+def make_method(model: nn.Module, example_inputs: Any, config: RunConfig):
+    """The config's method (:func:`fastsparse.methods.build_method`), or None for a penalty.
+
+    The config's backend, and ``mode == "inplace"`` for the methods that have it, are passed
+    on unless ``config.method_options`` sets them. A method that cannot apply to the model
+    (feature flow without same-shape feature maps, slimming without BatchNorm) raises
+    :class:`ConfigError` naming the model.
+    """
+    from fastsparse.methods import build_method
+
+    if config.method is None:
+        return None
+    options = {"backend": config.backend, **config.method_options}
+    if config.method in _INPLACE_METHODS and config.mode == "inplace":
+        options.setdefault("inplace", True)
+    try:
+        return build_method(
+            config.method, model, example_inputs, config.resolved_strength, **options
+        )
+    except TypeError as e:  # an option the method does not take
+        raise ConfigError(f"method {config.method!r}: {e}") from e
+    except ValueError as e:
+        raise ConfigError(f"method {config.method!r} on model {config.model!r}: {e}") from e
+
+
+def check_method(config: RunConfig, data: Dataset) -> None:
+    """Raise ConfigError now if the config's method cannot run on its model (cheap, no data)."""
+    if config.method is None:
+        return
+    model = build_model(config, data)
+    method = make_method(model, data.test_images[:1], config)
+    method.close()
+
+
 def best_fused_backend(device: torch.device) -> Tuple[Optional[str], str]:
     """The fastest fused penalty backend that runs on `device`, or None and why not.
 
@@ -551,6 +632,7 @@ def train(
     config: RunConfig,
     regularizer=None,
     *,
+    method=None,
     progress: bool = True,
     stream: Optional[TextIO] = None,
     on_epoch_end: Optional[Callable[[int, nn.Module, torch.optim.Optimizer], None]] = None,
@@ -569,6 +651,11 @@ def train(
         config: the run's settings (epochs, batch_size, lr, momentum, weight_decay, lr_schedule,
             schedule, warmup, mode, amp, seed).
         regularizer: a :class:`fastsparse.Regularizer`, or None.
+        method: a :class:`fastsparse.methods.Method` (instead of a regularizer), or None: its
+            ``loss()`` is added to the loss (one backward for both), ``before_step()`` and
+            ``after_step()`` run around the optimizer step, ``end_epoch()`` gets the epoch's
+            training accuracy. Its strength is not scheduled. Its measured time covers
+            ``loss()`` and the step hooks, not its share of the backward.
         progress: draw a progress bar per epoch on `stream` (stderr by default).
         on_epoch_end: called as ``on_epoch_end(epoch, model, optimizer)`` after each epoch
             (checkpoints).
@@ -596,10 +683,14 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     timing_every = 10 if device.type == "cuda" else 1
     stats = TrainStats()
+    if regularizer is not None and method is not None:
+        raise ValueError("give a regularizer or a method, not both")
     if regularizer is not None:
         from fastsparse.backends import resolve_backend
 
         stats.backend = resolve_backend(regularizer.backend, device)
+    if method is not None:
+        stats.backend = config.backend  # as configured: the methods pick their own kernels
     step_times: List[float] = []
     reg_times: List[float] = []
     model.train()
@@ -627,7 +718,17 @@ def train(
                     out = model(x)
                     loss = F.cross_entropy(out.float(), y)
                 optimizer.zero_grad(set_to_none=True)
-                (scaler.scale(loss) if scaler else loss).backward()
+                objective = loss
+                if method is not None:
+                    if timing:
+                        _sync(device)
+                    t1 = time.perf_counter()
+                    method_term = method.loss()
+                    if timing:
+                        _sync(device)
+                    method_seconds = time.perf_counter() - t1
+                    objective = loss + method_term
+                (scaler.scale(objective) if scaler else objective).backward()
                 if regularizer is not None:
                     regularizer.strength = scheduled_strength(
                         target_strength, config.schedule, fraction, config.warmup
@@ -645,11 +746,25 @@ def train(
                     if timing:
                         _sync(device)
                         reg_times.append(time.perf_counter() - t1)
+                if method is not None:
+                    if timing:
+                        _sync(device)
+                    t1 = time.perf_counter()
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    method.before_step()
+                    method_seconds += time.perf_counter() - t1
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
+                if method is not None:
+                    t1 = time.perf_counter()
+                    method.after_step()
+                    if timing:
+                        _sync(device)
+                        reg_times.append(method_seconds + time.perf_counter() - t1)
                 if timing:
                     _sync(device)
                     step_times.append(time.perf_counter() - t0)
@@ -666,10 +781,13 @@ def train(
             if regularizer is not None:
                 record["penalty"] = regularizer.value().item()
                 record["strength"] = regularizer.strength
+            if method is not None:
+                record["penalty"] = float(method_term.detach())  # the last step's term
+                method.end_epoch(metric=record["train_accuracy"])
             stats.epochs.append(record)
             if progress:
                 text = f"loss {record['loss']:.3f}  train acc {100 * record['train_accuracy']:.1f}%"
-                if regularizer is not None:
+                if "penalty" in record:
                     text += f"  penalty {record['penalty']:.4g}"
                 bar.close(text)
             if on_epoch_end is not None:
@@ -756,22 +874,48 @@ class PruneResult:
     kept: Dict[str, Tuple[int, int]]
 
 
+def _filter_scores(groups, work: nn.Module, criterion: str) -> List[torch.Tensor]:
+    """Per coupled group, one score per filter (higher = more important); see PRUNE_CRITERIA."""
+    from fastsparse import reference
+    from fastsparse.slimming import channel_scales
+
+    filter_norms = [
+        work.get_submodule(g.root).weight.detach().flatten(1).double().norm(dim=1).cpu()
+        for g in groups
+    ]
+    if criterion == "filter_norm":
+        return filter_norms
+    if criterion == "bn_scale":  # groups without BatchNorm keep the filter norm
+        scales = channel_scales(groups)
+        return [s if s is not None else n for s, n in zip(scales, filter_norms)]
+    return [reference.coupled_group_stats(g)[1].detach().double().sqrt().cpu() for g in groups]
+
+
 def threshold_and_prune(
-    model: nn.Module, example_inputs: Any, threshold: float, mode: str = "relative"
+    model: nn.Module,
+    example_inputs: Any,
+    threshold: float,
+    mode: str = "relative",
+    criterion: str = "filter_norm",
 ) -> PruneResult:
     """Zero the coupled groups of weak filters (see the module docstring), then prune.
 
-    `model` is not modified. In every layer the filter with the largest norm always stays.
+    `criterion` (one of :data:`PRUNE_CRITERIA`) scores the filters: ``"filter_norm"`` (the l2
+    norm of the filter's weights), ``"bn_scale"`` (the largest |gamma| of the BatchNorms on its
+    channel: network slimming), ``"group_norm"`` (the l2 norm of the whole coupled group:
+    OICSR). `model` is not modified. In every layer the filter with the highest score stays.
     """
     from fastsparse.pruning import coupled_groups, prune, sparsity_report
 
     if mode not in THRESHOLD_MODES:
         raise ValueError(f"unknown threshold mode {mode!r}; valid: {', '.join(THRESHOLD_MODES)}")
+    if criterion not in PRUNE_CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(PRUNE_CRITERIA)}")
     work = copy.deepcopy(unwrap(model))
     groups = coupled_groups(work, example_inputs)
+    scores = _filter_scores(groups, work, criterion)
     weak = {}
-    for g in groups:  # decide everything first: zeroing a group changes the next layer's norms
-        norms = work.get_submodule(g.root).weight.detach().flatten(1).float().norm(dim=1)
+    for g, norms in zip(groups, scores):  # decide all first: zeroing changes the next layer
         limit = threshold * float(norms.max()) if mode == "relative" else threshold
         dead = norms <= limit
         dead[int(norms.argmax())] = False
@@ -818,7 +962,7 @@ class RunResult:
         conv_total = sum(layer.filters for layer in conv)
         conv_after = sum(layer.filters_after for layer in conv)
         row = {
-            "kind": self.config.penalty_kind or "none",
+            "kind": self.config.kind if self.config.regularized else "none",
             "strength": self.config.resolved_strength,
             "threshold": self.config.threshold,
             "accuracy_before": round(100 * self.accuracy_before, 2),
@@ -906,21 +1050,29 @@ def run(
             backend=config.backend,
             alpha=config.alpha,
         )
+    method = make_method(model, example, config)
     trained = model
     if config.compile:
         backend = config.compile if isinstance(config.compile, str) else "inductor"
         trained = torch.compile(model, backend=backend)
-    stats = train(
-        trained,
-        data,
-        config,
-        regularizer,
-        progress=progress,
-        stream=stream,
-        on_epoch_end=on_epoch_end,
-    )
+    try:
+        stats = train(
+            trained,
+            data,
+            config,
+            regularizer,
+            method=method,
+            progress=progress,
+            stream=stream,
+            on_epoch_end=on_epoch_end,
+        )
+    finally:
+        if method is not None:
+            method.close()  # hooks off before the model is copied, thresholded and pruned
     accuracy_before = evaluate(model, data.test_images, data.test_labels)
-    result = threshold_and_prune(model, example, config.threshold, config.threshold_mode)
+    result = threshold_and_prune(
+        model, example, config.threshold, config.threshold_mode, config.prune_criterion
+    )
     accuracy_after = evaluate(result.pruned, data.test_images, data.test_labels)
     bench_images = data.test_images[:2000]
     return RunResult(

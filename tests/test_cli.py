@@ -193,7 +193,7 @@ def test_bench_missing_harness(monkeypatch, tmp_path, capsys):
         (["train", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
         (["train", "--dataset", "cifar10"], "needs data_dir"),
         (["train", "--config", "/no/such/config.json"], "does not exist"),
-        (["demo", "--kind", "none"], "the demo needs a regularizer"),
+        (["demo", "--kind", "none"], "give a penalty --kind"),
         (["demo", "--epochs", "0"], "epochs must be >= 1"),
     ],
 )
