@@ -60,6 +60,28 @@ def _groups(text: Any) -> Any:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _parse_method_options(specs: Optional[List[str]], kinds: List[str]) -> Dict[str, dict]:
+    """``['{"a": 1}']`` (every method of the sweep) or ``['slimming={"ratio": 0.3}']``."""
+    from fastsparse.methods import METHODS
+
+    result: Dict[str, dict] = {}
+    for spec in specs or []:
+        head, sep, tail = spec.partition("=")
+        if sep and head.strip() in METHODS:
+            targets, text = [head.strip()], tail
+        elif sep and not spec.lstrip().startswith("{"):
+            raise UsageError(f"--method-options: unknown method {head.strip()!r} in {spec!r}")
+        else:
+            targets, text = [k for k in kinds if k in METHODS], spec
+        try:
+            options = _json_table(text, "--method-options")
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(str(e)) from None
+        for target in targets:
+            result.setdefault(target, {}).update(options)
+    return result
+
+
 def _parse_strengths(specs: Optional[List[str]], kinds: List[str]) -> Dict[str, List[float]]:
     """``["1e-3,1e-2"]`` (every kind) or ``["l1=1e-4,1e-3", "l2=0.01"]`` → kind -> strengths."""
     result: Dict[str, List[float]] = {}
@@ -160,8 +182,10 @@ _RUN_FLAGS = {
 }
 
 
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+def _add_run_flags(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
     for name, kwargs in _RUN_FLAGS.items():
+        if name in skip:
+            continue
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kwargs)
     parser.add_argument("--amp", action="store_true", default=None, help="mixed precision")
     parser.add_argument(
@@ -194,7 +218,7 @@ def _config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     if getattr(args, "config", None):
         values.update(load_config_file(args.config))
         source = f"config file {args.config}"
-    given = {name: getattr(args, name) for name in [*_RUN_FLAGS, "amp", "compile"]}
+    given = {name: getattr(args, name, None) for name in [*_RUN_FLAGS, "amp", "compile"]}
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("kind") == "none":
         given["kind"] = None
@@ -433,6 +457,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     bad = [k for k in strengths if k not in KINDS + METHODS]
     if bad:
         raise UsageError(f"unknown kind {bad[0]!r} in --strengths; {valid}")
+    method_options = _parse_method_options(args.study_method_options, kinds)
+    if args.inference_repeats < 1:
+        raise UsageError(f"--inference-repeats must be >= 1, got {args.inference_repeats}")
     thresholds = _floats(args.thresholds) if args.thresholds else list(STUDY_THRESHOLDS)
     if not thresholds:
         raise UsageError("--thresholds needs at least one value")
@@ -447,6 +474,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         epochs=base.epochs if args.epochs is not None else STUDY_EPOCHS,
         base=base,
         baseline=not args.no_baseline,
+        method_options=method_options,
+        inference_repeats=args.inference_repeats,
         command=command,
         progress=not args.no_progress,
         resume=args.resume,
@@ -548,7 +577,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the rows of an existing results.csv in --out and skip the runs it holds",
     )
-    _add_run_flags(study)
+    study.add_argument(
+        "--method-options",
+        dest="study_method_options",  # not RunConfig.method_options: one table per method
+        action="append",
+        help="options of the methods as JSON: '{...}' for every method of the sweep or "
+        "'METHOD={...}' (repeatable)",
+    )
+    study.add_argument(
+        "--inference-repeats",
+        type=int,
+        default=5,
+        help="timing repetitions of each inference measurement (default 5)",
+    )
+    _add_run_flags(study, skip=("method_options",))
     for action in study._actions:  # the sweep sets kind, strength and threshold itself
         if action.dest in ("kind", "strength", "threshold"):
             action.help = argparse.SUPPRESS

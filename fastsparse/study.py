@@ -128,6 +128,7 @@ def run_study(
     epochs: int = STUDY_EPOCHS,
     base: Optional[RunConfig] = None,
     baseline: bool = True,
+    method_options: Optional[Dict[str, dict]] = None,
     command: str = "",
     progress: bool = True,
     stream: Optional[TextIO] = None,
@@ -148,6 +149,8 @@ def run_study(
         epochs: training epochs of every run.
         base: settings shared by all runs (model, data set, lr, seed, backend...).
         baseline: also train without a regularizer (kind ``"none"``).
+        method_options: method -> its options (``build_method``'s keyword arguments), on top
+            of ``base.method_options``.
         command: the command line, recorded in ``command.txt``.
         progress, stream: per-epoch progress bars.
         log: where one line per finished run goes.
@@ -168,12 +171,19 @@ def run_study(
     for kind in kinds:
         plan += [(kind, float(s)) for s in strengths.get(kind, STUDY_STRENGTHS[kind])]
 
+    extra_options = dict(method_options or {})
+    unknown = [k for k in extra_options if k not in METHODS]
+    if unknown:
+        raise ValueError(f"method_options for unknown method(s) {', '.join(unknown)}")
+
     def config_of(kind: str, s: Optional[float]) -> RunConfig:
         return dataclasses.replace(
             base,
             kind=kind,
             strength=s if kind != "none" else None,
-            method_options=dict(base.method_options) if kind in METHODS else {},
+            method_options={**base.method_options, **extra_options.get(kind, {})}
+            if kind in METHODS
+            else {},
         )
 
     for kind, s in plan:  # fail on any bad setting before the first run

@@ -196,3 +196,42 @@ def test_bad_method_options_flag(text, message, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse rejects it, with the usage line
         cli.main(["train", "--kind", "oicsr", "--method-options", text])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_study_options_per_method(tmp_path, capsys, monkeypatch):
+    import fastsparse.training as training
+
+    seen = []
+    original = training.make_method
+
+    def spy(model, x, config):
+        seen.append((config.kind, dict(config.method_options)))
+        return original(model, x, config)
+
+    monkeypatch.setattr(training, "make_method", spy)
+    status = cli.main(
+        ["study", "--out", str(tmp_path / "s"), "--kinds", "oicsr,selective_decay,l1",
+         "--method-options", 'selective_decay={"final_sparsity": 0.5, "rounds": 1}',
+         "--method-options", '{"backend": "torch"}', "--strengths", "1e-3",
+         "--thresholds", "0.05", "--no-baseline", "--no-progress", "--inference-repeats", "1",
+         "--epochs", "1", "--train-samples", "64", "--test-samples", "32"]
+    )  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    options = dict(seen)  # check_method's calls, then the runs': the same options
+    assert options["oicsr"] == {"backend": "torch"}
+    assert options["selective_decay"] == {"final_sparsity": 0.5, "rounds": 1, "backend": "torch"}
+    assert options["l1"] == {}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method-options", 'oicsr2={"a": 1}'], "unknown method 'oicsr2'"),
+        (["--method-options", "slimming=[1]"], "must be a JSON object"),
+        (["--inference-repeats", "0"], "--inference-repeats must be >= 1"),
+    ],
+)
+def test_study_option_errors(argv, message, tmp_path, capsys):
+    status = cli.main(["study", "--kinds", "slimming", "--out", str(tmp_path / "o"), *argv])
+    assert status == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
