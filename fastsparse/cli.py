@@ -165,7 +165,7 @@ _RUN_FLAGS = {
     "backend": dict(help="penalty backend: auto, triton, native, cuda or torch"),
     "epochs": dict(type=int, help="training epochs"),
     "batch_size": dict(type=int, help="batch size"),
-    "lr": dict(type=float, help="SGD learning rate"),
+    "lr": dict(type=float, help="SGD learning rate (default 0.05 for lenet5, 0.01 for the others)"),
     "momentum": dict(type=float, help="SGD momentum"),
     "weight_decay": dict(type=float, help="SGD weight decay"),
     "lr_schedule": dict(help="cosine or constant"),
@@ -372,7 +372,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"regularizer: {config.penalty_kind} on {config.groups}, strength "
         f"{config.resolved_strength:g} ({config.schedule} warm-up over "
         f"{100 * config.warmup:.0f}% of training), {config.mode} path; "
-        f"{config.epochs} epochs of SGD (lr {config.lr:g}, {config.lr_schedule})"
+        f"{config.epochs} epochs of SGD (lr {config.resolved_lr:g}, {config.lr_schedule})"
     )
     result = run(config, data=data, progress=not args.no_progress)
     _print_demo(result, data)

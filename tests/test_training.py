@@ -284,3 +284,9 @@ def test_regularizer_leaves_out_the_classifier():
     assert [tuple(p.shape) for p in reg.params] == [(20, 1, 5, 5), (50, 20, 5, 5), (500, 800)]
     reg_all = make_regularizer(model, X, "l1", 1e-4, regularize="all")
     assert len(reg_all.params) == 4
+
+
+def test_default_learning_rate_per_model():
+    assert RunConfig().resolved_lr == 0.05  # LeNet-5: what the demo and studies used
+    assert RunConfig(model="vgg11_bn").resolved_lr == 0.01  # 0.05 diverges there
+    assert RunConfig(model="vgg11_bn", lr=0.2).resolved_lr == 0.2
