@@ -130,7 +130,7 @@ class Fastsparse(Provider):
         )
 
     def unavailable(self, case: Case) -> Optional[str]:
-        from fastsparse import backends
+        from fastsparse.core import backends
 
         if self.backend not in backends.BACKENDS:
             return f'this fastsparse has no backend="{self.backend}" yet'
@@ -167,7 +167,7 @@ class Fastsparse(Provider):
 
 
 def _triton_reason(case: Case) -> Optional[str]:
-    from fastsparse import backends
+    from fastsparse.core import backends
 
     if case.device.type == "cpu":
         if not case.allow_interpreter:

@@ -4,7 +4,7 @@
     python -m benchmarks.run --device cpu         # profile "cpu": a few minutes on 2 cores
     python -m benchmarks.run --device cpu --quick # CI smoke: seconds
     python -m benchmarks.run --list               # workloads, providers and modes
-    fastsparse bench [same options]               # the same, through fastsparse.bench
+    fastsparse bench [same options]               # the same, through fastsparse.workflow.bench
 
 Modes (the minimal bytes each must move, used for the effective bandwidth; W = the weights'
 bytes, G = the gradients' bytes, groups = number of groups):

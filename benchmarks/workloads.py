@@ -12,7 +12,7 @@ Single tensors (issue 3), each in fp32 and bf16 (the gradient has the weight's d
 Whole models (every parameter, biases and BatchNorm included, as `model.parameters()` gives):
 
     lenet5            fastsparse.models.LeNet5 (431,080 parameters, fp32)
-    vgg16             fastsparse.models.vgg16_bn, VGG-16 with BatchNorm for CIFAR-10 (14.7 M, fp32)
+    vgg16             fastsparse.workflow.models.vgg16_bn, VGG-16 with BatchNorm for CIFAR-10 (14.7 M, fp32)
     resnet50          torchvision's ResNet-50 architecture, written out below (25.6 M, fp32)
     llama7b           a stack of Llama-7B decoder layers: 2 RMSNorm weights (4096), q/k/v/o
                       (4096×4096), gate/up (11008×4096), down (4096×11008); 202.4 M per layer;
@@ -130,13 +130,13 @@ class ResNet50(nn.Module):
 
 
 def _lenet5() -> nn.Module:
-    from fastsparse.models import LeNet5
+    from fastsparse.workflow.models import LeNet5
 
     return LeNet5()
 
 
 def _vgg16() -> nn.Module:
-    from fastsparse.models import vgg16_bn
+    from fastsparse.workflow.models import vgg16_bn
 
     return vgg16_bn()
 
@@ -271,7 +271,7 @@ def model_workload(name: str) -> Workload:
     """lenet5, vgg16 or resnet50 (fp32), from the real architecture."""
     builders = {
         "lenet5": (_lenet5, (1, 1, 28, 28), "fastsparse.models.LeNet5 (MNIST)"),
-        "vgg16": (_vgg16, (1, 3, 32, 32), "fastsparse.models.vgg16_bn (CIFAR-10)"),
+        "vgg16": (_vgg16, (1, 3, 32, 32), "fastsparse.workflow.models.vgg16_bn (CIFAR-10)"),
         "resnet50": (ResNet50, (1, 3, 64, 64), "torchvision resnet50 architecture (ImageNet)"),
     }
     fn, example, note = builders[name]

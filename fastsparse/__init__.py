@@ -1,15 +1,19 @@
 """fastsparse: fused kernels for structured-sparsity regularization and filter pruning.
 
 Importing this package never imports Triton and never initializes CUDA; kernels load on first use.
+The layers, from the bottom: `core` (contract, engine, backends, ops), `reference` (the oracle),
+`distributed` (DTensors), `functional` (the public functions), `pruning`, `methods`, `workflow`.
 
     >>> import torch, fastsparse
     >>> w = torch.randn(16, 8, 3, 3, requires_grad=True)
     >>> fastsparse.penalty(w, "l1l2").backward()
 """
 
-from fastsparse.backends import BACKENDS
-from fastsparse.functional import add_penalty_grad_, group_norms, penalty
-from fastsparse.prox import PROX_KINDS, prox_
+from fastsparse.core.backends import BACKENDS
+from fastsparse.core.contract import ACROSS_GROUP_KINDS, GROUPINGS, KINDS, PROX_KINDS
+from fastsparse.core.groups import CoupledGroup
+from fastsparse.functional import add_penalty_grad_, group_norms, penalty, prox_
+from fastsparse.methods import Regularizer
 from fastsparse.pruning import (
     PruningError,
     SparsityReport,
@@ -19,8 +23,6 @@ from fastsparse.pruning import (
     prune,
     sparsity_report,
 )
-from fastsparse.reference import ACROSS_GROUP_KINDS, GROUPINGS, KINDS, CoupledGroup
-from fastsparse.regularizer import Regularizer
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from fastsparse.cli import main
+from fastsparse.workflow.cli import main
 
 sys.exit(main())

@@ -14,9 +14,23 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.layout import Plan
+from fastsparse.core.layout import Plan
 
-# Fields of a segment's row in a class table (int64); kernels read them by these offsets.
+# Fields of a segment's row in a class table (int64), in order; kernels read a field at
+# `table_ptr + segment * NUM_FIELDS + F_<FIELD>`.
+TABLE_FIELDS = (
+    "w_addr",  # the weight's address, filled per call
+    "groups",
+    "rows",
+    "cols",
+    "stride_group",
+    "stride_row",
+    "stride_col",
+    "out_row",  # where the group's outputs go (global group id, or class-local row if split)
+    "chunks",
+    "group_offset",  # the segment's first global group id
+)
+NUM_FIELDS = tl.constexpr(len(TABLE_FIELDS))
 (
     F_W_ADDR,
     F_GROUPS,
@@ -28,8 +42,7 @@ from fastsparse.layout import Plan
     F_OUT_ROW,
     F_CHUNKS,
     F_GROUP_OFFSET,
-) = range(10)
-NUM_FIELDS = 10
+) = (tl.constexpr(i) for i in range(len(TABLE_FIELDS)))
 
 TL_DTYPES = {
     torch.float16: tl.float16,
@@ -56,14 +69,14 @@ def locate(item_starts_ptr, num_segments, search_steps):
 @triton.jit
 def tile(table_ptr, segment, local_item, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
     """Group ids, chunk, element offsets and masks of this program's [BLOCK_G, BLOCK_K] tile."""
-    row = table_ptr + segment * 10
-    groups = tl.load(row + 1)
-    rows = tl.load(row + 2)
-    cols = tl.load(row + 3)
-    stride_group = tl.load(row + 4)
-    stride_row = tl.load(row + 5)
-    stride_col = tl.load(row + 6)
-    chunks = tl.load(row + 8)
+    row = table_ptr + segment * NUM_FIELDS
+    groups = tl.load(row + F_GROUPS)
+    rows = tl.load(row + F_ROWS)
+    cols = tl.load(row + F_COLS)
+    stride_group = tl.load(row + F_STRIDE_GROUP)
+    stride_row = tl.load(row + F_STRIDE_ROW)
+    stride_col = tl.load(row + F_STRIDE_COL)
+    chunks = tl.load(row + F_CHUNKS)
     tile_index = local_item // chunks
     chunk = local_item % chunks
     g = tile_index * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
@@ -80,27 +93,18 @@ def tile(table_ptr, segment, local_item, BLOCK_G: tl.constexpr, BLOCK_K: tl.cons
 
 @triton.jit
 def weight_pointer(table_ptr, segment, W_DTYPE: tl.constexpr):
-    return tl.load(table_ptr + segment * 10).to(tl.pointer_type(W_DTYPE))
+    return tl.load(table_ptr + segment * NUM_FIELDS + F_W_ADDR).to(tl.pointer_type(W_DTYPE))
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@triton.jit
+def table_field(table_ptr, segment, FIELD: tl.constexpr):
+    """One int64 field of a segment's row."""
+    return tl.load(table_ptr + segment * NUM_FIELDS + FIELD)
 
 
 def num_warps(cls) -> int:
     elements = cls.block_groups * cls.block_size
     return 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
-
-
-def selected(plan: Plan, select):
-    """The launch classes of a selection (pass_index, split), None meaning any."""
-    pass_index, split = select
-    return [
-        c
-        for c in plan.classes
-        if (pass_index is None or c.pass_index == pass_index)
-        and (split is None or c.split == split)
-    ]
 
 
 def class_tables(plan: Plan, cls) -> dict:
@@ -113,20 +117,19 @@ def class_tables(plan: Plan, cls) -> dict:
             # Single-chunk classes write per-group outputs at the global group id; split classes
             # write per-chunk partials into a class-local buffer, added up afterwards.
             out_row = class_row if cls.split else seg.group_offset
-            rows.append(
-                [
-                    0,  # weight address, filled per call
-                    geo.groups,
-                    geo.rows,
-                    geo.cols,
-                    geo.stride_group,
-                    geo.stride_row,
-                    geo.stride_col,
-                    out_row,
-                    seg.chunks,
-                    seg.group_offset,
-                ]
-            )
+            fields = {
+                "w_addr": 0,
+                "groups": geo.groups,
+                "rows": geo.rows,
+                "cols": geo.cols,
+                "stride_group": geo.stride_group,
+                "stride_row": geo.stride_row,
+                "stride_col": geo.stride_col,
+                "out_row": out_row,
+                "chunks": seg.chunks,
+                "group_offset": seg.group_offset,
+            }
+            rows.append([fields[name] for name in TABLE_FIELDS])
             starts.append(starts[-1] + cls.items(seg))
             class_row += geo.groups
         tables["rows"] = rows

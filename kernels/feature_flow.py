@@ -26,15 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.kernels.common import device_table
-from fastsparse.layout import new_empty
-
-TL_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
+from fastsparse.core.contract import accumulation_dtype
+from fastsparse.core.layout import new_empty
+from fastsparse.kernels.common import TL_DTYPES, device_table
 
 BLOCK = 1024  # element positions per program
 
@@ -114,10 +108,6 @@ def _feature_flow_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _addresses(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     return device_table(tuple(t.data_ptr() for t in tensors), torch.int64, device)
 
@@ -136,7 +126,7 @@ def _launch(
     """
     first = features[0]
     device, numel = first.device, first.numel()
-    acc = _acc_dtype(first.dtype)
+    acc = accumulation_dtype(first.dtype)
     programs = triton.cdiv(numel, BLOCK)
     coef = device_table(tuple(coefs), acc, device)
     partials = new_empty((programs,), dtype=acc, device=device)
@@ -176,7 +166,7 @@ def value(features, gradient_weight: float, curvature_weight: float) -> torch.Te
 def grads(features, grad_value: torch.Tensor, gradient_weight: float, curvature_weight: float):
     """grad_value * dR/dF_l for every map, in the maps' dtype and strides (one pass)."""
     out = _new_grads(features)
-    scale = grad_value.reshape(1).to(_acc_dtype(features[0].dtype))
+    scale = grad_value.reshape(1).to(accumulation_dtype(features[0].dtype))
     _launch(features, out, (gradient_weight, curvature_weight), scale, False)
     return out
 

@@ -1,6 +1,6 @@
 """Fused Triton kernels for the group penalties, and their launchers.
 
-The engine insight of DESIGN.md: every gradient of the contract is a_g * sign(w) + b_g * w with
+The engine insight (docs/design.md): every gradient of the contract is a_g * sign(w) + b_g * w with
 per-group coefficients (a_g, b_g) computed from the group's (s1, s2) and, for the across-group
 kinds, two per-segment sums (L, F^2). So three kernels serve every kind and grouping:
 
@@ -12,7 +12,7 @@ kinds, two per-segment sums (L, F^2). So three kernels serve every kind and grou
   one block).
 
 The launchers below are the Triton backend's primitives (stats, rule, apply, fused), which
-fastsparse/engine.py composes into the ops. One launch per launch class (kernels/common.py).
+fastsparse/core/engine.py composes into the ops. One launch per launch class (kernels/common.py).
 Value reductions use no atomics: per-group terms go to a buffer summed with torch, so results
 are deterministic.
 """
@@ -23,23 +23,29 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.engine import ACROSS_KINDS, KIND_IDS
+from fastsparse.core.contract import (
+    ACROSS_GROUP_KINDS,
+    KIND_IDS,
+    accumulation_dtype,
+    accumulation_dtype_of,
+)
+from fastsparse.core.layout import Plan, PlanCache, new_empty, selected
 from fastsparse.kernels.common import (
+    F_GROUP_OFFSET,
+    F_OUT_ROW,
     TL_DTYPES,
-    acc_dtype,
     address_table,
     class_tables,
     grad_addresses,
     launch_reduction,
     locate,
     num_warps,
-    selected,
+    table_field,
     tile,
     weight_pointer,
 )
-from fastsparse.layout import Plan, PlanCache, new_empty
 
-ACROSS_KIND_IDS = tuple(KIND_IDS[k] for k in ACROSS_KINDS)
+ACROSS_KIND_IDS = tuple(KIND_IDS[k] for k in ACROSS_GROUP_KINDS)
 RULE_BLOCK = 1024
 
 
@@ -110,7 +116,7 @@ def _group_stats_kernel(
         x = tl.where(tl.abs(x) > threshold, x, 0.0)
     s1 = tl.sum(tl.abs(x), axis=1)
     s2 = tl.sum(x * x, axis=1)
-    out_row = tl.load(table_ptr + segment * 10 + 7) + g
+    out_row = table_field(table_ptr, segment, F_OUT_ROW) + g
     out = out_ptr + (out_row * CHUNKS_PADDED + chunk) * 2
     tl.store(out, s1, mask=group_mask)
     tl.store(out + 1, s2, mask=group_mask)
@@ -171,7 +177,7 @@ def _penalty_grad_kernel(
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
     g, chunk, offsets, group_mask, mask = tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
-    global_g = tl.load(table_ptr + segment * 10 + 9) + g
+    global_g = table_field(table_ptr, segment, F_GROUP_OFFSET) + g
     x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     if FUSED:  # the whole group is in registers: reduce, then apply the rule here
         s1 = tl.sum(tl.abs(x), axis=1)
@@ -193,14 +199,14 @@ def _penalty_grad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers: the Triton backend's primitives (see fastsparse/engine.py)
+# Launchers: the Triton backend's primitives (see fastsparse/core/engine.py)
 # --------------------------------------------------------------------------------------------
 
 plans = PlanCache()
 
 
 def _stats_dtype(plan: Plan) -> torch.dtype:
-    return torch.float64 if any(c.dtype == torch.float64 for c in plan.classes) else torch.float32
+    return accumulation_dtype_of(plan.classes)
 
 
 def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
@@ -209,7 +215,7 @@ def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
     With `element_threshold`, only elements with |w| > threshold count (for l0 + group prox).
     """
     out = torch.zeros((plan.total_groups, 2), dtype=_stats_dtype(plan), device=plan.device)
-    for cls in selected(plan, select):
+    for cls in selected(plan.classes, select):
         tables = class_tables(plan, cls)
 
         def launch(buffer, cls=cls, tables=tables):
@@ -221,7 +227,7 @@ def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
                 buffer,
                 0.0 if element_threshold is None else float(element_threshold),
                 W_DTYPE=TL_DTYPES[cls.dtype],
-                ACC_DTYPE=TL_DTYPES[acc_dtype(cls.dtype)],
+                ACC_DTYPE=TL_DTYPES[accumulation_dtype(cls.dtype)],
                 HARD_THRESHOLD=element_threshold is not None,
                 CHUNKS_PADDED=cls.chunks_padded,
                 BLOCK_G=cls.block_groups,
@@ -272,7 +278,7 @@ def _launch_grad(
         float(alpha),
         W_DTYPE=TL_DTYPES[cls.dtype],
         G_DTYPE=TL_DTYPES[cls.grad_dtype],
-        ACC_DTYPE=TL_DTYPES[acc_dtype(cls.dtype)],
+        ACC_DTYPE=TL_DTYPES[accumulation_dtype(cls.dtype)],
         KIND=KIND_IDS[kind],
         FUSED=fused,
         ACCUMULATE=accumulate,
@@ -300,7 +306,7 @@ def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tenso
     if scale_tensor is not None:
         scale_tensor = scale_tensor.reshape(1)
     coefs = coefs.to(_stats_dtype(plan))
-    for cls in selected(plan, select):
+    for cls in selected(plan.classes, select):
         # KIND only matters in FUSED mode: a fixed one avoids a compilation per kind here.
         _launch_grad(
             plan,
@@ -321,7 +327,7 @@ def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tenso
 def fused(plan, tensors, grads, select, kind, alpha, scale, values):
     """One pass per group for within-group kinds: values[g] and grads += scale * dR/dw."""
     scale, scale_tensor = _exact_scale(plan, scale, None)
-    for cls in selected(plan, select):
+    for cls in selected(plan.classes, select):
         _launch_grad(
             plan, cls, tensors, grads, values, values, kind, alpha, True, True, scale, scale_tensor
         )

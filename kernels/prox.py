@@ -18,20 +18,21 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.engine import PROX_IDS
+from fastsparse.core.contract import PROX_IDS, accumulation_dtype
+from fastsparse.core.layout import Plan, selected
 from fastsparse.kernels.common import (
+    F_GROUP_OFFSET,
+    F_OUT_ROW,
     TL_DTYPES,
-    acc_dtype,
     address_table,
     class_tables,
     launch_reduction,
     locate,
     num_warps,
-    selected,
+    table_field,
     tile,
     weight_pointer,
 )
-from fastsparse.layout import Plan
 
 
 @triton.jit
@@ -73,11 +74,11 @@ def _prox_kernel(
         if FUSED:
             factor = _prox_factor(tl.sqrt(tl.sum(x * x, axis=1)), t_group, KIND)
         else:
-            global_g = tl.load(table_ptr + segment * 10 + 9) + g
+            global_g = table_field(table_ptr, segment, F_GROUP_OFFSET) + g
             factor = tl.load(factors_ptr + global_g, mask=group_mask, other=0.0).to(ACC_DTYPE)
         x = x * factor[:, None]
     tl.store(w_ptr + offsets, x.to(W_DTYPE), mask=mask)
-    out_row = tl.load(table_ptr + segment * 10 + 7) + g
+    out_row = table_field(table_ptr, segment, F_OUT_ROW) + g
     out = kept_ptr + (out_row * CHUNKS_PADDED + chunk) * 2
     tl.store(out, tl.sum(tl.abs(x), axis=1), mask=group_mask)
     tl.store(out + 1, tl.sum(x * x, axis=1), mask=group_mask)
@@ -92,7 +93,7 @@ def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, 
     after = torch.zeros((plan.total_groups, 2), dtype=torch.float64, device=plan.device)
     if factors is not None:
         factors = factors.to(torch.float64)
-    for cls in selected(plan, select):
+    for cls in selected(plan.classes, select):
         tables = class_tables(plan, cls)
         is_fused = kind != "scale" and (not cls.split or PROX_IDS[kind] < 2)
         if not is_fused and factors is None:
@@ -109,7 +110,7 @@ def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, 
                 float(t_elem),
                 float(t_group),
                 W_DTYPE=TL_DTYPES[cls.dtype],
-                ACC_DTYPE=TL_DTYPES[acc_dtype(cls.dtype)],
+                ACC_DTYPE=TL_DTYPES[accumulation_dtype(cls.dtype)],
                 KIND=PROX_IDS[kind],
                 FUSED=is_fused,
                 CHUNKS_PADDED=cls.chunks_padded,

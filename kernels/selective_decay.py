@@ -26,14 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.kernels.common import device_table, locate
+from fastsparse.core.contract import accumulation_dtype
+from fastsparse.kernels.common import TL_DTYPES, device_table, locate
 
-TL_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
 RELEVANCE_IDS = {"taylor": 0, "magnitude": 1, "gradient": 2}
 NUM_FIELDS = 4  # weight address, grad address, numel, threshold index
 BLOCK = 2048
@@ -93,10 +88,6 @@ def _selective_decay_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def selective_decay_(
     grads: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
@@ -108,8 +99,8 @@ def selective_decay_(
 ) -> torch.Tensor:
     """Update grads in place (see the module docstring); returns the irrelevant count (int64).
 
-    Every weight must be dense with its grad's strides (fastsparse.selective_decay prepares
-    them); `thresholds[threshold_index[i]]` is tensor i's threshold.
+    Every weight must be dense with its grad's strides (fastsparse/functional/selective_decay.py
+    prepares them); `thresholds[threshold_index[i]]` is tensor i's threshold.
     """
     device = weights[0].device
     classes: dict = {}
@@ -118,7 +109,7 @@ def selective_decay_(
             classes.setdefault((w.dtype, g.dtype), []).append(i)
     counts = []
     for (w_dtype, g_dtype), members in classes.items():
-        acc = _acc_dtype(w_dtype, g_dtype)
+        acc = accumulation_dtype(torch.promote_types(w_dtype, g_dtype))
         rows, starts = [], [0]
         for i in members:
             numel = weights[i].numel()

@@ -45,12 +45,12 @@ def backend(request):
 @pytest.fixture
 def nan_outputs(monkeypatch):
     """Fill every uninitialized kernel output with NaN, so an unwritten element fails a test."""
-    from fastsparse import layout
+    from fastsparse.core import layout
 
     original = layout.new_empty
 
     def empty_nan(shape, **kwargs):
         return original(shape, **kwargs).fill_(float("nan"))
 
-    for module in ("fastsparse.kernels.penalty", "fastsparse.native"):
+    for module in ("fastsparse.kernels.penalty", "fastsparse.core.native"):
         monkeypatch.setattr(f"{module}.new_empty", empty_nan)

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from fastsparse import bench, reference
+from fastsparse import reference
+from fastsparse.workflow import bench
 
 harness = bench.load_harness()  # benchmarks.run, found through fastsparse bench's locator
 
@@ -168,7 +169,7 @@ def test_time_budget_skips_the_rest_and_still_writes(tmp_path):
 
 
 def test_triton_provider_runs_under_the_interpreter(tmp_path):
-    from fastsparse.backends import triton_interpreter_enabled
+    from fastsparse.core.backends import triton_interpreter_enabled
 
     run = run_quick(
         tmp_path,

@@ -13,9 +13,10 @@ import types
 import pytest
 import torch
 
-from fastsparse import cli, training
-from fastsparse.models import get_model
 from fastsparse.pruning import load_pruned
+from fastsparse.workflow import cli
+from fastsparse.workflow import train as training
+from fastsparse.workflow.models import get_model
 
 TINY = ["--epochs", "1", "--train-samples", "256", "--test-samples", "128", "--no-progress"]
 
@@ -163,20 +164,22 @@ def test_study_tiny(tmp_path, capsys):
 
 def test_bench_delegates(monkeypatch, capsys):
     seen = []
-    fake = types.ModuleType("fastsparse.bench")
+    fake = types.ModuleType("fastsparse.workflow.bench")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "fastsparse.bench", fake)
+    monkeypatch.setitem(sys.modules, "fastsparse.workflow.bench", fake)
     assert cli.main(["bench", "--quick", "--kinds", "l1"]) == 0
     assert cli.main(["bench", "--help"]) == 0
     assert seen == [["--quick", "--kinds", "l1"], ["--help"]]
 
 
 def test_bench_missing_harness(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "fastsparse.bench", None)  # as if it were not installed
-    monkeypatch.setattr(cli, "_checkout_roots", lambda: [tmp_path])
+    from fastsparse.workflow import bench
+
+    # An installed package without a source checkout beside it: no benchmarks/ anywhere.
+    monkeypatch.setattr(bench, "find_harness", lambda: None)
     status, _, err = _main(capsys, "bench")
     assert status == 2
-    assert err.count("\n") == 1 and "benchmark harness is not available" in err
+    assert err.count("\n") == 1 and "needs the benchmark harness of a source checkout" in err
 
 
 # --------------------------------------------------------------------------- errors
@@ -236,7 +239,7 @@ def test_no_command_prints_help(capsys):
 
 
 def test_study_resume_skips_finished_runs(tmp_path, capsys, monkeypatch):
-    from fastsparse import study
+    from fastsparse.workflow import study
 
     out = str(tmp_path / "study")
     common = [*TINY, "--out", out, "--kinds", "l1", "--thresholds", "0.05", "--no-baseline"]

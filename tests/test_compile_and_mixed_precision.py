@@ -109,7 +109,7 @@ def test_compiled_step_then_torch_optim():
 
 
 def test_opcheck_group_stats_and_coefficient_grad(device, backend):
-    from fastsparse import ops  # noqa: F401  (registers torch.ops.fastsparse)
+    from fastsparse.core import ops  # noqa: F401  (registers torch.ops.fastsparse)
 
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(4, 3, 3, 3, generator=gen).to(device), torch.randn(4, 6).to(device)]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import fastsparse as fs
-from fastsparse import ops  # noqa: F401  (registers torch.ops.fastsparse)
 from fastsparse import reference as ref
+from fastsparse.core import ops  # noqa: F401  (registers torch.ops.fastsparse)
 
 
 def _weights(device, dtype=torch.float32):

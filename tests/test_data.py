@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastsparse.data import (
+from fastsparse.workflow.datasets import (
     DATASET_NAMES,
     Dataset,
     load_cifar10,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastsparse as fs
-from fastsparse.backends import resolve_backend
+from fastsparse.core.backends import resolve_backend
 
 
 def snapshot(tensors):

@@ -7,22 +7,17 @@ import torch
 from helpers import assert_close_to_oracle
 from torch import nn
 
-from fastsparse import ops  # noqa: F401  (registers torch.ops.fastsparse)
 from fastsparse import reference as ref
-from fastsparse.feature_flow import (
-    FeatureFlow,
-    feature_flow_penalty,
-    feature_flow_regularizer,
-    feature_flow_value_and_grads,
-    flow_sequences,
-)
-from fastsparse.models import VGG, ResNetCIFAR
+from fastsparse.core import ops  # noqa: F401  (registers torch.ops.fastsparse)
+from fastsparse.functional.feature_flow import feature_flow_penalty, feature_flow_value_and_grads
+from fastsparse.methods.feature_flow import FeatureFlow, feature_flow_regularizer, flow_sequences
+from fastsparse.workflow.models import VGG, ResNetCIFAR
 
 
 @pytest.fixture
 def nan_flow_outputs(monkeypatch):
     """Fresh kernel outputs filled with NaN, so an unwritten gradient element fails a test."""
-    from fastsparse import layout
+    from fastsparse.core import layout
 
     original = layout.new_empty
 
@@ -240,7 +235,7 @@ def test_regularizer_entry_point_trains():
     assert all(p.grad is not None for p in model.parameters())
     reg.remove()
     with pytest.raises(ValueError, match="no flow"):
-        from fastsparse.models import LeNet5
+        from fastsparse.workflow.models import LeNet5
 
         feature_flow_regularizer(LeNet5(), torch.randn(1, 1, 28, 28), 1e-2)
 
@@ -326,7 +321,7 @@ def test_gpu_large_stage(dtype):
 
 @pytest.mark.gpu
 def test_gpu_resnet56_hooks_fused_backward():
-    from fastsparse.models import resnet56
+    from fastsparse.workflow.models import resnet56
 
     torch.manual_seed(0)
     model = resnet56().cuda()

@@ -7,9 +7,9 @@ from test_penalty import make
 
 import fastsparse as fs
 from fastsparse import reference as ref
-from fastsparse.models import ResNetCIFAR
-from fastsparse.prox import prox_
+from fastsparse.functional.prox import prox_
 from fastsparse.pruning import coupled_groups
+from fastsparse.workflow.models import ResNetCIFAR
 
 PROX_CASES = [
     ("l1", 0.5),

@@ -1,16 +1,16 @@
 """The study interface of the issue-8 methods (fastsparse.methods.build_method): a few training
 steps of each method on a small ResNet, its pruning hook and `fastsparse.prune`; and the channel
-selection helpers they share (fastsparse.channels)."""
+selection helpers they share (fastsparse.pruning.importance)."""
 
 import pytest
 import torch
 from torch import nn
 
-from fastsparse.channels import select_channels, zero_channels_
 from fastsparse.methods import METHODS, Method, build_method
-from fastsparse.models import ResNetCIFAR
 from fastsparse.pruning import prune
+from fastsparse.pruning.importance import select_channels, zero_channels_
 from fastsparse.reference import CoupledGroup, CoupledMember
+from fastsparse.workflow.models import ResNetCIFAR
 
 OPTIONS = {
     "oicsr": {"kind": "group_lasso"},

@@ -5,7 +5,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from fastsparse.models import (
+from fastsparse.workflow.models import (
     MODEL_NAMES,
     LeNet5,
     MobileNetCIFAR,

@@ -16,7 +16,7 @@ import torch
 from test_penalty import make
 
 import fastsparse as fs
-from fastsparse import native
+from fastsparse.core import native
 
 
 def test_build_is_cached_and_respects_cache_dir(tmp_path, monkeypatch):

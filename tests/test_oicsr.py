@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 import fastsparse
-from fastsparse import oicsr
 from fastsparse import reference as ref
-from fastsparse.models import VGG, LeNet5, ResNetCIFAR
-from fastsparse.oicsr import (
+from fastsparse.methods import oicsr
+from fastsparse.methods.oicsr import (
     OICSR,
     channel_energy,
     oicsr_groups,
@@ -20,6 +19,7 @@ from fastsparse.oicsr import (
 )
 from fastsparse.pruning import prune
 from fastsparse.reference import CoupledGroup, CoupledMember
+from fastsparse.workflow.models import VGG, LeNet5, ResNetCIFAR
 
 
 @pytest.fixture(params=["oracle", "triton", "native"])
@@ -170,7 +170,7 @@ def test_training_with_prox_removes_channels_losslessly():
     # The group soft threshold at the 30% quantile of the out-in-channel norms.
     before = torch.cat(ref.coupled_group_norms(reg.groups))
     t = torch.quantile(before, 0.3).item()
-    fastsparse.prox.prox_(None, "group_lasso", t, groups=reg.groups)
+    fastsparse.prox_(None, "group_lasso", t, groups=reg.groups)
     norms = ref.coupled_group_norms(reg.groups)
     dead = sum(int((n == 0).sum()) for n in norms)
     assert dead == int((before <= t).sum()) == 4  # of 14
@@ -213,7 +213,7 @@ def test_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["group_lasso", "group_l1l2"])
 def test_gpu_resnet18_fused(kind, monkeypatch):
-    from fastsparse.models import resnet18_cifar
+    from fastsparse.workflow.models import resnet18_cifar
 
     monkeypatch.setattr(oicsr, "FUSED_COUPLED", True)
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastsparse.reference as ref
-from fastsparse.prox import PROX_BACKENDS, prox_
+from fastsparse.functional.prox import PROX_BACKENDS, prox_
 from fastsparse.reference import PROX_KINDS, CoupledGroup, CoupledMember
 
 GROUPINGS = ("filters", "channels", "kernels", None)
@@ -35,7 +35,7 @@ def explicit_prox(w: torch.Tensor, kind: str, t, grouping) -> tuple[torch.Tensor
             row = row * (1.0 if n > t_group else 0.0)
         x[g] = row
         kept.append(n > t_group if kind not in ("l1", "l0") else bool((row != 0).any()))
-    return ref._ungroup(x, w.shape, grouping), torch.tensor(kept, dtype=torch.bool)
+    return ref.ungroup(x, w.shape, grouping), torch.tensor(kept, dtype=torch.bool)
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS, ids=str)
@@ -272,7 +272,7 @@ def test_coupled_matrix_handles_uneven_groups():
 def test_coupled_penalty_and_grad(kind):
     groups, params = _overlapping_groups()
     expected = sum(
-        ref._tensor_penalty(
+        ref.tensor_penalty(
             torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), kind, "filters", 0.5
         )
         for rows in _explicit_rows(groups)
@@ -283,7 +283,7 @@ def test_coupled_penalty_and_grad(kind):
     leaves = [p.detach().requires_grad_(True) for p in params]
     mapping = {id(p): leaf for p, leaf in zip(params, leaves)}
     torch.autograd.gradcheck(
-        lambda *_: ref.coupled_penalty(ref._rebind(groups, mapping), kind), leaves
+        lambda *_: ref.coupled_penalty(ref.rebind(groups, mapping), kind), leaves
     )
 
 

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 import fastsparse.reference as ref
-from fastsparse.models import VGG, LeNet5, MobileNetCIFAR, ResNetCIFAR
-from fastsparse.prox import prox_
+from fastsparse.functional.prox import prox_
 from fastsparse.pruning import (
     PruningError,
     count_macs,
@@ -22,6 +21,7 @@ from fastsparse.pruning import (
     prune,
     sparsity_report,
 )
+from fastsparse.workflow.models import VGG, LeNet5, MobileNetCIFAR, ResNetCIFAR
 
 
 class ConcatNet(nn.Module):

@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from fastsparse import ops  # noqa: F401  (registers torch.ops.fastsparse)
 from fastsparse import reference as ref
-from fastsparse.selective_decay import (
+from fastsparse.core import ops  # noqa: F401  (registers torch.ops.fastsparse)
+from fastsparse.functional.selective_decay import relevance_thresholds, selective_decay_
+from fastsparse.methods.selective_decay import (
     IterativePruning,
     SelectiveWeightDecay,
-    relevance_thresholds,
-    selective_decay_,
     selective_decay_regularizer,
 )
 

@@ -7,16 +7,16 @@ import torch
 from torch import nn
 
 from fastsparse import reference as ref
-from fastsparse.models import VGG, ResNetCIFAR
-from fastsparse.pruning import coupled_groups, prune
-from fastsparse.regularizer import Regularizer
-from fastsparse.slimming import (
+from fastsparse.methods.regularizer import Regularizer
+from fastsparse.methods.slimming import (
     bn_scales,
     channel_scales,
     prox_bn_scales_,
     slim_,
     slimming_regularizer,
 )
+from fastsparse.pruning import coupled_groups, prune
+from fastsparse.workflow.models import VGG, ResNetCIFAR
 
 
 def randomize_bn(model, seed=0):
@@ -152,7 +152,7 @@ def test_slim_by_threshold():
 
 @pytest.mark.gpu
 def test_gpu_vgg16_regularizer():
-    from fastsparse.models import vgg16_bn
+    from fastsparse.workflow.models import vgg16_bn
 
     model = randomize_bn(vgg16_bn()).cuda()
     for backend in ("triton", "native"):

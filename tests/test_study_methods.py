@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from fastsparse import cli
 from fastsparse.methods import METHODS
-from fastsparse.models import VGG, LeNet5
 from fastsparse.pruning import coupled_groups
 from fastsparse.reference import coupled_group_stats
-from fastsparse.training import (
+from fastsparse.workflow import cli
+from fastsparse.workflow.models import VGG, LeNet5
+from fastsparse.workflow.train import (
     ConfigError,
     RunConfig,
     load_data,
@@ -59,7 +59,7 @@ def test_run_with_each_method(method, data, monkeypatch):
             setattr(built, name, wrapped)
         return built
 
-    monkeypatch.setattr("fastsparse.training.make_method", spy)
+    monkeypatch.setattr("fastsparse.workflow.train.make_method", spy)
     config = RunConfig(kind=method, model=MODEL_OF[method], strength=1e-3, **TINY)
     result = run(config, data=data, progress=False, inference_repeats=1)
     steps = 3  # 96 images, batches of 32
@@ -183,7 +183,7 @@ def test_study_and_train_errors(argv, message, tmp_path, capsys, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr("fastsparse.training.train", no_training)
+    monkeypatch.setattr("fastsparse.workflow.train.train", no_training)
     status = cli.main([*argv, "--out", str(tmp_path / "o")] if argv[0] != "demo" else argv)
     _, err = capsys.readouterr()
     assert status == 2 and message in err and "Traceback" not in err
@@ -199,7 +199,7 @@ def test_bad_method_options_flag(text, message, capsys):
 
 
 def test_study_options_per_method(tmp_path, capsys, monkeypatch):
-    import fastsparse.training as training
+    import fastsparse.workflow.train as training
 
     seen = []
     original = training.make_method

@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
-from fastsparse import backends, training
-from fastsparse.models import LeNet5
-from fastsparse.training import (
+from fastsparse.core import backends
+from fastsparse.workflow import train as training
+from fastsparse.workflow.models import LeNet5
+from fastsparse.workflow.train import (
     ConfigError,
     ProgressBar,
     RunConfig,

@@ -1,0 +1,155 @@
+"""Choosing a backend, and the registry of fused backends: "auto" | "triton" | "native" | "cuda"
+| "torch". Every op resolves its backend here, once, and nowhere else.
+
+- "triton": the fused Triton kernels of fastsparse.kernels (CUDA tensors, or CPU tensors when
+  Triton's interpreter is on: TRITON_INTERPRET=1, slow, for tests).
+- "native": the C++ kernels of csrc/ for the tensors' device (OpenMP on CPU, CUDA C++ on GPU),
+  compiled on first use (fastsparse/native.py). "cuda" is "native" for CUDA tensors only.
+- "torch": the plain-PyTorch oracle (fastsparse.reference), any device.
+- "auto": the fastest available for the device: Triton, then native, on CUDA; native on CPU;
+  the oracle when nothing else can run (quietly).
+
+Feature flow and selective weight decay have Triton kernels only (`TRITON_ONLY_OPS`): for them
+"auto" falls back to the oracle where it would pick native, and "native"/"cuda" raise.
+
+The environment variable FASTSPARSE_BACKEND replaces "auto" (an explicit argument wins). An
+explicitly requested backend that cannot run raises a RuntimeError that says why. Importing this
+module imports neither triton nor the native libraries and never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType, SimpleNamespace
+from typing import Optional
+
+import torch
+
+from fastsparse.core.engine import Backend
+
+BACKENDS = ("auto", "triton", "native", "cuda", "torch")
+# Ops with a Triton kernel and no native one.
+TRITON_ONLY_OPS = ("feature_flow", "selective_decay")
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why Triton cannot run on tensors of this device, or None if it can."""
+    if not triton_installed():
+        return "triton is not installed (pip install 'fastsparse[triton]')"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreter_enabled():
+        return None
+    return (
+        f"the tensors are on {device}; Triton kernels need a CUDA device "
+        "(or TRITON_INTERPRET=1 to run them, slowly, on the CPU interpreter)"
+    )
+
+
+def native_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the native kernels cannot run on this device, or None (may build them once)."""
+    from fastsparse.core import native
+
+    return native.unavailable_reason(device)
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, op: str = "penalty") -> str:
+    """The concrete backend ("triton", "native" or "torch") of `op` for tensors on `device`.
+
+    >>> resolve_backend("torch", torch.device("cpu"))
+    'torch'
+    """
+    name = "auto" if backend is None else backend
+    source = "backend"
+    if name == "auto":
+        name = os.environ.get("FASTSPARSE_BACKEND", "auto") or "auto"
+        source = "FASTSPARSE_BACKEND"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown {source} {name!r}; valid backends: {', '.join(BACKENDS)}")
+    if op in TRITON_ONLY_OPS:
+        if name in ("native", "cuda"):
+            raise RuntimeError(
+                f"backend {name!r} has no {op} kernel; use 'triton' (CUDA, or the CPU "
+                "interpreter with TRITON_INTERPRET=1), 'torch' or 'auto'"
+            )
+        if name == "auto":
+            on_gpu = device.type == "cuda" and triton_unavailable_reason(device) is None
+            return "triton" if on_gpu else "torch"
+    if name == "auto":
+        if device.type == "cuda" and triton_unavailable_reason(device) is None:
+            return "triton"
+        if _native_allowed_in_auto() and native_unavailable_reason(device) is None:
+            return "native"
+        return "torch"
+    if name == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend 'triton' is not available: {reason}")
+    if name in ("native", "cuda"):
+        if name == "cuda" and device.type != "cuda":
+            raise RuntimeError(f"backend 'cuda' is not available: the tensors are on {device}")
+        reason = native_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} is not available: {reason}")
+        return "native"
+    return name
+
+
+def _native_allowed_in_auto() -> bool:
+    from fastsparse.core import native
+
+    mode = native.native_mode()
+    if mode == "1":  # required: a failed build must surface, not fall back
+        return True
+    return mode == "auto"
+
+
+# --- the registry of fused backends --------------------------------------------------------------
+
+_FUSED: dict = {}
+
+
+def fused_backend(name: str) -> Backend:
+    """The engine backend of a resolved name ("triton" or "native"), imported on first use."""
+    backend = _FUSED.get(name)
+    if backend is None:
+        if name == "triton":
+            from fastsparse.kernels import penalty, prox
+
+            backend = SimpleNamespace(
+                plans=penalty.plans,
+                stats=penalty.stats,
+                rule=penalty.rule,
+                apply=penalty.apply,
+                fused=penalty.fused,
+                prox=prox.prox,
+            )
+        elif name == "native":
+            from fastsparse.core import native as backend
+        else:
+            raise ValueError(f"no fused implementation for backend {name!r}")
+        _FUSED[name] = backend
+    return backend
+
+
+def op_kernels(op: str, name: str) -> ModuleType:
+    """The Triton kernel module of a Triton-only op (`TRITON_ONLY_OPS`)."""
+    if name != "triton" or op not in TRITON_ONLY_OPS:
+        raise ValueError(
+            f"no fused {op} implementation for backend {name!r}; available: triton "
+            "(or 'torch', the oracle)"
+        )
+    if op == "feature_flow":
+        from fastsparse.kernels import feature_flow as module
+    else:
+        from fastsparse.kernels import selective_decay as module
+    return module

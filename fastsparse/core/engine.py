@@ -1,0 +1,328 @@
+"""The engine: every fused op composed from a backend's few primitives.
+
+A backend (the Triton kernels of fastsparse.kernels, the C++ kernels of fastsparse/core/native.py)
+implements the `Backend` protocol below. `select` = (pass index, split) picks segments (None:
+any). This module holds what is the same for every backend: which segments take the one-pass
+path, the order of passes, the fp32 buffers of multi-pass gradients, coupled groups that span
+tensors, and the masks of prox steps. Everything here runs on the device without host
+synchronization.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from fastsparse.core.contract import (
+    ACROSS_GROUP_KINDS,
+    GROUP_PROX_KINDS,
+    accumulation_dtype,
+    accumulation_dtype_of,
+)
+from fastsparse.core.layout import (
+    ALL,
+    Plan,
+    PlanCache,
+    Select,
+    new_empty,
+    passes,
+    segment_of_group_map,
+    segment_sums,
+)
+
+
+class Backend(Protocol):
+    """The primitives a fused backend gives; every op of fastsparse/core/ops.py is built from them.
+
+    All tensors are on the plan's device; statistics and coefficients are in the accumulation
+    dtype of the contract.
+    """
+
+    plans: PlanCache
+
+    def stats(
+        self, plan: Plan, tensors, select: Select, element_threshold: Optional[float] = None
+    ) -> torch.Tensor:
+        """[total groups, 2] = (s1, s2) of the selected segments' groups (the others are 0).
+
+        With `element_threshold`, only elements with |w| > threshold count (l0 + group prox)."""
+
+    def rule(
+        self,
+        stats: torch.Tensor,
+        segment_of_group: torch.Tensor,
+        sums: torch.Tensor,
+        kind: str,
+        alpha: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [groups], coefs [groups, 2] = (a_g, b_g)) from the statistics; `sums` holds
+        each segment's (L, F^2) for the across-group kinds."""
+
+    def apply(
+        self,
+        plan: Plan,
+        tensors,
+        grads,
+        coefs: torch.Tensor,
+        select: Select,
+        *,
+        accumulate: bool,
+        scale: float,
+        scale_tensor: Optional[torch.Tensor] = None,
+    ) -> None:
+        """grads [+]= scale * scale_tensor * (a_g sign(w) + b_g w) on the selected segments."""
+
+    def fused(
+        self,
+        plan: Plan,
+        tensors,
+        grads,
+        select: Select,
+        kind: str,
+        alpha: float,
+        scale: float,
+        values: torch.Tensor,
+    ) -> None:
+        """Statistics, rule and gradient of one-block groups in one pass; values[g] written."""
+
+    def prox(
+        self,
+        plan: Plan,
+        tensors,
+        select: Select,
+        kind: str,
+        t_elem: float,
+        t_group: float,
+        factors: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Prox step in place on the selected segments; [total groups, 2] (s1, s2) after it.
+
+        `factors` (per group) replace the computed group factors ("scale", split groups)."""
+
+
+def _plan_rule(backend: Backend, plan, stats, kind, alpha):
+    sums = segment_sums(plan, stats) if kind in ACROSS_GROUP_KINDS else stats
+    return backend.rule(stats, segment_of_group_map(plan), sums, kind, alpha)
+
+
+# --- penalties over tensors x groupings (or explicit specs) ------------------------------------
+
+
+def penalty_forward(backend: Backend, tensors, kind, specs, alpha):
+    """Value (0-dim, accumulation dtype) and per-group coefficients for the backward."""
+    plan = backend.plans.get(tensors, specs)
+    values, coefs = _plan_rule(backend, plan, backend.stats(plan, tensors, ALL), kind, alpha)
+    acc = accumulation_dtype_of(tensors)
+    return values.sum().to(acc), coefs.to(acc)
+
+
+def penalty_backward(backend: Backend, tensors, coefs, grad_value, specs):
+    """grad_value * (a_g sign(w) + b_g w) per tensor, in its dtype and layout."""
+    plan = backend.plans.get(tensors, specs)
+    dtypes = [t.dtype for t in tensors]
+    if len(passes(plan)) > 1:
+        # Passes add up: low-precision weights sum in fp32 buffers, rounded once at the end.
+        dtypes = [accumulation_dtype(d) for d in dtypes]
+        plan = backend.plans.get(tensors, specs, dtypes)
+    grads = [
+        new_empty(t.shape, stride=t.stride(), dtype=d, device=t.device)
+        for t, d in zip(tensors, dtypes)
+    ]
+    for p in passes(plan):
+        backend.apply(
+            plan,
+            tensors,
+            grads,
+            coefs,
+            Select(p),
+            accumulate=p > 0,
+            scale=1.0,
+            scale_tensor=grad_value,
+        )
+    return [g.to(t.dtype) for g, t in zip(grads, tensors)]
+
+
+def add_penalty_grad(backend: Backend, grads, tensors, kind, specs, alpha, strength):
+    """grads[i] += strength * dR/dW_i in place; returns the penalty value (0-dim)."""
+    plan = backend.plans.get(tensors, specs, [g.dtype for g in grads])
+    # Within-group kinds on groups that fit one block: statistics, rule and gradient in one
+    # pass (fused). The others (across-group kinds, long groups) need statistics first.
+    two_pass = Select(split=None if kind in ACROSS_GROUP_KINDS else True)
+    if kind in ACROSS_GROUP_KINDS or any(c.split for c in plan.classes):
+        values, coefs = _plan_rule(
+            backend, plan, backend.stats(plan, tensors, two_pass), kind, alpha
+        )
+    else:
+        values = new_empty((plan.total_groups,), dtype=torch.float64, device=plan.device)
+        coefs = values
+    for p in passes(plan):  # a tensor's gradient is never written by two passes at once
+        backend.apply(
+            plan,
+            tensors,
+            grads,
+            coefs,
+            two_pass._replace(pass_index=p),
+            accumulate=True,
+            scale=strength,
+        )
+        if kind not in ACROSS_GROUP_KINDS:
+            backend.fused(
+                plan, tensors, grads, Select(p, split=False), kind, alpha, strength, values
+            )
+    return values.sum().to(accumulation_dtype_of(tensors))
+
+
+def group_norms(backend: Backend, tensors, specs):
+    """The group l2 norms of all segments, concatenated in order (accumulation dtype)."""
+    plan = backend.plans.get(tensors, specs)
+    return torch.sqrt(backend.stats(plan, tensors, ALL)[:, 1]).to(accumulation_dtype_of(tensors))
+
+
+# --- statistics and given coefficients: the pieces sharded tensors are built from -------------
+# (fastsparse/distributed adds the statistics of a group's shards across ranks between them)
+
+
+def group_stats(backend: Backend, tensors, specs):
+    """(s1, s2) of every group of all segments, concatenated in order: [groups, 2] (acc dtype)."""
+    plan = backend.plans.get(tensors, specs)
+    return backend.stats(plan, tensors, ALL).to(accumulation_dtype_of(tensors))
+
+
+def add_coefficient_grad(backend: Backend, grads, tensors, coefs, specs, strength):
+    """grads[i] += strength * (a_g sign(w) + b_g w) with given coefs [groups, 2] = (a_g, b_g)."""
+    plan = backend.plans.get(tensors, specs, [g.dtype for g in grads])
+    for p in passes(plan):  # a tensor's gradient is never written by two passes at once
+        backend.apply(plan, tensors, grads, coefs, Select(p), accumulate=True, scale=strength)
+
+
+# --- coupled groups: groups made of slices of several tensors -----------------------------------
+#
+# A coupled plan's segments are slices (one spec per (tensor, dim) a coupled group touches);
+# `slice_groups` [slices] maps each slice to its coupled group (-1: in none), `group_counts`
+# [coupled sets] gives each set's number of groups (a set plays the part of one tensor for the
+# across-group kinds).
+
+
+def _coupled_maps(plan, slice_groups, group_counts):
+    """Cached gather order: slices sorted by coupled group, and per-group slice counts."""
+    key = ("coupled", slice_groups.data_ptr(), tuple(group_counts))
+    if key not in plan.cache:
+        total = sum(group_counts)
+        groups = slice_groups.to(plan.device)
+        covered = torch.nonzero(groups >= 0).flatten()
+        order = covered[torch.argsort(groups[covered], stable=True)]
+        per_group = torch.bincount(groups[covered], minlength=total)
+        counts = torch.tensor(group_counts, dtype=torch.int64, device=plan.device)
+        set_of_group = torch.repeat_interleave(
+            torch.arange(len(group_counts), dtype=torch.int32, device=plan.device), counts
+        )
+        plan.cache[key] = (order, per_group, counts, set_of_group, groups)
+    return plan.cache[key]
+
+
+def _coupled_stats(plan, slice_stats, slice_groups, group_counts):
+    """Per coupled group (s1, s2): the sum over its slices, added in a fixed order."""
+    order, per_group, _, _, _ = _coupled_maps(plan, slice_groups, group_counts)
+    gathered = slice_stats.index_select(0, order)
+    return torch.stack(
+        [
+            torch.segment_reduce(gathered[:, i].contiguous(), "sum", lengths=per_group, unsafe=True)
+            for i in range(2)
+        ],
+        dim=1,
+    )
+
+
+def _per_slice(values, slice_groups, fill):
+    """values[group of slice] for every slice; `fill` for slices in no group."""
+    covered = slice_groups >= 0
+    picked = values.index_select(0, torch.where(covered, slice_groups, 0))
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    return torch.where(covered.reshape(shape), picked, fill)
+
+
+def _coupled_rule(backend: Backend, plan, tensors, slice_groups, group_counts, kind, alpha):
+    stats = _coupled_stats(plan, backend.stats(plan, tensors, ALL), slice_groups, group_counts)
+    _, _, counts, set_of_group, groups = _coupled_maps(plan, slice_groups, group_counts)
+    sums = stats
+    if kind in ACROSS_GROUP_KINDS:
+        s2 = stats[:, 1].contiguous()
+        sums = torch.stack(
+            [
+                torch.segment_reduce(torch.sqrt(s2), "sum", lengths=counts, unsafe=True),
+                torch.segment_reduce(s2, "sum", lengths=counts, unsafe=True),
+            ],
+            dim=1,
+        )
+    values, coefs = backend.rule(stats, set_of_group, sums, kind, alpha)
+    return values, _per_slice(coefs, groups, 0.0)
+
+
+def coupled_penalty_forward(
+    backend: Backend, tensors, specs, slice_groups, group_counts, kind, alpha
+):
+    """Value and per-slice coefficients of a penalty over coupled groups."""
+    plan = backend.plans.get(tensors, specs)
+    values, slice_coefs = _coupled_rule(
+        backend, plan, tensors, slice_groups, group_counts, kind, alpha
+    )
+    acc = accumulation_dtype_of(tensors)
+    return values.sum().to(acc), slice_coefs.to(acc)
+
+
+def add_coupled_penalty_grad(
+    backend: Backend, grads, tensors, specs, slice_groups, group_counts, kind, alpha, strength
+):
+    plan = backend.plans.get(tensors, specs, [g.dtype for g in grads])
+    values, slice_coefs = _coupled_rule(
+        backend, plan, tensors, slice_groups, group_counts, kind, alpha
+    )
+    for p in passes(plan):
+        backend.apply(plan, tensors, grads, slice_coefs, Select(p), accumulate=True, scale=strength)
+    return values.sum().to(accumulation_dtype_of(tensors))
+
+
+def coupled_group_norms(backend: Backend, tensors, specs, slice_groups, group_counts):
+    plan = backend.plans.get(tensors, specs)
+    stats = _coupled_stats(plan, backend.stats(plan, tensors, ALL), slice_groups, group_counts)
+    return torch.sqrt(stats[:, 1]).to(accumulation_dtype_of(tensors))
+
+
+# --- proximal steps --------------------------------------------------------------------------
+
+
+def prox_factors(norms: torch.Tensor, kind: str, threshold: float) -> torch.Tensor:
+    """Per-group multipliers of the group prox kinds: 0 for dead groups (n <= t)."""
+    alive = norms > threshold
+    if kind == "group_l0":
+        return alive.to(norms.dtype)
+    return torch.where(alive, 1.0 - threshold / torch.where(alive, norms, 1.0), 0.0)
+
+
+def prox_(backend: Backend, tensors, specs, kind, t_elem, t_group):
+    """Threshold in place; returns the flat [groups] bool mask of groups with a nonzero left."""
+    plan = backend.plans.get(tensors, specs)
+    factors = None
+    if kind in GROUP_PROX_KINDS and any(c.split for c in plan.classes):
+        hard = t_elem if kind == "l0_group_lasso" else None
+        stats = backend.stats(plan, tensors, Select(split=True), element_threshold=hard)
+        factors = prox_factors(torch.sqrt(stats[:, 1]), kind, t_group)
+    after = backend.prox(plan, tensors, ALL, kind, t_elem, t_group, factors)
+    return after[:, 1] > 0
+
+
+def coupled_prox_(backend: Backend, tensors, specs, slice_groups, group_counts, kind, threshold):
+    """group_lasso / group_l0 on coupled groups, in place; returns kept [coupled groups].
+
+    All norms come from the input (simultaneous); an element in several groups is multiplied by
+    each group's factor, pass after pass.
+    """
+    plan = backend.plans.get(tensors, specs)
+    stats = _coupled_stats(plan, backend.stats(plan, tensors, ALL), slice_groups, group_counts)
+    factors = prox_factors(torch.sqrt(stats[:, 1]), kind, threshold)
+    _, _, _, _, groups = _coupled_maps(plan, slice_groups, group_counts)
+    slice_factors = _per_slice(factors, groups, 1.0)
+    for p in passes(plan):
+        backend.prox(plan, tensors, Select(p), "scale", 0.0, 0.0, slice_factors)
+    return factors > 0

@@ -1,0 +1,388 @@
+"""torch.library registration of every fused op, in one place: schemas, fake kernels, autograd.
+
+The ops are opaque to torch.compile (they launch pointer-table kernels), declare exactly what they
+mutate, and have fake kernels so that `torch.compile(fullgraph=True)` traces through them. They
+run fastsparse/core/engine.py on a backend of fastsparse/core/backends.py ("triton": the kernels
+of fastsparse.kernels; "native": the CPU and CUDA C++ of fastsparse/core/native.py), imported on
+first call so that `import fastsparse` never imports triton or initializes CUDA.
+
+`groups` strings say which segments a tensor list is cut into (fastsparse/layout.py): a
+groupings list ("filters,channels", "none" for None) or explicit specs ("@0:filters,1:channels",
+used for coupled groups, with `slice_groups` and `group_counts`: see fastsparse/core/groups.py).
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from fastsparse.core import engine
+from fastsparse.core.backends import fused_backend as _backend
+from fastsparse.core.backends import op_kernels
+from fastsparse.core.contract import accumulation_dtype_of as _acc_dtype
+from fastsparse.core.layout import decode_specs, group_count
+
+
+def _specs(weights: List[Tensor], groups: str):
+    return decode_specs(groups, len(weights))
+
+
+def _total_groups(weights: List[Tensor], groups: str) -> int:
+    return sum(group_count(weights[ti].shape, g) for ti, g, _ in _specs(weights, groups))
+
+
+def _scalar(weights: List[Tensor]) -> Tensor:
+    return weights[0].new_empty((), dtype=_acc_dtype(weights))
+
+
+# --- penalty value (differentiable) and its backward --------------------------------------------
+
+
+@torch.library.custom_op("fastsparse::penalty", mutates_args=())
+def penalty_op(
+    weights: List[Tensor], kind: str, groups: str, alpha: float, backend: str
+) -> Tuple[Tensor, Tensor]:
+    """(value, per-group gradient coefficients [groups, 2]) of the summed penalty."""
+    return engine.penalty_forward(_backend(backend), weights, kind, _specs(weights, groups), alpha)
+
+
+@penalty_op.register_fake
+def _(weights, kind, groups, alpha, backend):
+    coefs = weights[0].new_empty((_total_groups(weights, groups), 2), dtype=_acc_dtype(weights))
+    return _scalar(weights), coefs
+
+
+@torch.library.custom_op("fastsparse::penalty_backward", mutates_args=())
+def penalty_backward_op(
+    weights: List[Tensor], coefs: Tensor, grad_value: Tensor, groups: str, backend: str
+) -> List[Tensor]:
+    """grad_value * (a_g sign(w) + b_g w) for each weight, in the weight's dtype and layout."""
+    return engine.penalty_backward(
+        _backend(backend), weights, coefs, grad_value, _specs(weights, groups)
+    )
+
+
+@penalty_backward_op.register_fake
+def _(weights, coefs, grad_value, groups, backend):
+    return [
+        torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) for w in weights
+    ]
+
+
+def _backward(ctx, grad_value, _grad_coefs):
+    *weights, coefs = ctx.saved_tensors
+    grads = penalty_backward_op(weights, coefs, grad_value, ctx.groups, ctx.backend)
+    return (grads,) + (None,) * ctx.other_inputs
+
+
+def _setup_context(ctx, inputs, output, groups_position, backend_position):
+    _, coefs = output
+    ctx.mark_non_differentiable(coefs)
+    ctx.save_for_backward(*inputs[0], coefs)
+    ctx.groups, ctx.backend = inputs[groups_position], inputs[backend_position]
+    ctx.other_inputs = len(inputs) - 1
+
+
+penalty_op.register_autograd(
+    _backward, setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs, output, 2, 4)
+)
+
+
+# --- in-place gradient and group norms ----------------------------------------------------------
+
+
+@torch.library.custom_op("fastsparse::add_penalty_grad_", mutates_args=("grads",))
+def add_penalty_grad_op(
+    grads: List[Tensor],
+    weights: List[Tensor],
+    kind: str,
+    groups: str,
+    alpha: float,
+    strength: float,
+    backend: str,
+) -> Tensor:
+    """grads[i] += strength * dR/dW_i; returns the penalty value R (0-dim)."""
+    return engine.add_penalty_grad(
+        _backend(backend), grads, weights, kind, _specs(weights, groups), alpha, strength
+    )
+
+
+@add_penalty_grad_op.register_fake
+def _(grads, weights, kind, groups, alpha, strength, backend):
+    return _scalar(weights)
+
+
+@torch.library.custom_op("fastsparse::group_norms", mutates_args=())
+def group_norms_op(weights: List[Tensor], groups: str, backend: str) -> Tensor:
+    """The group l2 norms of all weights, concatenated (split them by group counts)."""
+    return engine.group_norms(_backend(backend), weights, _specs(weights, groups))
+
+
+@group_norms_op.register_fake
+def _(weights, groups, backend):
+    return weights[0].new_empty((_total_groups(weights, groups),), dtype=_acc_dtype(weights))
+
+
+# --- group statistics, and the gradient of given coefficients (sharded tensors) ------------------
+
+
+@torch.library.custom_op("fastsparse::group_stats", mutates_args=())
+def group_stats_op(weights: List[Tensor], groups: str, backend: str) -> Tensor:
+    """Per-group (s1, s2) of all weights' groups, concatenated: [groups, 2] (accumulation dtype)."""
+    return engine.group_stats(_backend(backend), weights, _specs(weights, groups))
+
+
+@group_stats_op.register_fake
+def _(weights, groups, backend):
+    return weights[0].new_empty((_total_groups(weights, groups), 2), dtype=_acc_dtype(weights))
+
+
+@torch.library.custom_op("fastsparse::add_coefficient_grad_", mutates_args=("grads",))
+def add_coefficient_grad_op(
+    grads: List[Tensor],
+    weights: List[Tensor],
+    coefs: Tensor,
+    groups: str,
+    strength: float,
+    backend: str,
+) -> None:
+    """grads[i] += strength * (a_g sign(w) + b_g w) for given coefs [groups, 2] = (a_g, b_g)."""
+    engine.add_coefficient_grad(
+        _backend(backend), grads, weights, coefs, _specs(weights, groups), strength
+    )
+
+
+@add_coefficient_grad_op.register_fake
+def _(grads, weights, coefs, groups, strength, backend):
+    return None
+
+
+# --- coupled groups -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsparse::coupled_penalty", mutates_args=())
+def coupled_penalty_op(
+    weights: List[Tensor],
+    slice_groups: Tensor,
+    groups: str,
+    group_counts: List[int],
+    kind: str,
+    alpha: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """(value, per-slice coefficients) of a penalty over coupled groups."""
+    return engine.coupled_penalty_forward(
+        _backend(backend),
+        weights,
+        _specs(weights, groups),
+        slice_groups,
+        group_counts,
+        kind,
+        alpha,
+    )
+
+
+@coupled_penalty_op.register_fake
+def _(weights, slice_groups, groups, group_counts, kind, alpha, backend):
+    coefs = weights[0].new_empty((_total_groups(weights, groups), 2), dtype=_acc_dtype(weights))
+    return _scalar(weights), coefs
+
+
+coupled_penalty_op.register_autograd(
+    _backward, setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs, output, 2, 6)
+)
+
+
+@torch.library.custom_op("fastsparse::add_coupled_penalty_grad_", mutates_args=("grads",))
+def add_coupled_penalty_grad_op(
+    grads: List[Tensor],
+    weights: List[Tensor],
+    slice_groups: Tensor,
+    groups: str,
+    group_counts: List[int],
+    kind: str,
+    alpha: float,
+    strength: float,
+    backend: str,
+) -> Tensor:
+    return engine.add_coupled_penalty_grad(
+        _backend(backend),
+        grads,
+        weights,
+        _specs(weights, groups),
+        slice_groups,
+        group_counts,
+        kind,
+        alpha,
+        strength,
+    )
+
+
+@add_coupled_penalty_grad_op.register_fake
+def _(grads, weights, slice_groups, groups, group_counts, kind, alpha, strength, backend):
+    return _scalar(weights)
+
+
+@torch.library.custom_op("fastsparse::coupled_group_norms", mutates_args=())
+def coupled_group_norms_op(
+    weights: List[Tensor], slice_groups: Tensor, groups: str, group_counts: List[int], backend: str
+) -> Tensor:
+    return engine.coupled_group_norms(
+        _backend(backend), weights, _specs(weights, groups), slice_groups, group_counts
+    )
+
+
+@coupled_group_norms_op.register_fake
+def _(weights, slice_groups, groups, group_counts, backend):
+    return weights[0].new_empty((sum(group_counts),), dtype=_acc_dtype(weights))
+
+
+# --- proximal steps -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsparse::prox_", mutates_args=("weights",))
+def prox_op(
+    weights: List[Tensor], groups: str, kind: str, t_elem: float, t_group: float, backend: str
+) -> Tensor:
+    """Threshold in place; the flat bool mask of groups with a nonzero left."""
+    return engine.prox_(_backend(backend), weights, _specs(weights, groups), kind, t_elem, t_group)
+
+
+@prox_op.register_fake
+def _(weights, groups, kind, t_elem, t_group, backend):
+    return weights[0].new_empty((_total_groups(weights, groups),), dtype=torch.bool)
+
+
+@torch.library.custom_op("fastsparse::coupled_prox_", mutates_args=("weights",))
+def coupled_prox_op(
+    weights: List[Tensor],
+    slice_groups: Tensor,
+    groups: str,
+    group_counts: List[int],
+    kind: str,
+    threshold: float,
+    backend: str,
+) -> Tensor:
+    """group_lasso / group_l0 on coupled groups in place; kept mask [coupled groups]."""
+    return engine.coupled_prox_(
+        _backend(backend),
+        weights,
+        _specs(weights, groups),
+        slice_groups,
+        group_counts,
+        kind,
+        threshold,
+    )
+
+
+@coupled_prox_op.register_fake
+def _(weights, slice_groups, groups, group_counts, kind, threshold, backend):
+    return weights[0].new_empty((sum(group_counts),), dtype=torch.bool)
+
+
+# --- ops with Triton kernels only --------------------------------------------------------------
+# Feature flow and selective weight decay: their "torch" backend is the oracle, which the public
+# functions (fastsparse/functional) call without going through these ops.
+
+
+# --- feature flow: value (differentiable), gradient, value and gradient in one pass ------------
+
+
+@torch.library.custom_op("fastsparse::feature_flow", mutates_args=())
+def feature_flow_op(
+    features: List[Tensor], gradient_weight: float, curvature_weight: float, backend: str
+) -> Tensor:
+    """R = a sum ||D_l||^2 + b sum ||C_l||^2 of same-shape, same-stride dense maps (0-dim).
+
+    The weights are per element (the caller divides by numel for reduction "mean").
+    """
+    module = op_kernels("feature_flow", backend)
+    return module.value(features, gradient_weight, curvature_weight)
+
+
+@feature_flow_op.register_fake
+def _(features, gradient_weight, curvature_weight, backend):
+    return features[0].new_empty((), dtype=_acc_dtype(features))
+
+
+@torch.library.custom_op("fastsparse::feature_flow_backward", mutates_args=())
+def feature_flow_backward_op(
+    features: List[Tensor],
+    grad_value: Tensor,
+    gradient_weight: float,
+    curvature_weight: float,
+    backend: str,
+) -> List[Tensor]:
+    """grad_value * dR/dF_l for every map, in the maps' dtype and strides."""
+    module = op_kernels("feature_flow", backend)
+    return module.grads(features, grad_value, gradient_weight, curvature_weight)
+
+
+@feature_flow_backward_op.register_fake
+def _(features, grad_value, gradient_weight, curvature_weight, backend):
+    return [
+        torch.empty_strided(f.shape, f.stride(), dtype=f.dtype, device=f.device) for f in features
+    ]
+
+
+def _feature_flow_setup_context(ctx, inputs, output):
+    features, gradient_weight, curvature_weight, backend = inputs
+    ctx.save_for_backward(*features)
+    ctx.options = (gradient_weight, curvature_weight, backend)
+
+
+def _feature_flow_backward(ctx, grad_value):
+    # The gradient is recomputed from the saved maps (one more read, no extra memory held
+    # between forward and backward); `feature_flow_value_and_grads` does both in one pass.
+    features = list(ctx.saved_tensors)
+    grads = feature_flow_backward_op(features, grad_value, *ctx.options)
+    return grads, None, None, None
+
+
+feature_flow_op.register_autograd(_feature_flow_backward, setup_context=_feature_flow_setup_context)
+
+
+@torch.library.custom_op("fastsparse::feature_flow_value_and_grads", mutates_args=())
+def feature_flow_value_and_grads_op(
+    features: List[Tensor], gradient_weight: float, curvature_weight: float, backend: str
+) -> Tuple[Tensor, List[Tensor]]:
+    """(R, [dR/dF_l]) in one pass: every map read once, every gradient written once."""
+    module = op_kernels("feature_flow", backend)
+    return module.value_and_grads(features, gradient_weight, curvature_weight)
+
+
+@feature_flow_value_and_grads_op.register_fake
+def _(features, gradient_weight, curvature_weight, backend):
+    value = features[0].new_empty((), dtype=_acc_dtype(features))
+    grads = [
+        torch.empty_strided(f.shape, f.stride(), dtype=f.dtype, device=f.device) for f in features
+    ]
+    return value, grads
+
+
+# --- selective weight decay (in place on the gradients) ----------------------------------------
+
+
+@torch.library.custom_op("fastsparse::selective_decay_", mutates_args=("grads",))
+def selective_decay_op(
+    grads: List[Tensor],
+    weights: List[Tensor],
+    thresholds: Tensor,
+    threshold_index: List[int],
+    strength: float,
+    relevance: str,
+    keep_loss_grad: bool,
+    backend: str,
+) -> Tensor:
+    """Extra decay on the irrelevant weights' gradients, in place; returns their count (int64)."""
+    module = op_kernels("selective_decay", backend)
+    return module.selective_decay_(
+        grads, weights, thresholds, threshold_index, strength, relevance, keep_loss_grad
+    )
+
+
+@selective_decay_op.register_fake
+def _(grads, weights, thresholds, threshold_index, strength, relevance, keep_loss_grad, backend):
+    return weights[0].new_empty((), dtype=torch.int64)

@@ -1,0 +1,20 @@
+"""The public functions of every op: validate, then route once (DTensor | fused | oracle).
+
+One module per op, named as in fastsparse/reference and fastsparse.kernels.
+"""
+
+from fastsparse.functional.feature_flow import feature_flow_penalty, feature_flow_value_and_grads
+from fastsparse.functional.penalty import add_penalty_grad_, group_norms, penalty
+from fastsparse.functional.prox import prox_
+from fastsparse.functional.selective_decay import relevance_thresholds, selective_decay_
+
+__all__ = [
+    "add_penalty_grad_",
+    "feature_flow_penalty",
+    "feature_flow_value_and_grads",
+    "group_norms",
+    "penalty",
+    "prox_",
+    "relevance_thresholds",
+    "selective_decay_",
+]

@@ -1,0 +1,298 @@
+"""The penalty op's public functions: penalty, add_penalty_grad_, group_norms.
+
+Each function validates its input completely (fastsparse/core/checks.py) before touching
+anything, then routes once: DTensors to fastsparse/distributed, the "torch" backend to the oracle
+(fastsparse/reference/penalty.py), everything else to the fused torch.library ops
+(fastsparse/core/ops.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastsparse import reference
+from fastsparse.core.backends import resolve_backend
+from fastsparse.core.checks import (
+    Tensors,
+    as_tensor_list,
+    check_coupled,
+    check_grads,
+    check_groupings,
+    check_kind,
+    check_strength,
+    check_tensors,
+    is_sharded,
+    prepare,
+)
+from fastsparse.core.contract import Grouping, accumulation_dtype_of, grad_dtype
+from fastsparse.core.groups import as_coupled_list, coupled_layout, coupled_params, is_coupled
+from fastsparse.core.layout import addressable, encode_groupings, group_count, is_dense
+
+
+def _zero_value(tensors: list[torch.Tensor]) -> torch.Tensor:
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return torch.zeros((), dtype=accumulation_dtype_of(tensors), device=device)
+
+
+def _distributed():
+    # Imported only when a DTensor is seen: torch.distributed.tensor is heavy to import.
+    from fastsparse import distributed
+
+    return distributed
+
+
+def penalty(
+    tensors: Tensors,
+    kind: str,
+    *,
+    groups: Grouping = "filters",
+    backend: Optional[str] = "auto",
+    **options,
+) -> torch.Tensor:
+    """The structured-sparsity penalty R summed over tensors (and groupings), differentiable.
+
+    Args:
+        tensors: one tensor or a sequence of tensors of any shapes, on one device.
+        kind: one of fastsparse.KINDS ("l1", "l2", "group_lasso", "l1l2", "group_l1l2",
+            "hoyer_square", "group_hoyer_square", "sparse_group_lasso").
+        groups: "filters" (dim 0), "channels" (dim 1), "kernels" (dims 0 and 1), None (whole
+            tensor), or a tuple of them (the penalty is summed over the groupings).
+        backend: "auto", "triton" or "torch"; "auto" honours FASTSPARSE_BACKEND.
+        options: alpha (sparse_group_lasso only, default 0.5).
+
+    Returns:
+        A 0-dim fp32 tensor (fp64 if any input is fp64); gradients flow to every tensor in its
+        own dtype.
+
+    Example:
+        >>> model = torch.nn.Conv2d(3, 8, 3)
+        >>> loss = 1e-3 * penalty(model.weight, "l1l2")
+        >>> loss.backward()
+    """
+    if is_coupled(groups):
+        coupled, alpha = __prepare_coupled(tensors, kind, groups, options)
+        if is_sharded(coupled_params(coupled)):
+            return _distributed().coupled_penalty(coupled, kind, alpha, backend)
+        layout, name = coupled_backend(coupled, backend)
+        if name == "torch":
+            return reference.coupled_penalty(coupled, kind, alpha)
+        from fastsparse.core import ops
+
+        value, _ = ops.coupled_penalty_op(
+            layout.params,
+            layout.slice_groups,
+            layout.specs,
+            layout.group_counts,
+            kind,
+            alpha,
+            name,
+        )
+        return value
+    tensors, groupings, alpha = prepare(tensors, kind, groups, options)
+    if is_sharded(tensors):
+        return _distributed().penalty(tensors, kind, groupings, alpha, backend)
+    nonempty = [t for t in tensors if t.numel() > 0]
+    if not nonempty:
+        return _zero_value(tensors)
+    name = resolve_backend(backend, nonempty[0].device)
+    if name == "torch":
+        return reference.penalty(nonempty, kind, groupings, alpha)
+    from fastsparse.core import ops
+
+    weights = [t if addressable(t, groupings) else t.contiguous() for t in nonempty]
+    value, _ = ops.penalty_op(weights, kind, encode_groupings(groupings), alpha, name)
+    return value
+
+
+def __prepare_coupled(tensors, kind: str, groups, options: dict):
+    """Validate a call on coupled groups; returns (list of CoupledGroup, alpha)."""
+    coupled = as_coupled_list(groups)
+    check_coupled(coupled, tensors)
+    return coupled, check_kind(kind, options)
+
+
+def coupled_backend(coupled: list, backend):
+    """(layout, backend name) for coupled groups (the prox op routes them the same way); the
+    oracle serves layouts the kernels cannot
+    address (a parameter that is not dense)."""
+    layout = coupled_layout(coupled)
+    if not layout.params:
+        return layout, "torch"
+    name = resolve_backend(backend, layout.params[0].device)
+    if name != "torch" and not all(is_dense(p) for p in layout.params):
+        name = "torch"
+    return layout, name
+
+
+def add_penalty_grad_(
+    tensors: Tensors,
+    kind: str,
+    strength: float,
+    *,
+    groups: Grouping = "filters",
+    backend: Optional[str] = "auto",
+    **options,
+) -> torch.Tensor:
+    """Add strength * dR/dW to each tensor's .grad in place (allocating zeros if it is None).
+
+    The fast path for large models: call it after loss.backward() and before optimizer.step(),
+    like decoupled weight decay. It builds no autograd graph and does not synchronize with the
+    device. The gradient may have another dtype than the weight (e.g. bf16 weights, fp32 grads).
+
+    Returns:
+        The penalty value R (not multiplied by strength) as a 0-dim tensor, as `penalty` gives.
+
+    Example:
+        >>> model = torch.nn.Linear(16, 4)
+        >>> model(torch.randn(2, 16)).sum().backward()
+        >>> value = add_penalty_grad_(model.weight, "group_lasso", 1e-4)
+    """
+    if is_coupled(groups):
+        coupled, alpha = __prepare_coupled(tensors, kind, groups, options)
+        strength = check_strength(strength)
+        if is_sharded(coupled_params(coupled)):
+            return _distributed().add_coupled_penalty_grad_(coupled, kind, strength, alpha, backend)
+        layout, name = coupled_backend(coupled, backend)
+        check_grads(layout.params)
+        for t in layout.params:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
+        with torch.no_grad():
+            if name == "torch":
+                value = reference.coupled_penalty(coupled, kind, alpha)
+                updates = reference.coupled_penalty_grad(coupled, kind, alpha)
+                for t, update in zip(coupled_params(coupled), updates):
+                    t.grad.add_(update.to(t.grad.dtype), alpha=strength)
+                return value
+            from fastsparse.core import ops
+
+            return _with_grads_like_weights(
+                layout.params,
+                lambda weights, grads: ops.add_coupled_penalty_grad_op(
+                    grads,
+                    weights,
+                    layout.slice_groups,
+                    layout.specs,
+                    layout.group_counts,
+                    kind,
+                    alpha,
+                    strength,
+                    name,
+                ),
+                addressable=lambda w: True,
+            )
+    tensors, groupings, alpha = prepare(tensors, kind, groups, options)
+    strength = check_strength(strength)
+    check_grads(tensors)
+    if is_sharded(tensors):
+        return _distributed().add_penalty_grad_(tensors, kind, strength, groupings, alpha, backend)
+    nonempty = [t for t in tensors if t.numel() > 0]
+    name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"
+    for t in tensors:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
+    if not nonempty:
+        return _zero_value(tensors)
+    with torch.no_grad():
+        if name == "torch":
+            value = reference.penalty(nonempty, kind, groupings, alpha)
+            updates = reference.penalty_grad(nonempty, kind, groupings, alpha)
+            for t, update in zip(nonempty, updates):
+                t.grad.add_(update.to(t.grad.dtype), alpha=strength)
+            return value
+        from fastsparse.core import ops
+
+        return _with_grads_like_weights(
+            nonempty,
+            lambda weights, grads: ops.add_penalty_grad_op(
+                grads, weights, kind, encode_groupings(groupings), alpha, strength, name
+            ),
+            addressable=lambda w: addressable(w, groupings),
+        )
+
+
+def _with_grads_like_weights(tensors, run, addressable):
+    """Call run(weights, grads) with gradients laid out like their weights.
+
+    The kernels write a gradient with its weight's strides; a weight the kernels cannot
+    address goes as a contiguous copy, and a gradient of another layout through a buffer that
+    is added to it afterwards.
+    """
+    weights, grads, spills = [], [], []
+    for t in tensors:
+        w = t.detach()
+        if not addressable(w):
+            w = w.contiguous()
+        g = t.grad
+        if g.stride() != w.stride():
+            spill = torch.zeros_like(w, dtype=g.dtype)
+            spills.append((g, spill))
+            g = spill
+        weights.append(w)
+        grads.append(g)
+    value = run(weights, grads)
+    for target, spill in spills:
+        target.add_(spill)
+    return value
+
+
+def group_norms(
+    tensors: Optional[Tensors], *, groups="filters", backend: Optional[str] = "auto"
+) -> list[torch.Tensor]:
+    """Per tensor, the 1-D tensor of its group l2 norms, in one fused pass.
+
+    Returns a list with one tensor of shape [number of groups] per input tensor, in the
+    accumulation dtype (fp32; fp64 if an input is fp64). Not differentiable. With coupled
+    groups (`fastsparse.coupled_groups`), one [G] tensor per CoupledGroup; `tensors` may then
+    be None.
+
+    Example:
+        >>> [n.shape for n in group_norms([torch.randn(8, 3, 3, 3), torch.randn(8)])]
+        [torch.Size([8]), torch.Size([8])]
+    """
+    if is_coupled(groups):
+        coupled = as_coupled_list(groups)
+        check_coupled(coupled, tensors)
+        if is_sharded(coupled_params(coupled)):
+            return _distributed().coupled_group_norms(coupled, backend)
+        layout, name = coupled_backend(coupled, backend)
+        if name == "torch":
+            return reference.coupled_group_norms(coupled)
+        from fastsparse.core import ops
+
+        flat = ops.coupled_group_norms_op(
+            [p.detach() for p in layout.params],
+            layout.slice_groups,
+            layout.specs,
+            layout.group_counts,
+            name,
+        )
+        return list(torch.split(flat, layout.group_counts))
+    tensors = as_tensor_list(tensors)
+    check_tensors(tensors)
+    if isinstance(groups, (tuple, list)):
+        raise ValueError("group_norms takes one grouping, not a tuple")
+    (grouping,) = check_groupings(groups, tensors)
+    if is_sharded(tensors):
+        return _distributed().group_norms(tensors, grouping, backend)
+    dtype = accumulation_dtype_of(tensors)
+    nonempty = [t.detach() for t in tensors if t.numel() > 0]
+    name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"
+    if name == "torch":
+        norms = iter(n.to(dtype) for n in reference.group_norms(nonempty, grouping))
+    else:
+        from fastsparse.core import ops
+
+        weights = [t if addressable(t, (grouping,)) else t.contiguous() for t in nonempty]
+        flat = ops.group_norms_op(weights, encode_groupings((grouping,)), name)
+        counts = [group_count(t.shape, grouping) for t in weights]
+        norms = iter(torch.split(flat, counts))
+    out = []
+    for t in tensors:
+        if t.numel() > 0:
+            out.append(next(norms))
+        else:
+            out.append(torch.zeros(group_count(t.shape, grouping), dtype=dtype, device=t.device))
+    return out

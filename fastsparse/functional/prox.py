@@ -1,0 +1,159 @@
+"""The prox op's public function `prox_`: validation, then one routing to DTensors, the fused
+kernels or the oracle.
+
+The math lives in fastsparse/reference/prox.py (the oracle); every argument is checked before
+anything is written, so a bad call leaves all tensors unchanged, and the backend is picked in one
+place (`_dispatch`).
+
+Thresholding rule (shared with `fastsparse.prune`): an element is dead when |w| <= t, a group when
+its l2 norm n <= t.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence, Union
+
+import torch
+
+from fastsparse import reference
+from fastsparse.core.backends import BACKENDS, resolve_backend
+from fastsparse.core.checks import (
+    check_coupled,
+    check_grouping,
+    check_threshold,
+    is_sharded,
+    prox_tensor_list,
+)
+from fastsparse.core.contract import PROX_KINDS
+from fastsparse.core.groups import CoupledGroup, coupled_params, is_coupled
+from fastsparse.core.layout import encode_groupings, group_count, segment_geometry
+from fastsparse.functional.penalty import coupled_backend
+
+__all__ = ["PROX_BACKENDS", "PROX_KINDS", "prox_"]
+
+PROX_BACKENDS = BACKENDS
+
+Tensors = Union[torch.Tensor, Iterable[torch.Tensor], torch.nn.Module, None]
+
+
+def prox_(
+    tensors: Tensors,
+    kind: str,
+    threshold: Union[float, Sequence[float]],
+    *,
+    groups: Union[str, None, CoupledGroup, Sequence[CoupledGroup]] = "filters",
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """Apply a proximal / threshold step in place and return the masks of kept groups.
+
+    Kinds (t = threshold, n = group l2 norm, statistics in fp32, fp64 for fp64 tensors):
+
+    - ``"l1"``: soft threshold, w ← sign(w)·max(|w| − t, 0).
+    - ``"l0"``: hard threshold, w ← 0 where |w| <= t.
+    - ``"group_lasso"``: group soft threshold, w ← w·max(0, 1 − t/n); zero groups stay zero.
+    - ``"group_l0"``: w ← 0 in every group with n <= t.
+    - ``"l0_group_lasso"``: hard threshold the elements, then group-shrink what is left (the
+      l0 + l2,1 step of Bui et al.); `threshold` may be a pair ``(t_l0, t_group)``.
+
+    Args:
+        tensors: a floating tensor, an iterable of them, or an ``nn.Module`` (its parameters).
+            With coupled groups the tensors touched are those of the groups; `tensors` may then
+            be None, else every group parameter must be one of `tensors` (a check against
+            groups traced on another copy of the model).
+        kind: one of :data:`PROX_KINDS`.
+        threshold: t >= 0.
+        groups: ``"filters"`` (dim 0), ``"channels"`` (dim 1), ``"kernels"`` (dims 0 and 1),
+            ``None`` (the whole tensor), or coupled groups from `fastsparse.coupled_groups`.
+        backend: as in `fastsparse.penalty` ("auto", "triton", "native", "cuda", "torch").
+
+    Returns:
+        A list of bool tensors, one per tensor (shape [groups of the grouping]) or one per
+        CoupledGroup (shape [G]): True where the group survived.
+
+    Raises:
+        ValueError: negative or NaN threshold, unknown kind, grouping or backend, a tuple of
+            groupings, a tensor with too few dims for the grouping, or coupled groups whose
+            parameters are not among `tensors`. Nothing is modified.
+        TypeError: a non-floating tensor or a non-numeric threshold. Nothing is modified.
+
+    Example::
+
+        >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+        >>> prox_(w, "group_l0", 1.0)
+        [tensor([ True, False])]
+        >>> w
+        tensor([[3., 4.],
+                [0., 0.]])
+    """
+    if kind not in PROX_KINDS:
+        raise ValueError(f"unknown prox kind {kind!r}; valid kinds: {', '.join(PROX_KINDS)}")
+    if backend not in PROX_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(PROX_BACKENDS)}")
+    check_threshold(kind, threshold)
+    if is_coupled(groups):
+        coupled = [groups] if isinstance(groups, CoupledGroup) else list(groups)
+        check_coupled(coupled, tensors)
+        if is_sharded(coupled_params(coupled)):
+            from fastsparse import distributed
+
+            return distributed.coupled_prox_(coupled, kind, threshold, backend)
+        return _dispatch(None, kind, threshold, coupled, backend)
+    tensor_list = prox_tensor_list(tensors)
+    check_grouping(groups, tensor_list)
+    if is_sharded(tensor_list):
+        from fastsparse import distributed
+
+        return distributed.prox_(tensor_list, kind, threshold, groups, backend)
+    return _dispatch(tensor_list, kind, threshold, groups, backend)
+
+
+def _dispatch(tensors, kind, threshold, groups, backend):
+    """The single place where a backend is chosen. Arguments are already validated.
+
+    The fused kernels serve every kind on tensors, and group_lasso / group_l0 on coupled
+    groups; the oracle serves the rest (element kinds and l0_group_lasso on coupled groups,
+    whose "once per covered element" rule has no fused form yet).
+    """
+    t_elem, t_group = threshold if isinstance(threshold, (tuple, list)) else (threshold,) * 2
+    t_elem, t_group = float(t_elem), float(t_group)
+    if tensors is None:
+        layout, name = coupled_backend(groups, backend)
+        if name == "torch" or kind not in ("group_lasso", "group_l0"):
+            return reference.prox_(None, kind, threshold, groups)
+        from fastsparse.core import ops
+
+        with torch.no_grad():
+            kept = ops.coupled_prox_op(
+                layout.params,
+                layout.slice_groups,
+                layout.specs,
+                layout.group_counts,
+                kind,
+                t_group,
+                name,
+            )
+        return list(torch.split(kept, layout.group_counts))
+    nonempty = [t for t in tensors if t.numel() > 0]
+    name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"
+    if name == "torch":
+        return reference.prox_(tensors, kind, threshold, groups)
+    from fastsparse.core import ops
+
+    with torch.no_grad():
+        # The kernels write in place through the weights' strides; a layout they cannot
+        # address is thresholded on a contiguous copy, then copied back.
+        weights = [t.detach() for t in nonempty]
+        weights = [
+            w if segment_geometry(w, groups) is not None else w.contiguous() for w in weights
+        ]
+        flat = ops.prox_op(weights, encode_groupings((groups,)), kind, t_elem, t_group, name)
+        for t, w in zip(nonempty, weights):
+            if w.data_ptr() != t.data_ptr():
+                t.copy_(w)
+    kept = iter(torch.split(flat, [group_count(w.shape, groups) for w in weights]))
+    return [
+        next(kept)
+        if t.numel()
+        else torch.zeros(group_count(t.shape, groups), dtype=torch.bool, device=t.device)
+        for t in tensors
+    ]

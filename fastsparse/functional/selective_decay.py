@@ -1,0 +1,199 @@
+"""The selective weight decay op's public functions (Bonetta, Ribero and Cancelliere, 2022).
+
+After ``loss.backward()``, every weight whose relevance r (default |g w|) is <= tau gets
+
+    g <- g + lambda * w          (keep_loss_grad=True, default)
+    g <- lambda * w              (keep_loss_grad=False)
+
+and the others keep g. The oracle is fastsparse/reference/selective_decay.py, the kernel
+fastsparse.kernels.selective_decay (one in-place pass over every (w, g), no host sync); the
+regularizer object and the pruning schedule are the method (fastsparse/methods/selective_decay.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional, Union
+
+import torch
+from torch import nn
+
+from fastsparse import reference
+from fastsparse.core.backends import resolve_backend
+from fastsparse.core.checks import check_real
+from fastsparse.core.contract import RELEVANCE_KINDS, accumulation_dtype_of
+from fastsparse.core.groups import default_parameters
+from fastsparse.core.layout import is_dense
+
+__all__ = ["RELEVANCE_KINDS", "relevance_thresholds", "selective_decay_"]
+
+SCOPES = ("global", "tensor")
+
+Params = Union[nn.Module, Iterable[torch.Tensor]]
+
+
+def selected_params(model_or_params: Params) -> List[torch.Tensor]:
+    if isinstance(model_or_params, nn.Module):
+        params = default_parameters(model_or_params)
+    elif isinstance(model_or_params, torch.Tensor):
+        params = [model_or_params]
+    else:
+        params = list(model_or_params)
+    if not params:
+        raise ValueError("no parameters given")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a tensor")
+        if not p.is_floating_point() or p.layout != torch.strided:
+            raise TypeError(f"params[{i}] must be a dense floating tensor, got {p.dtype}")
+        if p.device != params[0].device:
+            raise ValueError(f"params[{i}] is on {p.device}, params[0] on {params[0].device}")
+        for j in range(i):
+            if params[j] is p:
+                raise ValueError(f"params[{i}] is the same tensor as params[{j}]")
+    return params
+
+
+def check_options(relevance: str, scope: str) -> None:
+    if relevance not in RELEVANCE_KINDS:
+        raise ValueError(f"unknown relevance {relevance!r}; valid: {', '.join(RELEVANCE_KINDS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+
+
+def _check_grads(params: List[torch.Tensor]) -> None:
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            continue
+        if g.shape != p.shape or g.device != p.device or g.layout != torch.strided:
+            raise ValueError(f"params[{i}].grad has shape {tuple(g.shape)} on {g.device}")
+        if not g.is_floating_point():
+            raise TypeError(f"params[{i}].grad has dtype {g.dtype}; expected floating point")
+
+
+def relevance_thresholds(
+    params: Params, quantile: float, *, relevance: str = "taylor", scope: str = "global"
+) -> torch.Tensor:
+    """Per-tensor thresholds [T] (fp32, fp64 for fp64) at the `quantile` of the relevances.
+
+    Reads ``p.grad`` (None counts as zeros). The population is the nonzero weights; exactly
+    floor(quantile * n) of them have relevance <= the threshold (ties aside); with none, the
+    threshold is -1 (nothing selected). No host sync.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 4.0]))
+        >>> w.grad = torch.tensor([1.0, 1.0, 0.1, 1.0])
+        >>> relevance_thresholds([w], 0.5)  # relevances 1, 2, 0.3, 4
+        tensor([1.])
+    """
+    params = selected_params(params)
+    _check_grads(params)
+    check_options(relevance, scope)
+    quantile = check_real("quantile", quantile, 0.0, 1.0)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    with torch.no_grad():
+        return reference.relevance_thresholds(
+            [p.detach() for p in params], grads, quantile, relevance, scope
+        )
+
+
+def selective_decay_(
+    params: Params,
+    strength: float,
+    *,
+    quantile: Optional[float] = None,
+    threshold: Union[float, torch.Tensor, None] = None,
+    relevance: str = "taylor",
+    scope: str = "global",
+    keep_loss_grad: bool = True,
+    backend: Optional[str] = "auto",
+) -> torch.Tensor:
+    """Selective weight decay, in place on ``p.grad``: call after backward, before the step.
+
+    Args:
+        params: an ``nn.Module`` (its Conv and Linear weights) or tensors with ``.grad``
+            (None is taken as zeros and allocated).
+        strength: lambda >= 0, the decay coefficient of the irrelevant weights.
+        quantile: q in [0, 1]: the threshold is the q-quantile of the relevances (of the
+            nonzero weights), see `scope`. Give exactly one of `quantile` and `threshold`.
+        threshold: an absolute relevance threshold: a number, or a tensor of one threshold per
+            param ([T], e.g. from :func:`relevance_thresholds`).
+        relevance: "taylor" (|g * w|, default), "magnitude" (|w|) or "gradient" (|g|).
+        scope: "global" (one quantile over all params) or "tensor" (one per param).
+        keep_loss_grad: irrelevant weights get g + lambda*w (True) or lambda*w (False).
+        backend: "auto", "triton" or "torch" (the oracle).
+
+    Returns:
+        The number of weights at or below their threshold, zero weights included (0-dim int64
+        tensor, no host sync).
+
+    Example:
+        >>> model = torch.nn.Linear(8, 4)
+        >>> model(torch.randn(3, 8)).sum().backward()
+        >>> n = selective_decay_(model, 1e-2, quantile=0.5, backend="torch")
+        >>> int(n)
+        16
+    """
+    params = selected_params(params)
+    _check_grads(params)
+    check_options(relevance, scope)
+    strength = check_real("strength", strength)
+    if (quantile is None) == (threshold is None):
+        raise ValueError("give exactly one of quantile and threshold")
+    device = params[0].device
+    if threshold is None:
+        thresholds = relevance_thresholds(params, quantile, relevance=relevance, scope=scope)
+    elif isinstance(threshold, torch.Tensor):
+        thresholds = threshold.detach().reshape(-1).to(device)
+        if thresholds.numel() == 1:
+            thresholds = thresholds.expand(len(params))
+        if thresholds.numel() != len(params):
+            raise ValueError(f"threshold has {thresholds.numel()} entries for {len(params)} params")
+    else:
+        value = check_real("threshold", threshold, -math.inf)
+        thresholds = torch.full((len(params),), value, dtype=torch.float64, device=device)
+    name = resolve_backend(backend, device, op="selective_decay")
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    with torch.no_grad():
+        if name == "torch":
+            weights = [p.detach() for p in params]
+            new, masks = reference.selective_decay_grad(
+                weights, [p.grad for p in params], thresholds, strength, relevance, keep_loss_grad
+            )
+            for p, g in zip(params, new):
+                p.grad.copy_(g)
+            return sum(m.sum() for m in masks).to(torch.int64)
+        return _fused(params, thresholds, strength, relevance, keep_loss_grad, name)
+
+
+def _fused(params, thresholds, strength, relevance, keep_loss_grad, backend) -> torch.Tensor:
+    from fastsparse.core import ops
+
+    weights, grads, spills = [], [], []
+    for p in params:
+        w, g = p.detach(), p.grad
+        if not (is_dense(w) and g.stride() == w.stride()):
+            # The kernel walks w and g with one flat index: go through contiguous buffers.
+            w, spill = w.contiguous(), g.contiguous()
+            if spill is not g:
+                spills.append((g, spill))
+            g = spill
+        weights.append(w)
+        grads.append(g)
+    acc = accumulation_dtype_of(weights)
+    count = ops.selective_decay_op(
+        grads,
+        weights,
+        thresholds.to(acc),
+        list(range(len(weights))),
+        strength,
+        relevance,
+        keep_loss_grad,
+        backend,
+    )
+    for target, spill in spills:
+        target.copy_(spill)
+    return count

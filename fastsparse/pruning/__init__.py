@@ -1,0 +1,24 @@
+"""From a sparse model to a smaller one: trace coupled groups (graph), score channels
+(importance), zero the weak ones (threshold), remove them for real (prune), measure (report).
+"""
+
+from fastsparse.pruning.graph import PruningError, coupled_groups
+from fastsparse.pruning.importance import select_channels, zero_channels_
+from fastsparse.pruning.prune import load_pruned, prune
+from fastsparse.pruning.report import LayerSparsity, SparsityReport, count_macs, sparsity_report
+from fastsparse.pruning.threshold import PruneResult, threshold_and_prune
+
+__all__ = [
+    "LayerSparsity",
+    "PruneResult",
+    "PruningError",
+    "SparsityReport",
+    "count_macs",
+    "coupled_groups",
+    "load_pruned",
+    "prune",
+    "select_channels",
+    "sparsity_report",
+    "threshold_and_prune",
+    "zero_channels_",
+]

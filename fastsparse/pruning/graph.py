@@ -1,0 +1,261 @@
+"""Coupled groups of a model, traced with Torch-Pruning's dependency graph.
+
+Removing out-channel c of a layer also removes its bias, the following BatchNorm's scale, shift
+and running statistics, the in-channel slice c of every consumer (several Linear columns after a
+flatten), the depthwise filter that carries c, and, through residual additions, channel c of
+every layer added to it. `coupled_groups` traces these with Torch-Pruning's ``DependencyGraph``
+and returns them as :class:`fastsparse.CoupledGroup` (one per root layer, G groups each).
+
+**Supported layers.** ``nn.Conv1d/2d/3d`` (groups = 1 or depthwise), ``nn.Linear``,
+``nn.BatchNorm1d/2d/3d`` and parameter-free ops (activations, pooling, flatten, add, cat, ...).
+A coupled group touching any other layer with parameters (LayerNorm, GroupNorm, grouped or
+transposed convs, raw ``nn.Parameter`` s...) raises :class:`PruningError` naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from fastsparse.core.groups import CoupledGroup, CoupledMember
+
+CONV = nn.modules.conv._ConvNd
+BATCHNORM = nn.modules.batchnorm._BatchNorm
+SUPPORTED = "Conv1d/2d/3d (groups=1 or depthwise), Linear, BatchNorm1d/2d/3d"
+
+
+class PruningError(RuntimeError):
+    """A model cannot be traced or pruned; the message names the layer when there is one."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def run_model(model: nn.Module, example_inputs: Any):
+    """Call the model: a dict is passed as keywords, a tuple/list as positional arguments."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def output_tensors(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a ``torch.compile`` wrapper (the model itself otherwise)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def eval_forward(model: nn.Module, example_inputs: Any):
+    """Forward in eval mode without grad, restoring every module's training flag."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return run_model(model, example_inputs)
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+@dataclass
+class Traced:
+    """A dependency graph built on `model` (a private copy) and its coupled groups."""
+
+    model: nn.Module
+    graph: Any  # torch_pruning.DependencyGraph
+    groups: List[CoupledGroup]
+    roots: List[nn.Module]  # root module of each group
+
+
+def trace(model: nn.Module, example_inputs: Any) -> Traced:
+    """Build Torch-Pruning's dependency graph on `model` (modified: use a copy) and its groups."""
+    import torch_pruning as tp
+
+    outputs: List[Any] = []
+
+    def forward_fn(m, x):
+        out = run_model(m, x)
+        outputs.append(out)
+        return out
+
+    for p in model.parameters():  # tracing follows autograd: frozen layers must be seen too
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs, forward_fn=forward_fn, verbose=False
+            )
+    except Exception as e:
+        raise PruningError(
+            f"cannot trace {type(model).__name__} with the example inputs ({type(e).__name__}: {e})"
+        ) from e
+    output_fns = {t.grad_fn for out in outputs for t in output_tensors(out)}
+    output_fns.discard(None)
+    if not output_fns:
+        raise PruningError(
+            f"cannot trace {type(model).__name__}: no output depends on its parameters"
+        )
+
+    module_names = {id(m): n for n, m in model.named_modules()}
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    layers = [n for n, m in model.named_modules() if isinstance(m, (CONV, nn.Linear))]
+    found = []
+    for tp_group in graph.get_all_groups(root_module_types=(CONV, nn.Linear)):
+        root = tp_group[0].dep.target.module
+        group = _coupled_group(graph, tp_group, module_names, param_names, output_fns, layers)
+        if group is not None:
+            found.append((group, root))
+    found.sort(key=lambda pair: layers.index(pair[0].root))  # in module order
+    return Traced(model, graph, [g for g, _ in found], [r for _, r in found])
+
+
+def _coupled_group(
+    graph, tp_group, module_names, param_names, output_fns, layer_names
+) -> Optional[CoupledGroup]:
+    """Translate one Torch-Pruning group into a CoupledGroup (None when it is not prunable)."""
+    from torch_pruning import ops
+
+    dummy = (
+        ops.OPTYPE.ELEMENTWISE,
+        ops.OPTYPE.CONCAT,
+        ops.OPTYPE.SPLIT,
+        ops.OPTYPE.RESHAPE,
+        ops.OPTYPE.UNBIND,
+        ops.OPTYPE.EXPAND,
+        ops.OPTYPE.SLICE,
+        ops.OPTYPE.OUTPUT,
+    )
+    root = tp_group[0].dep.target.module
+    num_groups = graph.get_out_channels(root)
+    # (id(param), dim) -> (name, param, dim, {slice index: group id})
+    slices: Dict[Tuple[int, int], Tuple[str, torch.Tensor, int, Dict[int, int]]] = {}
+    for item in tp_group:
+        node, handler = item.dep.target, item.dep.handler
+        module = node.module
+        changes_out = graph.is_out_channel_pruning_fn(handler)
+        changes_in = graph.is_in_channel_pruning_fn(handler)
+        if node.type == ops.OPTYPE.OUTPUT or (changes_out and node.grad_fn in output_fns):
+            return None  # the channels are model outputs
+        if node.type in dummy:
+            continue
+        if changes_in and not node.inputs and isinstance(module, (CONV, nn.Linear, BATCHNORM)):
+            return None  # the channels are the model's input channels
+        if isinstance(module, nn.Parameter):
+            raise PruningError(
+                f"parameter {param_names.get(id(module), tuple(module.shape))!r} is used outside "
+                f"a supported layer ({SUPPORTED}); it cannot be pruned"
+            )
+        name = module_names.get(id(module), type(module).__name__)
+        if isinstance(module, CONV):
+            if module.transposed or not (module.groups == 1 or is_depthwise(module)):
+                raise PruningError(
+                    f"layer {name!r} ({module}) is not supported: transposed and grouped "
+                    f"convolutions cannot be pruned yet (supported: {SUPPORTED})"
+                )
+            out_rows = changes_out or is_depthwise(module)
+            dims = {"weight": 0, "bias": 0} if out_rows else {"weight": 1}
+        elif isinstance(module, nn.Linear):
+            dims = {"weight": 0, "bias": 0} if changes_out else {"weight": 1}
+        elif isinstance(module, BATCHNORM):
+            dims = {"weight": 0, "bias": 0}
+        else:
+            raise PruningError(
+                f"layer {name!r} ({type(module).__name__}) is not supported: removing a channel "
+                f"from it is not lossless or not implemented (supported: {SUPPORTED})"
+            )
+        for attr, dim in dims.items():
+            param = getattr(module, attr, None)
+            if not isinstance(param, torch.Tensor):
+                continue
+            entry = (param_names[id(param)], param, dim, {})
+            mapping = slices.setdefault((id(param), dim), entry)[3]
+            for idx, root_idx in zip(item.idxs, item.root_idxs):
+                mapping.setdefault(int(idx), int(root_idx))
+    # Members in parameter (module) order; the root is the first conv/linear whose out-channels
+    # are in the group, so that group g is its out-channel g.
+    order = {name: i for i, name in enumerate(param_names.values())}
+    members = []
+    for name, param, dim, mapping in sorted(slices.values(), key=lambda e: (order[e[0]], e[2])):
+        index = sorted(mapping)
+        members.append(
+            CoupledMember(
+                name,
+                param,
+                dim,
+                torch.tensor(index, dtype=torch.int64),
+                torch.tensor([mapping[i] for i in index], dtype=torch.int64),
+            )
+        )
+    root_name = module_names[id(root)]
+    for m in members:
+        layer, _, attr = m.name.rpartition(".")
+        is_out_rows = attr == "weight" and m.dim == 0 and layer in layer_names
+        if is_out_rows and len(m.index) == num_groups and torch.equal(m.index, m.group):
+            root_name = layer
+            break
+    return CoupledGroup(root_name, num_groups, tuple(members))
+
+
+def coupled_groups(model: nn.Module, example_inputs: Any) -> List[CoupledGroup]:
+    """Trace which parameter slices must be zeroed or removed together, channel by channel.
+
+    One :class:`~fastsparse.reference.CoupledGroup` per root layer (a conv or linear layer whose
+    out-channels can go), with G = its out-channels. Member m of group g: the slices
+    ``m.param.select(m.dim, m.index[j])`` with ``m.group[j] == g``; the members' tensors are the
+    model's own parameters, so penalties and prox steps on the groups act on the model.
+
+    The model is traced on a copy: its parameters, modes and hooks are left as they are.
+    Excluded: groups whose channels are model outputs (the classifier's out-features) or model
+    inputs. See the module docstring for the supported layers.
+
+    Args:
+        model: the network.
+        example_inputs: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict
+            (``model(**x)``); a batch of one is enough.
+
+    Returns:
+        A list of CoupledGroup (an empty list when nothing is prunable).
+
+    Raises:
+        PruningError: the model cannot be traced, or a group touches an unsupported layer.
+
+    Example::
+
+        >>> from fastsparse.workflow.models import LeNet5
+        >>> groups = coupled_groups(LeNet5(), torch.randn(1, 1, 28, 28))
+        >>> [(g.root, g.num_groups) for g in groups]
+        [('features.0', 20), ('features.3', 50), ('classifier.0', 500)]
+        >>> groups[1]
+        CoupledGroup(root='features.3', num_groups=50, members=[features.3.weight[dim 0], \
+features.3.bias[dim 0], classifier.0.weight[dim 1]])
+    """
+    traced = trace(copy.deepcopy(model), example_inputs)
+    params = dict(model.named_parameters())
+    return [
+        CoupledGroup(
+            g.root,
+            g.num_groups,
+            tuple(
+                CoupledMember(m.name, params[m.name], m.dim, m.index, m.group) for m in g.members
+            ),
+        )
+        for g in traced.groups
+    ]

@@ -1,0 +1,183 @@
+"""Lossless physical pruning of dead coupled groups (Torch-Pruning does the surgery).
+
+**Dead rule (lossless).** A channel is removable only when its whole coupled group (producers'
+filters, biases, BatchNorm scales *and shifts*, and the consumers' in-slices) has l2 norm <= t. A
+filter whose conv weight and bias are zero but whose BatchNorm shift is not makes a constant
+channel: its group norm is > 0, so it stays. `prune` first zeroes the dead groups (the same rule as
+``prox_(..., "group_l0", t, groups=...)``) and then removes them, so in eval mode the pruned model
+computes what the thresholded unpruned model computes, up to summation order; it checks this on
+the example inputs before returning.
+
+**Not prunable (left whole, documented).** Groups that reach the model's outputs (the classifier's
+out-features are the outputs) and groups that would change the model's input channels (a
+depthwise conv or BatchNorm fed directly by the input). A layer keeps at least one channel: when
+all its groups are dead, the one with the largest norm stays (zeroed).
+
+**Saving.** Either ``torch.save(pruned, path)`` and ``torch.load(path, weights_only=False)`` (the
+model's class must be importable), or ``torch.save(pruned.state_dict(), path)`` and
+``load_pruned(fresh_unpruned_model, torch.load(path))``, which resizes the layers of a freshly built
+model to the saved shapes (works with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from fastsparse import reference
+from fastsparse.core.checks import check_real
+from fastsparse.pruning.graph import (
+    BATCHNORM,
+    CONV,
+    PruningError,
+    Traced,
+    eval_forward,
+    is_depthwise,
+    output_tensors,
+    trace,
+)
+from fastsparse.pruning.importance import dead_channels
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
+
+
+def prune_traced(traced: Traced, example_inputs: Any, threshold: float, verify: bool):
+    """Zero the dead groups of the traced copy, remove them, check outputs. Modifies the copy."""
+    model, graph = traced.model, traced.graph
+    dead = dead_channels(traced.groups, threshold)
+    reference.prox_(None, "group_l0", threshold, traced.groups)
+    expected = output_tensors(eval_forward(model, example_inputs)) if verify else []
+    for group, root, channels in zip(traced.groups, traced.roots, dead):
+        if not channels:
+            continue
+        pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
+        try:
+            graph.get_pruning_group(root, pruning_fn, channels).prune()
+        except Exception as e:
+            raise PruningError(
+                f"removing channels of layer {group.root!r} failed ({type(e).__name__}: {e})"
+            ) from e
+    if verify:
+        try:
+            got = output_tensors(eval_forward(model, example_inputs))
+        except Exception as e:
+            raise PruningError(
+                f"the pruned {type(model).__name__} fails on the example inputs "
+                f"({type(e).__name__}: {e}); an operation the dependency graph does not model "
+                "probably ties channels"
+            ) from e
+        for a, b in zip(expected, got):
+            if a.shape != b.shape:
+                raise PruningError(f"pruning changed an output shape: {a.shape} -> {b.shape}")
+            if a.is_floating_point():
+                diff = (a - b).abs().max().item() if a.numel() else 0.0
+                scale = 1.0 + (a.abs().max().item() if a.numel() else 0.0)
+                if not diff <= _tolerance(a.dtype) * scale:
+                    raise PruningError(
+                        f"pruning {type(model).__name__} is not lossless on the example inputs "
+                        f"(max abs difference {diff:.3g}); an operation the dependency graph "
+                        "does not model probably mixes channels"
+                    )
+    return model
+
+
+def prune(
+    model: nn.Module, example_inputs: Any, threshold: float = 0.0, *, verify: bool = True
+) -> nn.Module:
+    """Return a new, physically smaller copy of `model` without its dead coupled groups.
+
+    A channel is dead when its coupled group's l2 norm (filters, biases, BatchNorm scales and
+    shifts, consumers' in-slices) is <= `threshold`. The copy's dead groups are zeroed, then
+    removed with Torch-Pruning, so in eval mode the result computes what the unpruned model
+    computes after ``prox_(model, "group_l0", threshold, groups=coupled_groups(model, x))``
+    (max abs difference ~1e-6 in fp32, summation order only).
+
+    All or nothing: `model` is never modified; any failure raises and returns nothing.
+
+    Args:
+        model: the trained network (any mode, device, dtype).
+        example_inputs: as in :func:`coupled_groups`.
+        threshold: t >= 0; 0 removes exactly-zero groups only.
+        verify: compare outputs on `example_inputs` before and after the removal (eval mode)
+            and raise if they differ; keep it on unless the forward is expensive.
+
+    Returns:
+        The pruned copy, in the same training mode as `model`, with the same ``requires_grad``
+        flags.
+
+    Raises:
+        ValueError: negative or NaN threshold.
+        PruningError: the model cannot be traced, has an unsupported layer in a coupled group
+            (named in the message), or the pruned copy does not reproduce the outputs.
+
+    Example::
+
+        >>> from fastsparse.workflow.models import LeNet5
+        >>> model, x = LeNet5(), torch.randn(1, 1, 28, 28)
+        >>> with torch.no_grad():
+        ...     model.features[0].weight[:5] = 0
+        ...     model.features[0].bias[:5] = 0
+        ...     model.features[3].weight[:, :5] = 0
+        >>> prune(model, x).features[0]
+        Conv2d(1, 15, kernel_size=(5, 5), stride=(1, 1))
+    """
+    threshold = check_real("threshold", threshold)
+    work = copy.deepcopy(model)
+    prune_traced(trace(work, example_inputs), example_inputs, threshold, verify)
+    for m, original in zip(work.modules(), model.modules()):
+        m.train(original.training)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in work.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    return work
+
+
+def load_pruned(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a pruned model: resize a freshly built unpruned `model` to `state_dict`'s shapes.
+
+    Returns a new module (``model`` is left as is) whose Conv/Linear/BatchNorm layers have the
+    channel counts found in `state_dict`, with `state_dict` loaded (strict).
+
+    Example::
+
+        >>> torch.save(pruned.state_dict(), "pruned.pt")                   # doctest: +SKIP
+        >>> model = load_pruned(LeNet5(), torch.load("pruned.pt"))         # doctest: +SKIP
+    """
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in new.named_modules():
+            prefix = f"{name}." if name else ""
+            weight = state_dict.get(prefix + "weight")
+            if isinstance(module, CONV) and weight is not None and not module.transposed:
+                if is_depthwise(module):
+                    module.in_channels = module.out_channels = module.groups = weight.shape[0]
+                else:
+                    module.out_channels = weight.shape[0]
+                    module.in_channels = weight.shape[1] * module.groups
+            elif isinstance(module, nn.Linear) and weight is not None:
+                module.out_features, module.in_features = weight.shape
+            elif isinstance(module, BATCHNORM):
+                stats = state_dict.get(prefix + "running_mean")
+                source = weight if weight is not None else stats
+                if source is None:
+                    continue
+                module.num_features = source.shape[0]
+            else:
+                continue
+            for key, tensor in list(module.named_parameters(recurse=False)) + list(
+                module.named_buffers(recurse=False)
+            ):
+                saved = state_dict.get(prefix + key)
+                if saved is not None and saved.shape != tensor.shape:
+                    resized = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+                    if isinstance(tensor, nn.Parameter):
+                        setattr(module, key, nn.Parameter(resized, tensor.requires_grad))
+                    else:
+                        setattr(module, key, resized)
+    new.load_state_dict(state_dict, strict=True)
+    return new

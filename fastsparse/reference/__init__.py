@@ -1,0 +1,86 @@
+"""The oracle: plain PyTorch for every op of the contract, one module per op.
+
+Every backend is tested against these functions, and the benchmarks use them as the "eager
+oracle" provider; they are imported, never copied.
+
+    >>> import torch
+    >>> from fastsparse import reference
+    >>> w = torch.randn(8, 3, 3, 3, requires_grad=True)
+    >>> reference.penalty(w, "l1l2").backward()
+"""
+
+from fastsparse.core.contract import (
+    ACROSS_GROUP_KINDS,
+    ELEMENT_PROX_KINDS,
+    FLOW_REDUCTIONS,
+    GROUPINGS,
+    KINDS,
+    PROX_KINDS,
+    RELEVANCE_KINDS,
+    Grouping,
+    accumulation_dtype,
+    as_groupings,
+)
+from fastsparse.core.groups import CoupledGroup, CoupledMember, coupled_params, is_coupled
+from fastsparse.reference.feature_flow import feature_flow, feature_flow_grad
+from fastsparse.reference.penalty import (
+    coupled_group_norms,
+    coupled_group_stats,
+    coupled_matrix,
+    coupled_penalty,
+    coupled_penalty_grad,
+    group_norms,
+    group_stats,
+    grouped_view,
+    penalty,
+    penalty_grad,
+    rebind,
+    tensor_penalty,
+)
+from fastsparse.reference.prox import prox_, prox_thresholds, ungroup
+from fastsparse.reference.selective_decay import (
+    quantile_threshold,
+    relevance,
+    relevance_thresholds,
+    selective_decay_grad,
+    selective_decay_penalty,
+)
+
+__all__ = [
+    "ACROSS_GROUP_KINDS",
+    "ELEMENT_PROX_KINDS",
+    "FLOW_REDUCTIONS",
+    "GROUPINGS",
+    "KINDS",
+    "PROX_KINDS",
+    "RELEVANCE_KINDS",
+    "CoupledGroup",
+    "CoupledMember",
+    "Grouping",
+    "accumulation_dtype",
+    "as_groupings",
+    "coupled_group_norms",
+    "coupled_group_stats",
+    "coupled_matrix",
+    "coupled_params",
+    "coupled_penalty",
+    "coupled_penalty_grad",
+    "feature_flow",
+    "feature_flow_grad",
+    "group_norms",
+    "group_stats",
+    "grouped_view",
+    "is_coupled",
+    "penalty",
+    "penalty_grad",
+    "rebind",
+    "tensor_penalty",
+    "ungroup",
+    "prox_",
+    "prox_thresholds",
+    "quantile_threshold",
+    "relevance",
+    "relevance_thresholds",
+    "selective_decay_grad",
+    "selective_decay_penalty",
+]

@@ -1,0 +1,1 @@
+"""The application: run configuration, training, the study, the CLI, benchmarks, data, models."""

@@ -1,0 +1,610 @@
+"""The ``fastsparse`` command (also ``python -m fastsparse``).
+
+Commands:
+
+- ``fastsparse demo``: sparse training of LeNet-5 on the bundled MNIST subset, then thresholding
+  and pruning, with a before/after table (a few minutes on a laptop CPU).
+- ``fastsparse study``: the trade-off sweep over penalties and strengths (CSV, plot, table).
+- ``fastsparse train``: your own run, from flags or a JSON/TOML config file; saves checkpoints,
+  the trained and the pruned model.
+- ``fastsparse bench``: the benchmark harness of a source checkout (fastsparse/workflow/bench.py
+  finds it); its arguments are passed through.
+
+Bad settings (unknown kind, missing data directory, malformed config) are reported in one line
+on stderr with exit status 2, before anything is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, TextIO
+
+from fastsparse.workflow.train import ConfigError, RunConfig
+
+PROG = "fastsparse"
+
+# The demo: LeNet-5 on the bundled subset with the l1/l2 ratio across filters (group_l1l2, which
+# removes filters; the per-filter l1l2 does not, see results/study-lenet5), 10 epochs.
+DEMO_CONFIG = RunConfig(kind="group_l1l2", strength=0.05, epochs=10, threshold=0.05)
+
+
+class UsageError(Exception):
+    """A bad command line or setting: printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _groups(text: Any) -> Any:
+    """``"filters"`` | ``"none"`` | ``"filters,channels"`` (or a list) → a grouping."""
+    if isinstance(text, (list, tuple)):
+        return tuple(_groups(t) for t in text)
+    if not isinstance(text, str):
+        return text
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [None if p.lower() == "none" else p for p in parts]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _parse_method_options(specs: Optional[List[str]], kinds: List[str]) -> Dict[str, dict]:
+    """``['{"a": 1}']`` (every method of the sweep) or ``['slimming={"ratio": 0.3}']``."""
+    from fastsparse.methods import METHODS
+
+    result: Dict[str, dict] = {}
+    for spec in specs or []:
+        head, sep, tail = spec.partition("=")
+        if sep and head.strip() in METHODS:
+            targets, text = [head.strip()], tail
+        elif sep and not spec.lstrip().startswith("{"):
+            raise UsageError(f"--method-options: unknown method {head.strip()!r} in {spec!r}")
+        else:
+            targets, text = [k for k in kinds if k in METHODS], spec
+        try:
+            options = _json_table(text, "--method-options")
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(str(e)) from None
+        for target in targets:
+            result.setdefault(target, {}).update(options)
+    return result
+
+
+def _parse_strengths(specs: Optional[List[str]], kinds: List[str]) -> Dict[str, List[float]]:
+    """``["1e-3,1e-2"]`` (every kind) or ``["l1=1e-4,1e-3", "l2=0.01"]`` → kind -> strengths."""
+    result: Dict[str, List[float]] = {}
+    for spec in specs or []:
+        if "=" in spec:
+            kind, _, values = spec.partition("=")
+            result[kind.strip()] = _floats(values)
+        else:
+            for kind in kinds:
+                result[kind] = _floats(spec)
+    return result
+
+
+def _json_table(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a JSON (``.json``) or TOML (``.toml``) config file into a dict (UsageError if bad)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    text = file.read_text()
+    if file.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise UsageError(
+                    "reading TOML needs Python >= 3.11 or `pip install tomli`"
+                ) from None
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    elif file.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"config file {path} is not valid JSON: {e}") from None
+    else:
+        raise UsageError(f"config file {path}: expected a .json or .toml file")
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path}: expected a table of settings at the top level")
+    if "groups" in values:
+        values["groups"] = _groups(values["groups"])
+    if values.get("kind") == "none":
+        values["kind"] = None
+    return values
+
+
+# Flags shared by demo and train, mapped onto RunConfig fields (None: not given).
+_RUN_FLAGS = {
+    "model": dict(help="model name (lenet5, vgg16_bn, resnet56, ...)"),
+    "dataset": dict(help="mnist_subset (bundled), mnist or cifar10"),
+    "data_dir": dict(help="folder with the data set's files (mnist, cifar10)"),
+    "kind": dict(
+        help="penalty: l1, l2, group_lasso, l1l2, group_l1l2, hoyer_square, "
+        "group_hoyer_square, sparse_group_lasso; method: oicsr, feature_flow, "
+        "selective_decay, slimming; or none"
+    ),
+    "strength": dict(type=float, help="penalty multiplier (default: a per-kind value)"),
+    "groups": dict(type=_groups, help="filters | channels | kernels | none, or a comma list"),
+    "alpha": dict(type=float, help="sparse_group_lasso's l1 share (default 0.5)"),
+    "method_options": dict(
+        type=lambda text: _json_table(text, "--method-options"),
+        help="a method's options as JSON, e.g. '{\"final_sparsity\": 0.5}' (methods only)",
+    ),
+    "regularize": dict(help="prunable (default: all conv/linear but the classifier) or all"),
+    "schedule": dict(help="strength warm-up: constant, linear or cosine"),
+    "warmup": dict(type=float, help="fraction of training over which the strength ramps up"),
+    "mode": dict(help="autograd (loss + reg()) or inplace (reg.apply_() after backward)"),
+    "backend": dict(help="penalty backend: auto, triton, native, cuda or torch"),
+    "epochs": dict(type=int, help="training epochs"),
+    "batch_size": dict(type=int, help="batch size"),
+    "lr": dict(type=float, help="SGD learning rate (default 0.05 for lenet5, 0.01 for the others)"),
+    "momentum": dict(type=float, help="SGD momentum"),
+    "weight_decay": dict(type=float, help="SGD weight decay"),
+    "lr_schedule": dict(help="cosine or constant"),
+    "threshold": dict(
+        type=float,
+        help="filters with norm <= threshold (x the layer's largest "
+        "filter norm, in relative mode) are removed",
+    ),
+    "threshold_mode": dict(help="relative (default) or absolute"),
+    "train_samples": dict(type=int, help="use only the first N training images"),
+    "test_samples": dict(type=int, help="use only the first N test images"),
+    "seed": dict(type=int, help="random seed"),
+    "device": dict(help="auto, cpu or cuda"),
+}
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
+    for name, kwargs in _RUN_FLAGS.items():
+        if name in skip:
+            continue
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kwargs)
+    parser.add_argument("--amp", action="store_true", default=None, help="mixed precision")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model (optionally naming the compile backend)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)",
+    )
+
+
+def _config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
+    """Flags over the config file (train --config) over `base`; validated. Sets --threads."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    values = base.to_dict()
+    source = ""
+    if getattr(args, "config", None):
+        values.update(load_config_file(args.config))
+        source = f"config file {args.config}"
+    given = {name: getattr(args, name, None) for name in [*_RUN_FLAGS, "amp", "compile"]}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("kind") == "none":
+        given["kind"] = None
+    values.update(given)
+    return RunConfig.from_dict(values, source=source)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _table(rows: List[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        cells = [str(r[0]).ljust(widths[0])] + [str(c).rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells))
+        if j == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _regularizer_cost_lines(result, data) -> List[str]:
+    """The measured regularizer cost: fused backend against the eager oracle, per step."""
+    import torch
+
+    from fastsparse.workflow.train import best_fused_backend, make_regularizer, regularizer_cost
+
+    config = result.config
+    device = torch.device(result.device)
+    example = data.test_images[:1].to(device)
+    reg = make_regularizer(
+        result.model,
+        example,
+        config.penalty_kind,
+        1.0,
+        groups=config.groups,
+        regularize=config.regularize,
+        backend="torch",
+    )
+    step_without = result.train.step_seconds - result.train.regularizer_seconds
+
+    def share(cost: float) -> str:
+        return f"{1e3 * cost:.2f} ms/step = {100 * cost / (step_without + cost):.1f}% of a step"
+
+    kwargs = dict(groups=config.groups, mode=config.mode)
+    oracle = regularizer_cost(reg.params, config.penalty_kind, backend="torch", **kwargs)
+    fused, reason = best_fused_backend(device)
+    lines = [f"  eager oracle (torch):  {share(oracle)}"]
+    if fused is None:
+        lines.insert(0, f"  no fused {device.type.upper()} backend is available ({reason})")
+    else:
+        cost = regularizer_cost(reg.params, config.penalty_kind, backend=fused, **kwargs)
+        lines.insert(
+            0,
+            f"  fused ({fused}):{' ' * max(1, 15 - len(fused))}{share(cost)}  "
+            f"({_speedup(oracle, cost)} than the oracle)",
+        )
+    return lines
+
+
+def _change(before: float, after: float, digits: int = 1) -> str:
+    """Relative change as a signed percentage; "none" when equal."""
+    if before == after:
+        return "none"
+    return f"{100 * (after - before) / before:+.{digits}f}%"
+
+
+def _speedup(before: float, after: float) -> str:
+    ratio = before / after
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _count_row(label: str, before: int, after: int, digits: int = 1) -> tuple:
+    return (label, f"{before:,}", f"{after:,}", _change(before, after, digits))
+
+
+def _print_demo(result, data, out: Optional[TextIO] = None) -> None:
+    """The before/after table and the timing lines of the demo."""
+    out = sys.stdout if out is None else out
+    config, report, stats = result.config, result.report, result.train
+    acc_before, acc_after = 100 * result.accuracy_before, 100 * result.accuracy_after
+    rows = [
+        ("", "before", "after", "change"),
+        (
+            "test accuracy",
+            f"{acc_before:.2f}%",
+            f"{acc_after:.2f}%",
+            f"{acc_after - acc_before:+.2f} points",
+        ),
+    ]
+    for layer in report.layers:
+        unit = "filters" if "Conv" in layer.type else "neurons"
+        change = _change(layer.filters, layer.filters_after, 0)
+        rows.append(
+            (f"{unit} {layer.name} ({layer.type})", layer.filters, layer.filters_after, change)
+        )
+    rows.append(_count_row("parameters", report.params, report.params_after))
+    rows.append(_count_row("FLOPs (multiply-adds / image)", report.macs, report.macs_after))
+    rows.append(
+        (
+            f"inference time ({min(len(data.test_labels), 2000)} test images)",
+            f"{1e3 * result.inference_before:.1f} ms",
+            f"{1e3 * result.inference_after:.1f} ms",
+            _speedup(result.inference_before, result.inference_after),
+        )
+    )
+    relative = " x their layer's largest" if config.threshold_mode == "relative" else ""
+    print(
+        f"\nthreshold: filters with l2 norm <= {config.threshold:g}{relative} are removed with "
+        "their coupled slices (bias, BatchNorm, next layer's inputs)",
+        file=out,
+    )
+    print(_table(rows), file=out)
+    print(
+        f"\ntraining: {stats.seconds:.1f} s, {1e3 * stats.step_seconds:.1f} ms per step; the "
+        f"regularizer ({stats.backend} backend, {config.mode} path) took "
+        f"{1e3 * stats.regularizer_seconds:.2f} ms of it ({100 * stats.regularizer_share:.1f}%)",
+        file=out,
+    )
+    print("regularizer cost per training step, fused backend vs eager oracle:", file=out)
+    for line in _regularizer_cost_lines(result, data):
+        print(line, file=out)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """fastsparse demo."""
+    import torch
+
+    from fastsparse.workflow.train import load_data, resolve_device, run
+
+    start = time.perf_counter()
+    config = _config_from_args(args, DEMO_CONFIG)
+    if config.penalty_kind is None:
+        raise UsageError(
+            "the demo compares the fused and eager penalty backends: give a penalty --kind "
+            "(methods run with fastsparse train and study)"
+        )
+    data = load_data(config)
+    device = resolve_device(config.device)
+    where = (
+        f"{torch.cuda.get_device_name(device)}"
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    n_train = config.train_samples or len(data.train_labels)
+    print(
+        f"fastsparse demo: {config.model} on {data.name} ({min(n_train, len(data.train_labels)):,}"
+        f" train / {len(data.test_labels):,} test images), {where}"
+    )
+    print(
+        f"regularizer: {config.penalty_kind} on {config.groups}, strength "
+        f"{config.resolved_strength:g} ({config.schedule} warm-up over "
+        f"{100 * config.warmup:.0f}% of training), {config.mode} path; "
+        f"{config.epochs} epochs of SGD (lr {config.resolved_lr:g}, {config.lr_schedule})"
+    )
+    result = run(config, data=data, progress=not args.no_progress)
+    _print_demo(result, data)
+    print(f"\ndone in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """fastsparse train."""
+    import torch
+
+    from fastsparse.workflow.train import load_data, run, unwrap
+
+    config = _config_from_args(args, RunConfig())
+    out = Path(args.out)
+    data = load_data(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    def checkpoint(epoch, model, optimizer):
+        state = {
+            "epoch": epoch,
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "config": config.to_dict(),
+        }
+        torch.save(state, out / "checkpoint.pt")
+
+    print(
+        f"training {config.model} on {data.name} with "
+        f"{config.kind if config.regularized else 'no'} regularizer → {out}"
+    )
+    result = run(config, data=data, progress=not args.no_progress, on_epoch_end=checkpoint)
+    torch.save(result.model.state_dict(), out / "model.pt")
+    torch.save(result.pruned.state_dict(), out / "pruned.pt")
+    relative = " x its layer's largest" if config.threshold_mode == "relative" else ""
+    score = {
+        "filter_norm": "l2 norm",
+        "bn_scale": "BatchNorm |scale|",
+        "group_norm": "coupled-group l2 norm",
+    }[config.prune_criterion]
+    report = (
+        f"every filter with {score} <= {config.threshold:g}{relative} was zeroed with its "
+        f"coupled slices, then the zero groups were removed:\n{result.report.format()}"
+    )
+    (out / "report.txt").write_text(report + "\n")
+    metrics = {"summary": result.summary(), "epochs": result.train.epochs}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(report)
+    s = result.summary()
+    print(
+        f"accuracy {s['accuracy_before']:.2f}% → {s['accuracy_after']:.2f}% after pruning; "
+        f"{s['params_removed_pct']:.1f}% of parameters and {s['flops_removed_pct']:.1f}% of "
+        f"FLOPs removed"
+    )
+    print(
+        f"saved {out}/model.pt (trained), {out}/pruned.pt (pruned state dict: "
+        f"fastsparse.pruning.load_pruned(get_model({config.model!r}), torch.load(path))), "
+        f"checkpoint.pt, report.txt, metrics.json"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- study
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """fastsparse study."""
+    from fastsparse.methods import METHODS
+    from fastsparse.reference import KINDS
+    from fastsparse.workflow.study import STUDY_EPOCHS, STUDY_THRESHOLDS, run_study
+
+    valid = f"valid kinds: {', '.join(KINDS)}; methods: {', '.join(METHODS)}"
+    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else list(KINDS)
+    bad = [k for k in kinds if k not in KINDS + METHODS]
+    if bad:
+        raise UsageError(f"unknown kind {bad[0]!r}; {valid}")
+    strengths = _parse_strengths(args.strengths, kinds)
+    bad = [k for k in strengths if k not in KINDS + METHODS]
+    if bad:
+        raise UsageError(f"unknown kind {bad[0]!r} in --strengths; {valid}")
+    method_options = _parse_method_options(args.study_method_options, kinds)
+    if args.inference_repeats < 1:
+        raise UsageError(f"--inference-repeats must be >= 1, got {args.inference_repeats}")
+    thresholds = _floats(args.thresholds) if args.thresholds else list(STUDY_THRESHOLDS)
+    if not thresholds:
+        raise UsageError("--thresholds needs at least one value")
+    base = _config_from_args(args, dataclasses.replace(RunConfig(), kind=None))
+    command = "fastsparse " + " ".join(shlex.quote(a) for a in args.argv)
+    start = time.perf_counter()
+    rows = run_study(
+        args.out,
+        kinds=kinds,
+        strengths=strengths,
+        thresholds=thresholds,
+        epochs=base.epochs if args.epochs is not None else STUDY_EPOCHS,
+        base=base,
+        baseline=not args.no_baseline,
+        method_options=method_options,
+        inference_repeats=args.inference_repeats,
+        command=command,
+        progress=not args.no_progress,
+        resume=args.resume,
+    )
+    print(
+        f"{len(rows)} rows in {(time.perf_counter() - start) / 60:.1f} min → {args.out}/"
+        "results.csv, results.md, tradeoff.png, command.txt"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """fastsparse bench [harness arguments...]: every argument goes to the harness."""
+    from fastsparse.workflow.bench import main as bench_main
+
+    status = bench_main(list(args.bench_args))
+    return int(status or 0)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fastsparse`` command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Structured-sparsity training and filter pruning with fused kernels.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train LeNet-5 sparse on the bundled MNIST subset, prune, show before/after",
+        description="Sparse training of LeNet-5 on the bundled MNIST subset with the l1/l2 "
+        "regularizer, then thresholding and pruning; prints a before/after table.",
+    )
+    _add_run_flags(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser(
+        "train",
+        help="your own run from flags or a JSON/TOML config file",
+        description="Train with a sparsity regularizer, threshold, prune; save checkpoints, the "
+        "trained model and the pruned model. Flags override the config file.",
+    )
+    train.add_argument("--config", help="JSON (.json) or TOML (.toml) file of settings")
+    train.add_argument("--out", default="fastsparse-run", help="output directory")
+    _add_run_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    study = sub.add_parser(
+        "study",
+        help="the trade-off sweep over penalties and strengths",
+        description="Train, threshold and prune for every penalty kind and strength; write "
+        "results.csv, tradeoff.png, results.md and command.txt.",
+    )
+    study.add_argument("--out", default="results/study", help="output directory")
+    study.add_argument(
+        "--kinds",
+        help="comma-separated penalty kinds and methods (oicsr, feature_flow, selective_decay, "
+        "slimming); default: the eight penalties",
+    )
+    study.add_argument(
+        "--strengths",
+        action="append",
+        help="'1e-3,1e-2' for every kind or 'KIND=1e-3,1e-2' (repeatable); "
+        "default: a grid per kind",
+    )
+    study.add_argument(
+        "--thresholds", help="comma-separated thresholds (default 0.01,0.05,0.1,0.2,0.3)"
+    )
+    study.add_argument("--no-baseline", action="store_true", help="skip the unregularized run")
+    study.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of an existing results.csv in --out and skip the runs it holds",
+    )
+    study.add_argument(
+        "--method-options",
+        dest="study_method_options",  # not RunConfig.method_options: one table per method
+        action="append",
+        help="options of the methods as JSON: '{...}' for every method of the sweep or "
+        "'METHOD={...}' (repeatable)",
+    )
+    study.add_argument(
+        "--inference-repeats",
+        type=int,
+        default=5,
+        help="timing repetitions of each inference measurement (default 5)",
+    )
+    _add_run_flags(study, skip=("method_options",))
+    for action in study._actions:  # the sweep sets kind, strength and threshold itself
+        if action.dest in ("kind", "strength", "threshold"):
+            action.help = argparse.SUPPRESS
+    study.set_defaults(func=cmd_study)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark harness (arguments are passed through)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``fastsparse`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"]:  # pass everything through, options included (even --help)
+        args = argparse.Namespace(command="bench", func=cmd_bench, bench_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    args.argv = argv
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError) as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
