@@ -15,6 +15,7 @@ test-gpu:
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	lint-imports
 
 format:
 	$(PYTHON) -m ruff format .
