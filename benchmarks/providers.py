@@ -1,6 +1,6 @@
 """Providers: the implementations the harness puts side by side on every workload and mode.
 
-Each provider implements up to three operations of the numerical contract (DESIGN.md):
+Each provider implements up to three operations of the numerical contract (docs/design.md):
 
     penalty(case, tensors)  the value R, differentiable when the tensors require grad
     add_grad_(case)         p.grad += strength * dR/dp for every parameter, returns R (or None)

@@ -170,8 +170,8 @@ MODES = {
             lambda w, groups: w.weight_bytes + 4 * w.groups(groups),
             _build_group_norms,
         ),
-        # Hook for the fused prox/threshold ops (issue 5): a "prox" mode reads and writes W
-        # ("2W" + masks) and needs a setup that restores W before every call (prox_ mutates it).
+        # Not measured yet: the fused prox/threshold ops. A "prox" mode would read and write W
+        # ("2W" + masks) and need a setup that restores W before every call (prox_ mutates it).
     )
 }
 
@@ -492,7 +492,7 @@ def profile_policy(args, provider: Provider, mode: str, workload: Workload) -> O
 
     torch.compile spends seconds compiling each graph, and minutes on a whole model's list of
     tensors on a few CPU cores: "quick" leaves it out, and "cpu" measures it on whole models in
-    the in-place mode only (the comparison of issue 4). "full" measures everything.
+    the in-place mode only (the CPU targets). "full" measures everything.
     """
     if not isinstance(provider, CompiledOracle) or args.providers:
         return None

@@ -1,6 +1,6 @@
 """Workloads: the single tensors and whole-model parameter lists the harness measures.
 
-Single tensors (issue 3), each in fp32 and bf16 (the gradient has the weight's dtype):
+Single tensors, each in fp32 and bf16 (the gradient has the weight's dtype):
 
     lenet5.conv2      50×20×5×5        LeNet-5's second convolution
     vgg16.conv        512×512×3×3      a VGG-16 convolution of the last stages
@@ -11,8 +11,8 @@ Single tensors (issue 3), each in fp32 and bf16 (the gradient has the weight's d
 
 Whole models (every parameter, biases and BatchNorm included, as `model.parameters()` gives):
 
-    lenet5            fastsparse.models.LeNet5 (431,080 parameters, fp32)
-    vgg16             fastsparse.workflow.models.vgg16_bn, VGG-16 with BatchNorm for CIFAR-10 (14.7 M, fp32)
+    lenet5            fastsparse.workflow.models.LeNet5 (431,080 parameters, fp32)
+    vgg16             fastsparse.workflow.models.vgg16_bn, VGG-16-BN for CIFAR-10 (14.7 M, fp32)
     resnet50          torchvision's ResNet-50 architecture, written out below (25.6 M, fp32)
     llama7b           a stack of Llama-7B decoder layers: 2 RMSNorm weights (4096), q/k/v/o
                       (4096×4096), gate/up (11008×4096), down (4096×11008); 202.4 M per layer;
@@ -270,7 +270,7 @@ def tensor_workload(name: str, dtype: torch.dtype, shape: Optional[Shape] = None
 def model_workload(name: str) -> Workload:
     """lenet5, vgg16 or resnet50 (fp32), from the real architecture."""
     builders = {
-        "lenet5": (_lenet5, (1, 1, 28, 28), "fastsparse.models.LeNet5 (MNIST)"),
+        "lenet5": (_lenet5, (1, 1, 28, 28), "fastsparse.workflow.models.LeNet5 (MNIST)"),
         "vgg16": (_vgg16, (1, 3, 32, 32), "fastsparse.workflow.models.vgg16_bn (CIFAR-10)"),
         "resnet50": (ResNet50, (1, 3, 64, 64), "torchvision resnet50 architecture (ImageNet)"),
     }

@@ -4,7 +4,7 @@
 - "triton": the fused Triton kernels of fastsparse.kernels (CUDA tensors, or CPU tensors when
   Triton's interpreter is on: TRITON_INTERPRET=1, slow, for tests).
 - "native": the C++ kernels of csrc/ for the tensors' device (OpenMP on CPU, CUDA C++ on GPU),
-  compiled on first use (fastsparse/native.py). "cuda" is "native" for CUDA tensors only.
+  compiled on first use (fastsparse/core/native.py). "cuda" is "native" for CUDA tensors only.
 - "torch": the plain-PyTorch oracle (fastsparse.reference), any device.
 - "auto": the fastest available for the device: Triton, then native, on CUDA; native on CPU;
   the oracle when nothing else can run (quietly).

@@ -18,7 +18,7 @@ Environment:
     CXX, NVCC                  the compilers (default c++ and nvcc).
 
 The launchers below are this backend's primitives (stats, rule, apply, fused, prox), which
-fastsparse/engine.py composes into the ops, as it does the Triton backend's.
+fastsparse/core/engine.py composes into the ops, as it does the Triton backend's.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ run fastsparse/core/engine.py on a backend of fastsparse/core/backends.py ("trit
 of fastsparse.kernels; "native": the CPU and CUDA C++ of fastsparse/core/native.py), imported on
 first call so that `import fastsparse` never imports triton or initializes CUDA.
 
-`groups` strings say which segments a tensor list is cut into (fastsparse/layout.py): a
+`groups` strings say which segments a tensor list is cut into (fastsparse/core/layout.py): a
 groupings list ("filters,channels", "none" for None) or explicit specs ("@0:filters,1:channels",
 used for coupled groups, with `slice_groups` and `group_counts`: see fastsparse/core/groups.py).
 """

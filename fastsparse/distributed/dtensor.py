@@ -508,7 +508,7 @@ class _Grouped(_Sharded):
         coefs = []
         for k, s in enumerate(stats):
             totals = sums[k] if sums[k] is not None else _segment_sums(s, kind, alpha)
-            coefs.append(_rule(s, kind, alpha, totals)[1])
+            coefs.append(reference.group_coefficients(s, kind, alpha, totals)[1])
             value = value + (
                 _across_value(totals, kind) if kind in ACROSS_GROUP_KINDS else totals[0]
             )
@@ -596,7 +596,7 @@ class _Coupled(_Sharded):
         coefs = []
         for s in torch.split(group_stats, self.group_counts):  # one set = one "tensor"
             totals = _segment_sums(s, self.kind, self.alpha)
-            values, c = _rule(s, self.kind, self.alpha, totals)
+            values, c = reference.group_coefficients(s, self.kind, self.alpha, totals)
             value = value + values.sum()
             coefs.append(c)
         coefs = torch.cat(coefs) if coefs else group_stats
@@ -644,46 +644,7 @@ def _coupled_local_layout(coupled, params, index_of, placements, mesh):
     )
 
 
-# --- the coefficient rule on complete statistics (O(groups); the oracle's formulas) -----------
-
-
-def _rule(stats: torch.Tensor, kind: str, alpha: float, totals: torch.Tensor):
-    """(values [G], coefs [G, 2]) from statistics [G, 2] = (s1, s2) and totals = (., L, F^2).
-
-    The contract (docs/design.md): dR/dw = a_g sign(w) + b_g w; groups with s2 = 0 give zeros.
-    For the across-group kinds, values[g] is group g's share of the tensor's value.
-    """
-    s1, s2 = stats[:, 0], stats[:, 1]
-    alive = s2 > 0
-    n = torch.sqrt(torch.where(alive, s2, 1.0))
-    inv_n = torch.where(alive, 1.0 / n, 0.0)
-    n = torch.where(alive, n, 0.0)
-    one, zero = alive.to(s1.dtype), torch.zeros_like(s1)
-    if kind == "l1":
-        values, a, b = s1, one, zero
-    elif kind == "l2":
-        values, a, b = 0.5 * s2, zero, one
-    elif kind == "group_lasso":
-        values, a, b = n, zero, inv_n
-    elif kind == "l1l2":
-        values, a, b = s1 * inv_n, inv_n, -s1 * inv_n**3
-    elif kind == "hoyer_square":
-        ratio = s1 * inv_n * inv_n
-        values, a, b = s1 * ratio, 2 * ratio, -2 * ratio * ratio
-    elif kind == "sparse_group_lasso":
-        values, a, b = alpha * s1 + (1 - alpha) * n, alpha * one, (1 - alpha) * inv_n
-    else:
-        total_l, total_f2 = totals[1], totals[2]
-        inv_f2 = torch.where(total_f2 > 0, 1.0 / torch.where(total_f2 > 0, total_f2, 1.0), 0.0)
-        inv_f = torch.sqrt(inv_f2)
-        a = zero
-        if kind == "group_l1l2":
-            values, b = n * inv_f, inv_n * inv_f - total_l * inv_f * inv_f2
-        else:  # group_hoyer_square
-            values = n * total_l * inv_f2
-            b = 2 * total_l * inv_f2 * inv_n - 2 * total_l**2 * inv_f2**2
-        b = torch.where(alive, b, 0.0)
-    return values, torch.stack([a, b], dim=1)
+# --- sums over complete statistics (O(groups); the rule is the oracle's group_coefficients) ---
 
 
 def _segment_sums(stats: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
@@ -693,7 +654,7 @@ def _segment_sums(stats: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
     if kind in ACROSS_GROUP_KINDS:
         within = torch.zeros_like(total_l)
     else:
-        within = _rule(stats, kind, alpha, None)[0].sum()
+        within = reference.group_coefficients(stats, kind, alpha, None)[0].sum()
     return torch.stack([within, total_l, total_f2])
 
 

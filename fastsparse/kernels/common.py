@@ -1,7 +1,7 @@
 """What every Triton kernel of fastsparse shares: segment lookup, tiles, class tables.
 
 A program handles a tile of [BLOCK_G groups, BLOCK_K elements] of one segment (see
-fastsparse/layout.py); it finds its segment by binary search in its launch class's
+fastsparse/core/layout.py); it finds its segment by binary search in its launch class's
 `item_starts`, then reads the segment's row of the class table (int64 fields below, addresses
 included: pointer tables, so one launch serves tensors of any shapes).
 """

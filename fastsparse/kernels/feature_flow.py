@@ -15,7 +15,7 @@ addresses (no stacking copy). The value is reduced without atomics: one partial 
 added by torch, so it is deterministic.
 
 Kernel -> launchers (`value`, `grads`, `value_and_grads`); the torch.library ops are registered in
-fastsparse/ops.py and the public API is fastsparse.feature_flow.
+fastsparse/core/ops.py and the public API is fastsparse/functional/feature_flow.py.
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ def _launch(
 ) -> Optional[torch.Tensor]:
     """One pass over the maps; returns the value (0-dim, accumulation dtype) if computed.
 
-    `features` must share shape, dtype and strides and be dense (fastsparse.feature_flow
-    prepares them); `grads` have the features' strides.
+    `features` must share shape, dtype and strides and be dense (the public function in
+    fastsparse/functional/feature_flow.py prepares them); `grads` have the features' strides.
     """
     first = features[0]
     device, numel = first.device, first.numel()

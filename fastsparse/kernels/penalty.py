@@ -12,7 +12,7 @@ kinds, two per-segment sums (L, F^2). So three kernels serve every kind and grou
   one block).
 
 The launchers below are the Triton backend's primitives (stats, rule, apply, fused), which
-fastsparse/core/engine.py composes into the ops. One launch per launch class (kernels/common.py).
+fastsparse/core/engine.py composes into the ops. One launch per launch class (common.py).
 Value reductions use no atomics: per-group terms go to a buffer summed with torch, so results
 are deterministic.
 """

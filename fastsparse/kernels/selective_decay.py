@@ -13,9 +13,9 @@ Tensors are addressed as flat dense blocks through a device-side int64 table
 (weight address, grad address, numel, threshold index); a program finds its tensor by binary search
 in the item starts, as the penalty kernels do. One launch per (weight dtype, grad dtype) class.
 
-Kernel -> launcher (`selective_decay_`); the torch.library op is registered in fastsparse/ops.py
-and the public API is fastsparse.selective_decay. The oracle is
-fastsparse.reference.selective_decay_grad.
+Kernel -> launcher (`selective_decay_`); the torch.library op is registered in
+fastsparse/core/ops.py and the public API is fastsparse/functional/selective_decay.py. The oracle
+is fastsparse.reference.selective_decay_grad.
 """
 
 from __future__ import annotations

@@ -137,6 +137,51 @@ def penalty_grad(
     return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
 
 
+def group_coefficients(stats: torch.Tensor, kind: str, alpha: float, totals=None):
+    """The closed form of the gradient rule: (values [G], coefs [G, 2] = (a_g, b_g)).
+
+    From statistics [G, 2] = (s1, s2) and, for the across-group kinds, totals = (., L, F^2) of
+    the tensor: dR/dw = a_g sign(w) + b_g w for every element w of group g (the identity every
+    fused kernel implements; `penalty_grad` gets the same through autograd). Groups with s2 = 0
+    give zeros. For the across-group kinds, values[g] is group g's share of the tensor's value.
+
+    >>> stats = torch.tensor([[7.0, 25.0]])  # group (3, 4): s1 = 7, s2 = 25
+    >>> group_coefficients(stats, "group_lasso", 0.5)[1]  # a = 0, b = 1 / n
+    tensor([[0.0000, 0.2000]])
+    """
+    s1, s2 = stats[:, 0], stats[:, 1]
+    alive = s2 > 0
+    n = torch.sqrt(torch.where(alive, s2, 1.0))
+    inv_n = torch.where(alive, 1.0 / n, 0.0)
+    n = torch.where(alive, n, 0.0)
+    one, zero = alive.to(s1.dtype), torch.zeros_like(s1)
+    if kind == "l1":
+        values, a, b = s1, one, zero
+    elif kind == "l2":
+        values, a, b = 0.5 * s2, zero, one
+    elif kind == "group_lasso":
+        values, a, b = n, zero, inv_n
+    elif kind == "l1l2":
+        values, a, b = s1 * inv_n, inv_n, -s1 * inv_n**3
+    elif kind == "hoyer_square":
+        ratio = s1 * inv_n * inv_n
+        values, a, b = s1 * ratio, 2 * ratio, -2 * ratio * ratio
+    elif kind == "sparse_group_lasso":
+        values, a, b = alpha * s1 + (1 - alpha) * n, alpha * one, (1 - alpha) * inv_n
+    else:
+        total_l, total_f2 = totals[1], totals[2]
+        inv_f2 = torch.where(total_f2 > 0, 1.0 / torch.where(total_f2 > 0, total_f2, 1.0), 0.0)
+        inv_f = torch.sqrt(inv_f2)
+        a = zero
+        if kind == "group_l1l2":
+            values, b = n * inv_f, inv_n * inv_f - total_l * inv_f * inv_f2
+        else:  # group_hoyer_square
+            values = n * total_l * inv_f2
+            b = 2 * total_l * inv_f2 * inv_n - 2 * total_l**2 * inv_f2**2
+        b = torch.where(alive, b, 0.0)
+    return values, torch.stack([a, b], dim=1)
+
+
 # --- coupled groups ------------------------------------------------------------------------------
 
 

@@ -64,7 +64,7 @@ class RunConfig:
     """Everything one sparse-training run needs; defaults give the demo's LeNet-5 run.
 
     Attributes:
-        model: one of :data:`fastsparse.models.MODEL_NAMES`.
+        model: one of :data:`fastsparse.workflow.models.MODEL_NAMES`.
         dataset: one of :data:`fastsparse.data.DATASET_NAMES`.
         data_dir: folder of the data set's files (``None`` for the bundled ``mnist_subset``).
         kind: a penalty of :data:`fastsparse.KINDS`, a method of

@@ -1,0 +1,91 @@
+"""The folders are the architecture: no import cycle, the layer contract holds, few top modules."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+grimp = pytest.importorskip("grimp")
+
+ROOT = Path(__file__).resolve().parents[1]
+CITATION = re.compile(r"issue[ -]?[0-9]|\bsession\b", re.IGNORECASE)
+
+
+def _graph():
+    return grimp.build_graph("fastsparse", include_external_packages=False)
+
+
+def _cycles(graph) -> list:
+    """Strongly connected components of more than one module (Tarjan), module level."""
+    modules = sorted(graph.modules)
+    index, low, on_stack, stack, found = {}, {}, set(), [], []
+    counter = [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.find_modules_directly_imported_by(v)):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for m in modules:
+        if m not in index:
+            visit(m)
+    return found
+
+
+def test_no_import_cycle_between_modules():
+    graph = _graph()
+    # An __init__ re-exporting its submodules is not a cycle of the code; leave packages out.
+    packages = {m for m in graph.modules if (ROOT / m.replace(".", "/")).is_dir()}
+    for p in packages:
+        graph.remove_module(p)
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = grimp.ImportGraph()
+    for m in ("a", "a.x", "a.y", "a.z"):
+        graph.add_module(m)
+    graph.add_import(importer="a.x", imported="a.y")
+    graph.add_import(importer="a.y", imported="a.z")
+    graph.add_import(importer="a.z", imported="a.x")
+    assert _cycles(graph) == [["a.x", "a.y", "a.z"]]
+
+
+def test_at_most_a_dozen_modules_directly_in_the_package():
+    top = [p for p in (ROOT / "fastsparse").glob("*.py")]
+    assert len(top) <= 12, sorted(p.name for p in top)
+
+
+@pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter not installed")
+def test_layer_contracts_hold():
+    out = subprocess.run(["lint-imports"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 broken" in out.stdout
+
+
+def test_no_comment_cites_an_issue_or_a_session():
+    offenders = []
+    for path in list((ROOT / "fastsparse").rglob("*.py")) + list((ROOT / "benchmarks").glob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if CITATION.search(line) or re.search(r"(?<!docs/)DESIGN\.md", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert offenders == []
