@@ -62,6 +62,10 @@ def native_unavailable_reason(device: torch.device) -> Optional[str]:
     return native.unavailable_reason(device)
 
 
+# Under torch.compile the choice is made once, at trace time, and kept as a constant: it reads
+# the environment, probes Triton and may build the native library, none of which dynamo should
+# trace (the first fastsparse call inside a fullgraph-compiled function would fail).
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: Optional[str], device: torch.device, op: str = "penalty") -> str:
     """The concrete backend ("triton", "native" or "torch") of `op` for tensors on `device`.
 
@@ -87,8 +91,12 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str = "pen
     if name == "auto":
         if device.type == "cuda" and triton_unavailable_reason(device) is None:
             return "triton"
-        if _native_allowed_in_auto() and native_unavailable_reason(device) is None:
-            return "native"
+        if _native_allowed_in_auto():
+            reason = native_unavailable_reason(device)
+            if reason is None:
+                return "native"
+            if _native_required():  # FASTSPARSE_NATIVE=1: a failed build must surface
+                raise RuntimeError(f"FASTSPARSE_NATIVE=1 but the native backend failed: {reason}")
         return "torch"
     if name == "triton":
         reason = triton_unavailable_reason(device)
@@ -107,10 +115,13 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str = "pen
 def _native_allowed_in_auto() -> bool:
     from fastsparse.core import native
 
-    mode = native.native_mode()
-    if mode == "1":  # required: a failed build must surface, not fall back
-        return True
-    return mode == "auto"
+    return native.native_mode() in ("auto", "1")
+
+
+def _native_required() -> bool:
+    from fastsparse.core import native
+
+    return native.native_mode() == "1"
 
 
 # --- the registry of fused backends --------------------------------------------------------------

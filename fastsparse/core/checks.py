@@ -117,7 +117,8 @@ def prepare(tensors: Tensors, kind: str, groups: Grouping, options: dict):
 
 def check_coupled(coupled: list, tensors) -> None:
     """Coupled groups must have floating parameters on one device, all among `tensors` (if
-    given: a check against groups traced on another copy of the model), and indices in range."""
+    given: a check against groups traced on another copy of the model), and indices in range
+    (not re-checked inside a torch.compile'd function)."""
     params = [m.param for cg in coupled for m in cg.members]
     check_tensors(params)
     allowed = None
@@ -132,6 +133,10 @@ def check_coupled(coupled: list, tensors) -> None:
                     f"coupled group {cg.root!r}: parameter {m.name!r} is not among `tensors` "
                     "(were the groups traced on another copy of the model?)"
                 )
+            if torch.compiler.is_compiling():
+                # Index ranges are data: checking them would make torch.compile guard on (or
+                # break at) the values. They are checked in every eager call.
+                continue
             size = m.param.shape[m.dim]
             if m.index.numel() and (int(m.index.min()) < 0 or int(m.index.max()) >= size):
                 raise ValueError(f"coupled group {cg.root!r}: index out of range for {m.name}")

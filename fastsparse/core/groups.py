@@ -146,7 +146,9 @@ def attention_head_groups(q, k, v, o, num_heads, num_kv_heads=None, names=None) 
         num_heads: H; d = q.shape[0] // H.
         num_kv_heads: with grouped-query attention (fewer k/v heads), a group is one k/v head
             with the num_heads // num_kv_heads query heads that share it (default: H).
-        names: four parameter names for messages (default "q", "k", "v", "o").
+        names: four parameter names for messages and reports, e.g. the model's
+            ``"layers.0.self_attn.q_proj.weight"``, ... (default ``"attention<n>.q"``, ...,
+            with n counting the calls, so that every layer's groups have their own root name).
 
     Returns:
         A CoupledGroup of num_kv_heads groups, for `groups=` of penalty, add_penalty_grad_,
@@ -166,7 +168,7 @@ def attention_head_groups(q, k, v, o, num_heads, num_kv_heads=None, names=None) 
             f"q {tuple(q.shape)}, k {tuple(k.shape)} do not split into {num_heads} query heads "
             f"and {kv_heads} key/value heads of one size"
         )
-    names = names or ("q", "k", "v", "o")
+    names = names or _default_names("attention", ("q", "k", "v", "o"))
     q_rows = torch.arange(q.shape[0])
     kv_rows = torch.arange(k.shape[0])
     members = (
@@ -184,14 +186,15 @@ def mlp_neuron_groups(gate, up, down, names=None) -> CoupledGroup:
     Args:
         gate, up: weights [hidden, dim] (up may be None for a plain MLP).
         down: weight [dim, hidden].
-        names: parameter names for messages (default "gate", "up", "down").
+        names: parameter names for messages and reports (default ``"mlp<n>.gate"``,
+            ``"mlp<n>.up"``, ``"mlp<n>.down"``, with n counting the calls).
 
     Example:
         >>> gate, up, down = torch.randn(32, 8), torch.randn(32, 8), torch.randn(8, 32)
         >>> mlp_neuron_groups(gate, up, down).num_groups
         32
     """
-    names = names or ("gate", "up", "down")
+    names = names or _default_names("mlp", ("gate", "up", "down"))
     hidden = gate.shape[0]
     rows = torch.arange(hidden)
     members = [CoupledMember(names[0], gate, 0, rows, rows)]
@@ -199,6 +202,16 @@ def mlp_neuron_groups(gate, up, down, names=None) -> CoupledGroup:
         members.append(CoupledMember(names[1], up, 0, rows.clone(), rows.clone()))
     members.append(CoupledMember(names[2], down, 1, rows.clone(), rows.clone()))
     return CoupledGroup(names[0], hidden, tuple(members))
+
+
+_DEFAULT_NAME_COUNTS: dict = {}
+
+
+def _default_names(kind: str, roles: tuple) -> tuple:
+    """("<kind><n>.<role>", ...) with n the number of earlier calls for this kind."""
+    n = _DEFAULT_NAME_COUNTS.get(kind, 0)
+    _DEFAULT_NAME_COUNTS[kind] = n + 1
+    return tuple(f"{kind}{n}.{role}" for role in roles)
 
 
 # --- the engine's view ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["METHODS", "Method", "build_method"]
+__all__ = ["METHODS", "Method", "build_method", "method_options"]
 
 METHODS = ("oicsr", "feature_flow", "selective_decay", "slimming")
 
@@ -229,4 +229,45 @@ def build_method(
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    valid = method_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for method {name!r}; "
+            f"valid options: {', '.join(valid)}"
+        )
     return _BUILDERS[name](model, example_inputs, strength, **options)
+
+
+def method_options(name: str) -> tuple:
+    """The option names `build_method` accepts for a method (from the builders' signatures).
+
+    >>> method_options("slimming")
+    ('backend', 'inplace', 'ratio')
+    """
+    import importlib
+    import inspect
+
+    builder = _BUILDERS[name]
+    module, function = _REGULARIZERS[name]
+    regularizer = getattr(importlib.import_module(module), function)
+    names = set()
+    for fn, skip in ((builder.__init__, 4), (regularizer, 0)):
+        params = list(inspect.signature(fn).parameters.values())[skip:]
+        names |= {
+            p.name
+            for p in params
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty
+        }
+    if name == "oicsr":
+        names.add("alpha")  # passed on to the penalty (sparse_group_lasso)
+    return tuple(sorted(names))
+
+
+# The function each method's builder hands its remaining options to.
+_REGULARIZERS = {
+    "oicsr": ("fastsparse.methods.oicsr", "oicsr_regularizer"),
+    "feature_flow": ("fastsparse.methods.feature_flow", "feature_flow_regularizer"),
+    "selective_decay": ("fastsparse.methods.selective_decay", "selective_decay_regularizer"),
+    "slimming": ("fastsparse.methods.slimming", "slimming_regularizer"),
+}

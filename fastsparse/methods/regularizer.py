@@ -6,10 +6,11 @@ from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fastsparse.core.checks import check_strength, prepare
 from fastsparse.core.contract import Grouping
-from fastsparse.core.groups import default_parameters
+from fastsparse.core.groups import DEFAULT_LAYERS, default_parameters
 from fastsparse.functional.penalty import add_penalty_grad_, penalty
 
 
@@ -17,15 +18,25 @@ class Regularizer:
     """A structured-sparsity penalty over a model's weights.
 
     Args:
-        model_or_params: an nn.Module (its Conv and Linear weights are regularized) or an
-            iterable of parameters.
+        model_or_params: an nn.Module (the weights of its Conv and Linear layers, the classifier
+            included) or an iterable of parameters. Frozen parameters (``requires_grad=False``)
+            are left out; a parameter shared by several modules (tied weights) counts once.
+            A parametrized weight (``torch.nn.utils.parametrize``, ``weight_norm``) is penalized
+            as the layer uses it: recomputed from its leaf parameters at every call, its gradient
+            going to those leaves. Pass the model for those: a computed tensor in a list of
+            parameters would go stale after one step.
         kind, groups, backend, options: as in `fastsparse.penalty`.
         strength: the multiplier of the penalty (>= 0); may be changed between steps for
             warm-up schedules (`reg.strength = ...`).
 
     Use either the autograd path, ``loss = loss + reg()``, or the in-place path,
     ``reg.apply_()`` after ``loss.backward()`` (or ``reg.attach(optimizer)`` once, which calls
-    ``apply_()`` before every optimizer step).
+    ``apply_()`` before every optimizer step). With AMP's GradScaler, ``attach`` is right as is
+    (the scaler unscales the gradients before the step); a direct ``apply_()`` before
+    ``scaler.step(optimizer)`` must be told the scale: ``reg.apply_(scaler)``.
+
+    Non-finite weights give a non-finite penalty (inf or NaN), as in plain PyTorch; nothing is
+    checked per step, which would cost a host sync.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
@@ -44,44 +55,84 @@ class Regularizer:
         backend: Optional[str] = "auto",
         **options,
     ):
+        params, self._parametrized = [], []  # leaves; (module, name) of parametrized weights
         if isinstance(model_or_params, nn.Module):
-            params = default_parameters(model_or_params)
+            for module in model_or_params.modules():
+                if isinstance(module, DEFAULT_LAYERS) and parametrize.is_parametrized(
+                    module, "weight"
+                ):
+                    self._parametrized.append((module, "weight"))
+            params = [p for p in default_parameters(model_or_params) if p.is_leaf]
         else:
+            if isinstance(model_or_params, torch.Tensor):
+                model_or_params = [model_or_params]
             params = list(model_or_params)
-        if not params:
-            raise ValueError("no parameters to regularize")
-        prepare(params, kind, groups, options)  # fail now, not in the first training step
-        self.params = params
+            for i, p in enumerate(params):
+                if isinstance(p, torch.Tensor) and not p.is_leaf:
+                    raise ValueError(
+                        f"params[{i}] is a computed tensor, not a parameter (a parametrized "
+                        "weight?): it would go stale after one step; pass the model instead"
+                    )
+        self.params = _distinct(p for p in params if not _frozen(p))
+        self._parametrized = [
+            (m, n) for m, n in self._parametrized if any(p.requires_grad for p in _leaves(m, n))
+        ]
+        if not self.params and not self._parametrized:
+            raise ValueError("no parameters to regularize (none given, or all frozen)")
+        # Fail now, not in the first training step.
+        prepare(self.params + self._parametrized_weights(), kind, groups, options)
         self.kind = kind
         self.strength = check_strength(strength)
         self.groups = groups
         self.backend = backend
         self.options = options
 
+    def _parametrized_weights(self) -> list:
+        return [getattr(m, n) for m, n in self._parametrized]
+
+    def _penalty(self, tensors) -> torch.Tensor:
+        return penalty(tensors, self.kind, groups=self.groups, backend=self.backend, **self.options)
+
     def __call__(self) -> torch.Tensor:
         """strength * R(params) as a differentiable loss term."""
-        value = penalty(
-            self.params, self.kind, groups=self.groups, backend=self.backend, **self.options
-        )
-        return self.strength * value
+        return self.strength * self._penalty(self.params + self._parametrized_weights())
 
     def value(self) -> torch.Tensor:
         """R(params) without gradient tracking (for logging)."""
         with torch.no_grad():
-            return penalty(
-                self.params, self.kind, groups=self.groups, backend=self.backend, **self.options
-            )
+            return self._penalty(self.params + self._parametrized_weights())
 
-    def apply_(self) -> torch.Tensor:
-        """Add strength * dR/dW into the parameters' .grad in place; returns strength * R."""
-        value = add_penalty_grad_(
-            self.params,
-            self.kind,
-            self.strength,
-            groups=self.groups,
-            backend=self.backend,
-            **self.options,
-        )
+    def apply_(self, scaler=None) -> torch.Tensor:
+        """Add strength * dR/dW into the parameters' .grad in place; returns strength * R.
+
+        Args:
+            scaler: the ``torch.amp.GradScaler`` whose scale the gradients still carry, when
+                called between ``scaler.scale(loss).backward()`` and ``scaler.step()``: the
+                penalty gradient is then scaled alike (one host read of the scale). Not needed
+                with ``attach`` or after ``scaler.unscale_(optimizer)``.
+        """
+        strength = self.strength
+        if scaler is not None:
+            strength = strength * float(scaler.get_scale())
+        value = torch.zeros(())
+        if self.params:
+            value = add_penalty_grad_(
+                self.params,
+                self.kind,
+                strength,
+                groups=self.groups,
+                backend=self.backend,
+                **self.options,
+            )
+        for module, name in self._parametrized:  # through autograd into the leaves
+            leaves = [p for p in _leaves(module, name) if p.requires_grad]
+            with torch.enable_grad():
+                term = self._penalty([getattr(module, name)])
+                grads = torch.autograd.grad(term * strength, leaves, allow_unused=True)
+            for p, g in zip(leaves, grads):
+                if g is not None:
+                    p.grad = g.detach() if p.grad is None else p.grad.add_(g.to(p.grad.dtype))
+            value = value.to(term.device) + term.detach()
         return self.strength * value
 
     def attach(self, optimizer: torch.optim.Optimizer):
@@ -93,7 +144,27 @@ class Regularizer:
         return optimizer.register_step_pre_hook(hook)
 
     def __repr__(self) -> str:
+        count = len(self.params) + len(self._parametrized)
         return (
             f"Regularizer(kind={self.kind!r}, strength={self.strength}, groups={self.groups!r}, "
-            f"params={len(self.params)}, backend={self.backend!r})"
+            f"params={count}, backend={self.backend!r})"
         )
+
+
+def _frozen(p) -> bool:
+    return isinstance(p, torch.Tensor) and p.is_leaf and not p.requires_grad
+
+
+def _distinct(params) -> list:
+    """Each tensor once, in order of first appearance (tied weights are one parameter)."""
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _leaves(module: nn.Module, name: str) -> list:
+    """The leaf parameters a parametrized tensor is computed from."""
+    return list(module.parametrizations[name].parameters())

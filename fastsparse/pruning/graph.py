@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fastsparse.core.groups import CoupledGroup, CoupledMember
 
@@ -89,6 +90,13 @@ def trace(model: nn.Module, example_inputs: Any) -> Traced:
     """Build Torch-Pruning's dependency graph on `model` (modified: use a copy) and its groups."""
     import torch_pruning as tp
 
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            raise PruningError(
+                f"layer {name!r} ({type(module).__name__}) is parametrized "
+                f"({', '.join(module.parametrizations)}); remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations) to prune it"
+            )
     outputs: List[Any] = []
 
     def forward_fn(m, x):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -107,6 +108,8 @@ def _json_table(text: str, flag: str) -> dict:
 def load_config_file(path: str) -> Dict[str, Any]:
     """Read a JSON (``.json``) or TOML (``.toml``) config file into a dict (UsageError if bad)."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise UsageError(f"config file {path} is a folder; give the path of a .json or .toml file")
     if not file.is_file():
         raise UsageError(f"config file {path} does not exist")
     text = file.read_text()
@@ -202,6 +205,21 @@ def _add_run_flags(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
         default=None,
         help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)",
     )
+
+
+def output_folder(path: str, flag: str = "--out") -> Path:
+    """The output folder, created if needed; UsageError if it is a file or cannot be written."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".fastsparse-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be written: {e.strerror or e}") from None
+    return folder
 
 
 def _config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
@@ -389,9 +407,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastsparse.workflow.train import load_data, run, unwrap
 
     config = _config_from_args(args, RunConfig())
-    out = Path(args.out)
+    out = output_folder(args.out)
     data = load_data(config)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     def checkpoint(epoch, model, optimizer):
@@ -466,7 +483,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     command = "fastsparse " + " ".join(shlex.quote(a) for a in args.argv)
     start = time.perf_counter()
     rows = run_study(
-        args.out,
+        output_folder(args.out),
         kinds=kinds,
         strengths=strengths,
         thresholds=thresholds,

@@ -272,3 +272,15 @@ class RunConfig:
                 fail(f"data directory {self.data_dir} does not exist")
         if self.device == "cuda" and not torch.cuda.is_available():
             fail("device 'cuda' requested but CUDA is not available")
+        if self.backend not in ("auto", "torch"):  # say now, not after loading the data
+            from fastsparse.core.backends import resolve_backend
+
+            device = torch.device(
+                "cuda"
+                if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+                else "cpu"
+            )
+            try:
+                resolve_backend(self.backend, device)
+            except RuntimeError as e:
+                fail(f"{e} (device {device})")

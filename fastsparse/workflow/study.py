@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
@@ -391,7 +393,7 @@ def write_outputs(
     cpu_seconds: float = 0.0,
     settings: str = "",
 ):
-    """Write results.csv, results.md, tradeoff.png and command.txt into `out`."""
+    """Write results.csv, results.md, tradeoff.png (with matplotlib) and command.txt into `out`."""
     if not rows:
         return
     out = Path(out)
@@ -401,7 +403,14 @@ def write_outputs(
         writer.writeheader()
         writer.writerows(rows)
     (out / "results.md").write_text(_markdown(rows, command))
-    _plot(rows, out / "tradeoff.png", "fastsparse study")
+    if importlib.util.find_spec("matplotlib") is None:
+        print(
+            f"fastsparse study: matplotlib is not installed, so no {out / 'tradeoff.png'} "
+            "(pip install matplotlib); the CSV and the tables are written",
+            file=sys.stderr,
+        )
+    else:
+        _plot(rows, out / "tradeoff.png", "fastsparse study")
     info = [
         command or "(called from Python)",
         "",
