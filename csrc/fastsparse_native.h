@@ -33,7 +33,7 @@ typedef struct {
   int64_t accumulate;    // 1: grad += update, 0: grad = update
 } fs_segment;
 
-// Kinds, as in fastsparse/kernels/penalty.py KIND_IDS.
+// Kinds, as in fastsparse/core/contract.py KIND_IDS.
 enum {
   FS_L1 = 0,
   FS_L2 = 1,
@@ -93,7 +93,7 @@ FS_HD void penalty_rule(int kind, A s1, A s2, A total_l, A total_f2, A alpha, A*
   }
 }
 
-// Prox kinds, as in kernels/prox.py PROX_IDS; "scale" multiplies groups by given factors.
+// Prox kinds, as in fastsparse/core/contract.py PROX_IDS; "scale" multiplies groups by given factors.
 enum { FS_PROX_L1 = 0, FS_PROX_L0 = 1, FS_PROX_GROUP_LASSO = 2, FS_PROX_GROUP_L0 = 3,
        FS_PROX_L0_GROUP_LASSO = 4, FS_PROX_SCALE = 5 };
 

@@ -59,7 +59,8 @@ def penalty(
             "hoyer_square", "group_hoyer_square", "sparse_group_lasso").
         groups: "filters" (dim 0), "channels" (dim 1), "kernels" (dims 0 and 1), None (whole
             tensor), or a tuple of them (the penalty is summed over the groupings).
-        backend: "auto", "triton" or "torch"; "auto" honours FASTSPARSE_BACKEND.
+        backend: "auto", "triton", "native", "cuda" or "torch" (the oracle); "auto" honours
+            FASTSPARSE_BACKEND (fastsparse/core/backends.py).
         options: alpha (sparse_group_lasso only, default 0.5).
 
     Returns:

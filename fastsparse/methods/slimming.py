@@ -18,7 +18,7 @@ lossless by itself; slimming accepts that change and fine-tunes. Here :func:`sli
 change explicit and the removal exact: it picks the channels by |gamma| (the largest |gamma| among
 the BatchNorms tied to a channel, e.g. through residual additions), then zeroes their *whole*
 coupled groups (filter, bias, gamma and beta, the consumers' in-slices) with
-``fastsparse.channels.zero_channels_``, the per-channel form of
+``fastsparse.pruning.importance.zero_channels_``, the per-channel form of
 ``prox_(None, "group_l0", t, groups=coupled)``. ``fastsparse.prune(model, x)`` then removes those
 channels and the pruned model computes exactly what the slimmed one computes.
 
