@@ -62,10 +62,6 @@ def native_unavailable_reason(device: torch.device) -> Optional[str]:
     return native.unavailable_reason(device)
 
 
-# Under torch.compile the choice is made once, at trace time, and kept as a constant: it reads
-# the environment, probes Triton and may build the native library, none of which dynamo should
-# trace (the first fastsparse call inside a fullgraph-compiled function would fail).
-@torch.compiler.assume_constant_result
 def resolve_backend(backend: Optional[str], device: torch.device, op: str = "penalty") -> str:
     """The concrete backend ("triton", "native" or "torch") of `op` for tensors on `device`.
 
@@ -110,6 +106,14 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str = "pen
             raise RuntimeError(f"backend {name!r} is not available: {reason}")
         return "native"
     return name
+
+
+# Under torch.compile the choice is made once, at trace time, and kept as a constant: it reads
+# the environment, probes Triton and may build the native library, none of which dynamo should
+# trace (the first fastsparse call inside a fullgraph-compiled function would fail). This is what
+# torch.compiler.assume_constant_result does; calling it would import torch._dynamo (and triton)
+# at `import fastsparse`, seconds before anything is compiled, so the mark is set directly.
+resolve_backend._dynamo_marked_constant = True
 
 
 def _native_allowed_in_auto() -> bool:
