@@ -1,7 +1,9 @@
 """Test setup: Triton runs on the CPU interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before triton decorates the kernels (first import of
-fastsparse.kernels), hence here, before any test module is imported. On a GPU machine the same
+fastsparse.kernels), hence here, before any test module is imported. The test folders mirror the
+package (tests/core, tests/functional, ...); they are packages, so shared code is imported as
+`from tests.helpers import ...` and these fixtures apply in every folder. On a GPU machine the same
 Triton tests run compiled, on CUDA tensors.
 """
 
@@ -14,7 +16,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The device the Triton backend runs on in this session.
+# The device the Triton backend runs on in this test run.
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
@@ -44,13 +46,7 @@ def backend(request):
 
 @pytest.fixture
 def nan_outputs(monkeypatch):
-    """Fill every uninitialized kernel output with NaN, so an unwritten element fails a test."""
-    from fastsparse.core import layout
+    """Fill every uninitialized penalty kernel output with NaN, so an unwritten element fails."""
+    from tests.helpers import fill_new_empty_with_nan  # not at the top: after TRITON_INTERPRET
 
-    original = layout.new_empty
-
-    def empty_nan(shape, **kwargs):
-        return original(shape, **kwargs).fill_(float("nan"))
-
-    for module in ("fastsparse.kernels.penalty", "fastsparse.core.native"):
-        monkeypatch.setattr(f"{module}.new_empty", empty_nan)
+    fill_new_empty_with_nan(monkeypatch, "fastsparse.kernels.penalty", "fastsparse.core.native")

@@ -1,6 +1,6 @@
-"""The study interface of the issue-8 methods (fastsparse.methods.build_method): a few training
-steps of each method on a small ResNet, its pruning hook and `fastsparse.prune`; and the channel
-selection helpers they share (fastsparse.pruning.importance)."""
+"""The study interface of the sparsity methods (fastsparse.methods.build_method and the Method
+of fastsparse/methods/base.py): a few training steps of each method on a small ResNet, its pruning
+hook and `fastsparse.prune`."""
 
 import pytest
 import torch
@@ -8,8 +8,6 @@ from torch import nn
 
 from fastsparse.methods import METHODS, Method, build_method
 from fastsparse.pruning import prune
-from fastsparse.pruning.importance import select_channels, zero_channels_
-from fastsparse.reference import CoupledGroup, CoupledMember
 from fastsparse.workflow.models import ResNetCIFAR
 
 OPTIONS = {
@@ -53,30 +51,3 @@ def test_training_loop_and_prune(name):
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
         build_method("ssl", nn.Linear(2, 2), torch.randn(1, 2), 1e-3)
-
-
-def test_select_channels_ratio_threshold_and_ties():
-    scores = [torch.tensor([0.5, 0.1, 0.9]), None, torch.tensor([0.1, 0.7])]
-    dead = select_channels(scores, ratio=0.4)  # 2 of 5; tie at 0.1 broken by order
-    assert [d.tolist() for d in dead] == [[False, True, False], [], [True, False]]
-    dead = select_channels(scores, threshold=0.5)
-    assert [d.tolist() for d in dead] == [[True, True, False], [], [True, False]]
-    assert [d.tolist() for d in select_channels(scores, ratio=0.0)][0] == [False] * 3
-    with pytest.raises(ValueError, match="exactly one"):
-        select_channels(scores)
-    with pytest.raises(ValueError, match="ratio"):
-        select_channels(scores, ratio=2.0)
-
-
-def test_zero_channels_touches_every_member_slice():
-    a, b = torch.ones(4, 3), torch.ones(2, 4, 5)
-    members = (
-        CoupledMember("a", a, 0, torch.arange(4), torch.arange(4)),
-        CoupledMember("b", b, 1, torch.arange(4), torch.tensor([0, 1, 2, 3])),
-    )
-    group = CoupledGroup("a", 4, members)
-    assert zero_channels_([group], [torch.tensor([False, True, False, True])]) == 2
-    assert a.sum(dim=1).tolist() == [3.0, 0.0, 3.0, 0.0]
-    assert b.sum(dim=(0, 2)).tolist() == [10.0, 0.0, 10.0, 0.0]
-    with pytest.raises(ValueError, match="masks"):
-        zero_channels_([group], [])

@@ -1,9 +1,10 @@
 """The native backend's build machinery, CUDA compilation and cross-backend parity.
 
 Numerical parity of every op, kind, grouping and dtype with the oracle runs in the shared tests
-(test_penalty.py and friends are parametrized over the fused backends, "native" included).
+(tests/functional are parametrized over the fused backends, "native" included).
 """
 
+import importlib.resources
 import os
 import shutil
 import subprocess
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_penalty import make
 
 import fastsparse as fs
 from fastsparse.core import native
+from tests.helpers import make
 
 
 def test_build_is_cached_and_respects_cache_dir(tmp_path, monkeypatch):
@@ -47,8 +48,9 @@ def test_cuda_arch_list(monkeypatch):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_sources_compile_for_sm90(tmp_path):
-    csrc = Path(native.__file__).resolve().parents[1] / "csrc"
-    for source in sorted(csrc.glob("*.cu")):
+    sources = sorted(Path(str(importlib.resources.files("fastsparse.csrc"))).glob("*.cu"))
+    assert sources, "no CUDA sources found in fastsparse.csrc"
+    for source in sources:
         result = subprocess.run(
             ["nvcc", "-arch=sm_90", "-std=c++17", "-c", str(source), "-o", str(tmp_path / "x.o")],
             capture_output=True,

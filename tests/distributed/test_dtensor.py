@@ -1,21 +1,19 @@
 """DTensor (FSDP2, tensor parallel) and DDP on 2 gloo processes; the FSDP2 example.
 
-The checks themselves live in tests/distributed_checks.py: one spawn of 2 processes runs them
-all (starting processes costs most of the time on a small machine), and each test here reports
-one check's result on both ranks.
+The checks themselves live in tests/distributed/distributed_checks.py: one spawn of 2 processes
+runs them all (starting processes costs most of the time on a small machine), and each test here
+reports one check's result on both ranks.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import distributed_checks
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,26 +21,21 @@ import torch.multiprocessing as mp
 
 import fastsparse as fs
 from fastsparse.distributed import attention_head_groups, mlp_neuron_groups
+from tests.distributed import distributed_checks
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
 )
 
 TIMEOUT = 240  # seconds for one spawned run of checks
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def spawn_checks(world: int, names: list, out: Path) -> dict:
     """{check name: [traceback or None per rank]} of one spawned run of `names`."""
     context = mp.start_processes(
         distributed_checks.run,
-        args=(world, free_port(), str(out), names),
+        args=(world, distributed_checks.free_port(), str(out), names),
         nprocs=world,
         join=False,
         start_method="spawn",

@@ -1,7 +1,10 @@
-"""The training workflow: schedules, train/evaluate, threshold + prune, timing helpers.
+"""The training workflow (fastsparse.workflow.train): schedules, the progress bar, train/evaluate,
+runs, the regularizer cost, and the sparsity methods inside a run.
 
 Runs are tiny (one epoch on a few hundred images) and use the oracle backend, so they take
-seconds and do not depend on which fused backends this machine has.
+seconds and do not depend on which fused backends this machine has. The methods' runs check the
+wiring (the method's loss and step hooks run, its hooks are removed, its own pruning rule is
+used), not what the methods achieve.
 """
 
 import dataclasses
@@ -10,9 +13,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from fastsparse.core import backends
-from fastsparse.workflow import train as training
+from fastsparse.methods import METHODS
 from fastsparse.workflow.models import LeNet5
 from fastsparse.workflow.train import (
     ConfigError,
@@ -20,24 +24,15 @@ from fastsparse.workflow.train import (
     RunConfig,
     best_fused_backend,
     load_data,
+    make_method,
     make_regularizer,
     regularizer_cost,
     run,
     scheduled_strength,
-    threshold_and_prune,
     train,
 )
+from tests.helpers import TINY_RUN as TINY
 
-TINY = RunConfig(
-    kind="group_l1l2",
-    strength=0.3,
-    epochs=1,
-    train_samples=256,
-    test_samples=128,
-    batch_size=64,
-    backend="torch",
-    device="cpu",
-)
 X = torch.zeros(1, 1, 28, 28)
 
 
@@ -81,48 +76,6 @@ def test_scheduled_strength_without_warmup_is_constant():
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="unknown schedule 'step'"):
         scheduled_strength(1.0, "step", 0.5, 0.1)
-
-
-# --------------------------------------------------------------------------- config
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (dict(kind="l3"), "unknown kind 'l3'"),
-        (dict(model="lenet6"), "unknown model"),
-        (dict(dataset="mnist", data_dir="/no/such/dir"), "does not exist"),
-        (dict(dataset="cifar10"), "needs data_dir"),
-        (dict(data_dir="/tmp"), "takes no data_dir"),
-        (dict(epochs=0), "epochs must be >= 1"),
-        (dict(epochs=1.5), "epochs must be an integer"),
-        (dict(lr=0.0), "lr must be > 0"),
-        (dict(strength=-1.0), "strength must be >= 0"),
-        (dict(threshold=1.5), "relative threshold must be < 1"),
-        (dict(schedule="step"), "unknown schedule"),
-        (dict(mode="fused"), "unknown mode"),
-        (dict(groups="rows"), "bad groups"),
-        (dict(alpha=0.3), "sparse_group_lasso"),
-        (dict(amp="yes"), "amp must be true or false"),
-        (dict(warmup=2.0), "warmup is a fraction"),
-    ],
-)
-def test_config_errors(change, message):
-    with pytest.raises(ConfigError, match=message):
-        dataclasses.replace(TINY, **change).validate()
-
-
-def test_config_from_dict_rejects_unknown_keys():
-    with pytest.raises(ConfigError, match="unknown setting.*epoch\\b"):
-        RunConfig.from_dict({"epoch": 3})
-
-
-def test_config_defaults_and_round_trip():
-    config = RunConfig.from_dict({"kind": "l1", "groups": ["filters", "channels"]})
-    assert config.groups == ("filters", "channels")
-    assert config.resolved_strength == training.DEFAULT_STRENGTHS["l1"]
-    assert RunConfig.from_dict(config.to_dict()) == config
-    assert RunConfig(kind="none").resolved_strength == 0.0
 
 
 # --------------------------------------------------------------------------- progress bar
@@ -205,52 +158,6 @@ def test_run_summary(data):
     assert result.inference_before > 0 and result.inference_after > 0
 
 
-# --------------------------------------------------------------------------- threshold + prune
-
-
-def _lenet_with_weak_filters():
-    torch.manual_seed(0)
-    model = LeNet5().eval()
-    with torch.no_grad():
-        model.features[0].weight[:5] *= 1e-3  # 5 weak conv1 filters
-        model.features[3].weight[:10] *= 0.04  # 10 weak conv2 filters
-    return model
-
-
-def test_threshold_and_prune_relative():
-    model = _lenet_with_weak_filters()
-    before = [p.clone() for p in model.parameters()]
-    result = threshold_and_prune(model, X, 0.05)
-    assert result.kept == {
-        "features.0": (15, 20),
-        "features.3": (40, 50),
-        "classifier.0": (500, 500),
-    }
-    assert result.pruned.features[0].out_channels == 15
-    assert result.pruned.features[3].in_channels == 15
-    assert result.pruned.features[3].out_channels == 40
-    assert result.report.params_after == sum(p.numel() for p in result.pruned.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # untouched
-    x = torch.randn(8, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(result.pruned(x), result.thresholded(x), atol=1e-5, rtol=0)
-        # The weak filters' coupled groups are zero: filter, bias, next layer's input slice.
-        assert result.thresholded.features[0].weight[:5].abs().sum() == 0
-        assert result.thresholded.features[0].bias[:5].abs().sum() == 0
-        assert result.thresholded.features[3].weight[:, :5].abs().sum() == 0
-
-
-def test_threshold_absolute_keeps_the_strongest_filter():
-    model = _lenet_with_weak_filters()
-    result = threshold_and_prune(model, X, 1e6, mode="absolute")
-    assert result.kept == {"features.0": (1, 20), "features.3": (1, 50), "classifier.0": (1, 500)}
-
-
-def test_threshold_zero_removes_nothing():
-    result = threshold_and_prune(_lenet_with_weak_filters(), X, 0.0)
-    assert result.report.params_after == result.report.params
-
-
 # --------------------------------------------------------------------------- backends, costs
 
 
@@ -287,7 +194,85 @@ def test_regularizer_leaves_out_the_classifier():
     assert len(reg_all.params) == 4
 
 
-def test_default_learning_rate_per_model():
-    assert RunConfig().resolved_lr == 0.05  # LeNet-5: what the demo and studies used
-    assert RunConfig(model="vgg11_bn").resolved_lr == 0.01  # 0.05 diverges there
-    assert RunConfig(model="vgg11_bn", lr=0.2).resolved_lr == 0.2
+# --------------------------------------------------------------------------- the methods in a run
+
+
+METHOD_TINY = dict(
+    epochs=1, train_samples=96, test_samples=64, batch_size=32, backend="torch", device="cpu"
+)
+
+
+# the smallest model of the zoo on which every method applies (BatchNorm, same-shape features)
+MODEL_OF = {"oicsr": "lenet5", "selective_decay": "lenet5", "slimming": "vgg11_bn"}
+MODEL_OF["feature_flow"] = "vgg11_bn"
+
+
+@pytest.fixture(scope="module")
+def method_data():
+    return load_data(RunConfig(**METHOD_TINY))
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_run_with_each_method(method, method_data, monkeypatch):
+    calls = []
+    original = make_method
+
+    def spy(model, x, config):
+        built = original(model, x, config)
+        for name in ("loss", "before_step", "after_step", "end_epoch", "close"):
+            fn = getattr(built, name)
+
+            def wrapped(*args, _fn=fn, _name=name, **kwargs):
+                calls.append(_name)
+                return _fn(*args, **kwargs)
+
+            setattr(built, name, wrapped)
+        return built
+
+    monkeypatch.setattr("fastsparse.workflow.train.make_method", spy)
+    config = RunConfig(kind=method, model=MODEL_OF[method], strength=1e-3, **METHOD_TINY)
+    result = run(config, data=method_data, progress=False, inference_repeats=1)
+    steps = 3  # 96 images, batches of 32
+    assert calls.count("loss") == calls.count("before_step") == calls.count("after_step") == steps
+    assert calls.count("end_epoch") == 1 and calls[-1] == "close"
+    assert _hooks(result.model) == 0  # the method's hooks are gone before pruning
+    row = result.summary()
+    assert row["kind"] == method and row["strength"] == 1e-3
+    assert "penalty" in result.train.epochs[0] and result.train.regularizer_seconds > 0
+    x = method_data.test_images[:4]
+    with torch.no_grad():
+        result.prune.thresholded.eval(), result.pruned.eval()
+        torch.testing.assert_close(result.pruned(x), result.prune.thresholded(x), atol=1e-5, rtol=0)
+
+
+def test_method_options_and_inplace_reach_the_method(method_data):
+    model = LeNet5()
+    x = method_data.test_images[:1]
+    config = RunConfig(
+        kind="selective_decay", method_options={"final_sparsity": 0.5}, **METHOD_TINY
+    )
+    assert make_method(model, x, config).pruner is not None
+    config = RunConfig(kind="oicsr", mode="inplace", **METHOD_TINY)
+    method = make_method(model, x, config)
+    assert method.inplace and float(method.loss()) == 0.0
+    assert make_method(model, x, RunConfig(kind="l1", **METHOD_TINY)) is None
+
+
+@pytest.mark.parametrize(
+    "kind, model, options, message",
+    [
+        ("feature_flow", "lenet5", {}, "on model 'lenet5'"),
+        ("slimming", "lenet5", {}, "no affine BatchNorm"),
+        ("oicsr", "lenet5", {"bogus": 1}, "bogus"),
+    ],
+)
+def test_a_method_that_cannot_apply_fails_before_training(
+    kind, model, options, message, method_data
+):
+    config = RunConfig(kind=kind, model=model, method_options=options, **METHOD_TINY)
+    with pytest.raises(ConfigError, match=message):
+        make_method(LeNet5(), method_data.test_images[:1], config)

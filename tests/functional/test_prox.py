@@ -1,46 +1,40 @@
-"""Proximal / threshold steps: the oracle against explicit per-group formulas, the public `prox_`
-validation (a bad call changes nothing) and prox / penalty on coupled groups."""
+"""The public proximal / threshold step `prox_` on every backend: against explicit per-group
+formulas and the oracle (kinds, groupings, dtypes, layouts, long groups), its properties, the
+validation of a bad call (which changes nothing), and prox on coupled groups."""
 
 from __future__ import annotations
 
-import math
+import copy
 
 import pytest
 import torch
 
+import fastsparse as fs
 import fastsparse.reference as ref
 from fastsparse.functional.prox import PROX_BACKENDS, prox_
+from fastsparse.pruning import coupled_groups
 from fastsparse.reference import PROX_KINDS, CoupledGroup, CoupledMember
+from tests.helpers import (
+    coupled_models,
+    explicit_prox,
+    grouping_id,
+    make,
+    overlapping_groups,
+    shapes_for,
+)
 
 GROUPINGS = ("filters", "channels", "kernels", None)
 
 
-def explicit_prox(w: torch.Tensor, kind: str, t, grouping) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element by element and group by group in fp64 with Python loops: the independent check."""
-    t_elem, t_group = (t, t) if not isinstance(t, tuple) else t
-    x = ref.grouped_view(w.double(), grouping).clone()
-    kept = []
-    for g in range(x.shape[0]):
-        row = x[g]
-        if kind in ("l0", "l0_group_lasso"):
-            row = torch.tensor([v if abs(v) > t_elem else 0.0 for v in row.tolist()], dtype=x.dtype)
-        if kind == "l1":
-            row = torch.tensor(
-                [math.copysign(max(abs(v) - t_elem, 0.0), v) for v in row.tolist()], dtype=x.dtype
-            )
-        n = math.sqrt(sum(v * v for v in row.tolist()))
-        if kind in ("group_lasso", "l0_group_lasso"):
-            row = row * (max(0.0, 1.0 - t_group / n) if n > t_group else 0.0)
-        if kind == "group_l0":
-            row = row * (1.0 if n > t_group else 0.0)
-        x[g] = row
-        kept.append(n > t_group if kind not in ("l1", "l0") else bool((row != 0).any()))
-    return ref.ungroup(x, w.shape, grouping), torch.tensor(kept, dtype=torch.bool)
+# ------------------------------------------------------------------------------------------------
+# Against explicit formulas and the oracle
+# ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS, ids=str)
 @pytest.mark.parametrize("kind", PROX_KINDS)
-def test_oracle_matches_explicit_formula(kind, grouping):
+def test_matches_explicit_formula(kind, grouping):
+    # backend "auto": the native kernels on a CPU (the oracle: tests/reference/test_prox.py)
     torch.manual_seed(0)
     w = torch.randn(7, 5, 3, 3, dtype=torch.float64)
     w[2] = 0.0  # an all-zero filter stays zero and never gives NaN
@@ -51,6 +45,53 @@ def test_oracle_matches_explicit_formula(kind, grouping):
     torch.testing.assert_close(w, expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(kept, expected_kept)
     assert not w.isnan().any()
+
+
+PROX_CASES = [
+    ("l1", 0.5),
+    ("l0", 0.5),
+    ("group_lasso", 1.5),
+    ("group_l0", 2.0),
+    ("l0_group_lasso", (0.4, 1.0)),
+]
+
+
+@pytest.mark.parametrize("kind,threshold", PROX_CASES, ids=[k for k, _ in PROX_CASES])
+@pytest.mark.parametrize("grouping", ["filters", "channels", "kernels", None], ids=grouping_id)
+def test_fused_prox_matches_oracle(kind, threshold, grouping, backend, device):
+    shapes = shapes_for(grouping) + ([(3, 20000)] if grouping != "kernels" else [])
+    tensors = make(shapes, torch.float32, device, seed=31)
+    fused = [t.clone() for t in tensors]
+    expected = [t.clone() for t in tensors]
+    masks = prox_(fused, kind, threshold, groups=grouping, backend=backend)
+    expected_masks = ref.prox_(expected, kind, threshold, grouping)
+    for f, e, m, em in zip(fused, expected, masks, expected_masks):
+        torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-6)
+        assert torch.equal(m.cpu(), em.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_fused_prox_dtypes_and_layouts(dtype, backend, device):
+    base = make([(6, 4, 3, 3)], dtype, device, seed=32)[0]
+    for layout in (
+        lambda t: t,
+        lambda t: t.to(memory_format=torch.channels_last),
+        lambda t: t.transpose(0, 1),
+    ):
+        w, expected = layout(base.clone()), layout(base.clone())
+        prox_(w, "group_lasso", 1.0, groups="filters", backend=backend)
+        ref.prox_([expected], "group_lasso", 1.0, "filters")
+        torch.testing.assert_close(
+            w,
+            expected,
+            rtol=1e-2 if dtype == torch.bfloat16 else 1e-12,
+            atol=1e-2 if dtype == torch.bfloat16 else 1e-12,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Properties
+# ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", PROX_KINDS)
@@ -146,7 +187,9 @@ def test_mask_shapes_and_empty_tensors():
     assert prox_([], "l1", 1.0) == []
 
 
-# ------------------------------------------------------------------------------ bad input
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
 
 
 def _two_tensors():
@@ -203,92 +246,13 @@ def test_module_argument_and_tensor_threshold():
     assert masks[0].tolist() == [True, False, True]
 
 
-# ------------------------------------------------------------------------------ coupled groups
-
-
-def _overlapping_groups():
-    """Two layers a -> b and the two OICSR-style coupled groups, overlapping on b's weight.
-
-    Group set A (root "a", G=3): a.weight rows, a.bias, b.weight columns.
-    Group set B (root "b", G=2): b.weight rows.
-    """
-    torch.manual_seed(6)
-    a_w = torch.randn(3, 4, dtype=torch.float64)
-    a_b = torch.randn(3, dtype=torch.float64)
-    b_w = torch.randn(2, 3, dtype=torch.float64)
-    ar = torch.arange(3)
-    group_a = CoupledGroup(
-        "a",
-        3,
-        (
-            CoupledMember("a.weight", a_w, 0, ar, ar),
-            CoupledMember("a.bias", a_b, 0, ar, ar),
-            CoupledMember("b.weight", b_w, 1, ar, ar),
-        ),
-    )
-    group_b = CoupledGroup("b", 2, (CoupledMember("b.weight", b_w, 0, ar[:2], ar[:2]),))
-    return [group_a, group_b], (a_w, a_b, b_w)
-
-
-def _explicit_rows(groups):
-    """Each group's elements, gathered with Python loops."""
-    out = []
-    for cg in groups:
-        rows = []
-        for g in range(cg.num_groups):
-            parts = [
-                m.param.select(m.dim, int(i)).flatten()
-                for m in cg.members
-                for i, gid in zip(m.index, m.group)
-                if int(gid) == g
-            ]
-            rows.append(torch.cat(parts))
-        out.append(rows)
-    return out
-
-
-def test_coupled_stats_and_norms_sum_member_slices():
-    groups, _ = _overlapping_groups()
-    for cg, rows in zip(groups, _explicit_rows(groups)):
-        s1, s2 = ref.coupled_group_stats(cg)
-        torch.testing.assert_close(s1, torch.stack([r.abs().sum() for r in rows]))
-        torch.testing.assert_close(s2, torch.stack([r.square().sum() for r in rows]))
-    norms = ref.coupled_group_norms(groups)
-    assert [n.shape[0] for n in norms] == [3, 2]
-    assert groups[0].group_sizes().tolist() == [4 + 1 + 2] * 3
-
-
-def test_coupled_matrix_handles_uneven_groups():
-    """A flatten maps one channel to several columns; group sizes may even differ."""
-    w = torch.arange(12.0).reshape(2, 6)
-    member = CoupledMember("fc.weight", w, 1, torch.arange(6), torch.tensor([0, 0, 0, 1, 1, 2]))
-    matrix = ref.coupled_matrix(CoupledGroup("conv", 3, (member,)))
-    assert matrix.shape == (3, 6)
-    s1, _ = ref.coupled_group_stats(CoupledGroup("conv", 3, (member,)))
-    assert s1.tolist() == [0 + 1 + 2 + 6 + 7 + 8, 3 + 4 + 9 + 10, 5 + 11]
-
-
-@pytest.mark.parametrize("kind", ref.KINDS)
-def test_coupled_penalty_and_grad(kind):
-    groups, params = _overlapping_groups()
-    expected = sum(
-        ref.tensor_penalty(
-            torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), kind, "filters", 0.5
-        )
-        for rows in _explicit_rows(groups)
-    )
-    torch.testing.assert_close(ref.coupled_penalty(groups, kind), expected)
-    grads = ref.coupled_penalty_grad(groups, kind)
-    assert [g.shape for g in grads] == [p.shape for p in params]
-    leaves = [p.detach().requires_grad_(True) for p in params]
-    mapping = {id(p): leaf for p, leaf in zip(params, leaves)}
-    torch.autograd.gradcheck(
-        lambda *_: ref.coupled_penalty(ref.rebind(groups, mapping), kind), leaves
-    )
+# ------------------------------------------------------------------------------------------------
+# Coupled groups
+# ------------------------------------------------------------------------------------------------
 
 
 def test_coupled_prox_is_simultaneous():
-    groups, (a_w, a_b, b_w) = _overlapping_groups()
+    groups, (a_w, a_b, b_w) = overlapping_groups()
     norms_a, norms_b = ref.coupled_group_norms(groups)
     t = float(torch.cat([norms_a, norms_b]).median())
     orig = [p.clone() for p in (a_w, a_b, b_w)]
@@ -303,7 +267,7 @@ def test_coupled_prox_is_simultaneous():
 
 
 def test_coupled_group_l0_zeroes_union_and_element_kinds_apply_once():
-    groups, (a_w, a_b, b_w) = _overlapping_groups()
+    groups, (a_w, a_b, b_w) = overlapping_groups()
     with torch.no_grad():
         a_w[1], a_b[1], b_w[:, 1] = 1e-3, 1e-3, 1e-3  # group 1 of A is nearly dead
     keep = [a_w.clone(), b_w.clone()]
@@ -312,7 +276,7 @@ def test_coupled_group_l0_zeroes_union_and_element_kinds_apply_once():
     assert (a_w[1] == 0).all() and a_b[1] == 0 and (b_w[:, 1] == 0).all()
     assert torch.equal(a_w[[0, 2]], keep[0][[0, 2]]) and torch.equal(b_w[:, 0], keep[1][:, 0])
 
-    groups, (a_w, a_b, b_w) = _overlapping_groups()
+    groups, (a_w, a_b, b_w) = overlapping_groups()
     expected = b_w.clone()
     prox_(expected, "l1", 0.2)
     prox_(None, "l1", 0.2, groups=groups)  # b.weight is in both sets: thresholded once
@@ -327,9 +291,31 @@ def test_coupled_prox_leaves_uncovered_elements():
 
 
 def test_coupled_groups_must_belong_to_tensors():
-    groups, params = _overlapping_groups()
+    groups, params = overlapping_groups()
     before = [p.clone() for p in params]
     with pytest.raises(ValueError, match="another copy"):
         prox_([params[0]], "group_l0", 10.0, groups=groups)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     prox_(list(params), "group_l0", 0.0, groups=groups)  # all there: accepted
+
+
+@pytest.mark.parametrize("kind", ["group_lasso", "group_l0"])
+def test_coupled_prox_zeroes_whole_groups_and_prune_removes_them(kind, backend, device):
+    model, x = coupled_models()[1]
+    model = model.to(device).eval()
+    x = x.to(device)
+    groups = coupled_groups(model, x)
+    expected_model = copy.deepcopy(model)
+    expected_groups = coupled_groups(expected_model, x)
+    threshold = torch.quantile(torch.cat(ref.coupled_group_norms(groups)), 0.4).item()
+    masks = prox_(None, kind, threshold, groups=groups, backend=backend)
+    expected_masks = ref.prox_(None, kind, threshold, expected_groups)
+    for m, e in zip(masks, expected_masks):
+        assert torch.equal(m.cpu(), e.cpu())
+    for p, e in zip(model.parameters(), expected_model.parameters()):
+        torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-6)
+    dead = sum(int((~m).sum()) for m in masks)
+    assert dead > 0
+    pruned = fs.prune(model, x, threshold=0.0)
+    torch.testing.assert_close(pruned(x), model(x), rtol=0, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())

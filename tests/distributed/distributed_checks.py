@@ -1,4 +1,5 @@
-"""Checks that run inside a group of gloo processes (tests/test_distributed.py spawns them once).
+"""Checks that run inside a group of gloo processes (tests/distributed/test_dtensor.py spawns them
+once).
 
 Each check builds the same full tensors on every rank (same seed), shards them into DTensors
 without communication, runs fastsparse on the shards and compares with the single-process run
@@ -8,7 +9,7 @@ rank's gradient shard the matching slice of the single-process gradient.
 `run` is the entry point of a spawned process; it writes {check name: None or traceback} to
 <out_dir>/rank<r>.json. Run by hand for debugging:
 
-    python tests/distributed_checks.py parity-shard0-native coupled-shard1-torch
+    python tests/distributed/distributed_checks.py parity-shard0-native coupled-shard1-torch
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
 import sys
 import traceback
 
@@ -30,6 +32,13 @@ PLACEMENTS = ("shard0", "shard1", "replicate", "mixed")
 # columns on the other (a group split one way and spread the other: two rounds), rows twice.
 PLACEMENTS_2D = ("hsdp", "rows-cols", "cols-rows", "rows-rows")
 COLUMN_SHARDED = ("shard1", "rows-cols", "cols-rows")  # every tensor needs a dim 1
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 CHECKS = {}  # run by 2 processes on a 1-D mesh
 CHECKS_2D = {}  # run by 4 processes on a 2 x 2 mesh
@@ -581,9 +590,6 @@ if __name__ == "__main__":
     import tempfile
 
     import torch.multiprocessing as mp
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_distributed import free_port
 
     chosen = sys.argv[1:] or list(CHECKS)
     world = 4 if all(name in CHECKS_2D for name in chosen) else 2

@@ -1,0 +1,133 @@
+"""The torch.library ops of fastsparse.core.ops: opcheck (schemas, fake kernels, autograd
+registration) of every op on every fused backend, and the values of the two primitive ops the
+sharded path is built from."""
+
+import pytest
+import torch
+
+from fastsparse import reference as ref
+from fastsparse.core import ops  # noqa: F401  (registers torch.ops.fastsparse)
+from tests.helpers import decay_params, feature_maps, two_weights
+
+# ------------------------------------------------------------------------------------------------
+# The penalty ops
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["l1l2", "group_hoyer_square"])
+def test_opcheck_penalty(kind, device, backend):
+    result = torch.library.opcheck(
+        torch.ops.fastsparse.penalty.default,
+        (two_weights(device), kind, "filters,channels", 0.5, backend),
+    )
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_opcheck_backward_inplace_and_norms(device, backend):
+    weights = [w.detach() for w in two_weights(device)]
+    _, coefs = torch.ops.fastsparse.penalty(weights, "l1l2", "filters", 0.5, backend)
+    grad_value = torch.tensor(2.0, device=device)
+    checks = [
+        (
+            torch.ops.fastsparse.penalty_backward.default,
+            (weights, coefs, grad_value, "filters", backend),
+        ),
+        (
+            torch.ops.fastsparse.add_penalty_grad_.default,
+            (
+                [torch.zeros_like(w) for w in weights],
+                weights,
+                "group_lasso",
+                "channels",
+                0.5,
+                0.1,
+                "triton",
+            ),
+        ),
+        (torch.ops.fastsparse.group_norms.default, (weights, "kernels", backend)),
+    ]
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+# ------------------------------------------------------------------------------------------------
+# The primitives of the sharded path: group statistics and the coefficient gradient
+# ------------------------------------------------------------------------------------------------
+
+
+def test_opcheck_group_stats_and_coefficient_grad(device, backend):
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(4, 3, 3, 3, generator=gen).to(device), torch.randn(4, 6).to(device)]
+    groups = "filters,channels"
+    stats = torch.ops.fastsparse.group_stats(weights, groups, backend)
+    expected = [
+        torch.stack(ref.group_stats(w, g), 1) for w in weights for g in ("filters", "channels")
+    ]
+    torch.testing.assert_close(stats, torch.cat(expected))
+    coefs = torch.randn(stats.shape, generator=gen).to(device)
+    checks = [
+        (torch.ops.fastsparse.group_stats.default, (weights, groups, backend)),
+        (
+            torch.ops.fastsparse.add_coefficient_grad_.default,
+            ([torch.zeros_like(w) for w in weights], weights, coefs, groups, 0.5, backend),
+        ),
+    ]
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+    grads = [torch.ones_like(w) for w in weights]
+    torch.ops.fastsparse.add_coefficient_grad_(grads, weights, coefs, groups, 0.5, backend)
+    rows = iter(torch.split(coefs, [len(e) for e in expected]))
+    for w, g in zip(weights, grads):
+        want = torch.ones_like(w)
+        for grouping in ("filters", "channels"):
+            c = next(rows)
+            x = ref.grouped_view(w, grouping)
+            update = c[:, :1] * torch.sign(x) + c[:, 1:] * x
+            want += 0.5 * (
+                update.reshape(w.shape)
+                if grouping == "filters"
+                else update.reshape(w.shape[1], w.shape[0], *w.shape[2:]).transpose(0, 1)
+            )
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature flow and selective decay
+# ------------------------------------------------------------------------------------------------
+
+
+def test_opcheck_feature_flow(device):
+    features = feature_maps(4, (3, 5), device=device)
+    grad_value = torch.tensor(1.5, device=device)
+    checks = [
+        (torch.ops.fastsparse.feature_flow.default, (features, 0.5, 0.25, "triton")),
+        (
+            torch.ops.fastsparse.feature_flow_backward.default,
+            (features, grad_value, 0.5, 0.25, "triton"),
+        ),
+        (
+            torch.ops.fastsparse.feature_flow_value_and_grads.default,
+            (features, 0.5, 0.25, "triton"),
+        ),
+    ]
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_opcheck_selective_decay(device):
+    ps = decay_params(device=device, seed=5)
+    args = (
+        [p.grad.clone() for p in ps],
+        [p.detach() for p in ps],
+        torch.full((len(ps),), 0.2, device=device),
+        list(range(len(ps))),
+        0.1,
+        "taylor",
+        True,
+        "triton",
+    )
+    result = torch.library.opcheck(torch.ops.fastsparse.selective_decay_.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
