@@ -84,7 +84,8 @@ def test_layer_contracts_hold():
 
 def test_no_comment_cites_an_issue_or_a_session():
     offenders = []
-    for path in list((ROOT / "fastsparse").rglob("*.py")) + list((ROOT / "benchmarks").glob("*.py")):
+    sources = list((ROOT / "fastsparse").rglob("*.py")) + list((ROOT / "benchmarks").glob("*.py"))
+    for path in sources:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if CITATION.search(line) or re.search(r"(?<!docs/)DESIGN\.md", line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")

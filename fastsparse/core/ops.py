@@ -1,7 +1,10 @@
 """torch.library registration of every fused op, in one place: schemas, fake kernels, autograd.
 
 The ops are opaque to torch.compile (they launch pointer-table kernels), declare exactly what they
-mutate, and have fake kernels so that `torch.compile(fullgraph=True)` traces through them. They
+mutate, and have fake kernels so that `torch.compile(fullgraph=True)` traces through them. Callers
+go through `call(op, ...)`: the op itself under torch.compile, its implementation (with the same
+autograd) in eager mode, where a torch.library op would cost dispatcher time per call and import
+torch._dynamo (seconds) at its first call. They
 run fastsparse/core/engine.py on a backend of fastsparse/core/backends.py ("triton": the kernels
 of fastsparse.kernels; "native": the CPU and CUDA C++ of fastsparse/core/native.py), imported on
 first call so that `import fastsparse` never imports triton or initializes CUDA.
@@ -24,6 +27,65 @@ from fastsparse.core.backends import op_kernels
 from fastsparse.core.contract import accumulation_dtype_of as _acc_dtype
 from fastsparse.core.layout import decode_specs, group_count
 
+# --- eager calls ---------------------------------------------------------------------------------
+
+_IMPLEMENTATIONS: dict = {}  # id(op) -> its Python implementation
+_AUTOGRAD: dict = {}  # id(op) -> (setup_context, backward) of a differentiable op
+
+
+def _op(name: str, mutates_args=()):
+    """Register the decorated function as the op fastsparse::<name>, and keep it for eager calls."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"fastsparse::{name}", fn, mutates_args=mutates_args)
+        _IMPLEMENTATIONS[id(op)] = fn
+        return op
+
+    return register
+
+
+def _autograd(op, backward, setup_context) -> None:
+    """register_autograd, and the same functions for the eager call."""
+    op.register_autograd(backward, setup_context=setup_context)
+    _AUTOGRAD[id(op)] = (setup_context, backward)
+
+
+def call(op, *args):
+    """op(*args) under torch.compile; its implementation, with the same autograd, otherwise."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if id(op) in _AUTOGRAD:
+        return _Eager.apply((op, args[1:]), *args[0])
+    return _IMPLEMENTATIONS[id(op)](*args)
+
+
+class _Eager(torch.autograd.Function):
+    """A differentiable op's eager call: its first argument is the list of differentiable
+    tensors (unpacked here, where autograd can see them), its setup_context and backward are the
+    ones registered with torch.library."""
+
+    @staticmethod
+    def forward(ctx, op_and_rest, *tensors):
+        op, rest = op_and_rest
+        inputs = (list(tensors), *rest)
+        output = _IMPLEMENTATIONS[id(op)](*inputs)
+        setup_context, ctx.backward_fn = _AUTOGRAD[id(op)]
+        setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        ctx.eager = True
+        grads = ctx.backward_fn(ctx, *grad_outputs)[0]
+        return (None, *grads)
+
+
+def _in_backward(ctx, op, *args):
+    """A backward's op: the op in compiled graphs, its implementation in eager calls."""
+    if getattr(ctx, "eager", False):
+        return _IMPLEMENTATIONS[id(op)](*args)
+    return op(*args)
+
 
 def _specs(weights: List[Tensor], groups: str):
     return decode_specs(groups, len(weights))
@@ -40,7 +102,7 @@ def _scalar(weights: List[Tensor]) -> Tensor:
 # --- penalty value (differentiable) and its backward --------------------------------------------
 
 
-@torch.library.custom_op("fastsparse::penalty", mutates_args=())
+@_op("penalty", mutates_args=())
 def penalty_op(
     weights: List[Tensor], kind: str, groups: str, alpha: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
@@ -54,7 +116,7 @@ def _(weights, kind, groups, alpha, backend):
     return _scalar(weights), coefs
 
 
-@torch.library.custom_op("fastsparse::penalty_backward", mutates_args=())
+@_op("penalty_backward", mutates_args=())
 def penalty_backward_op(
     weights: List[Tensor], coefs: Tensor, grad_value: Tensor, groups: str, backend: str
 ) -> List[Tensor]:
@@ -73,7 +135,9 @@ def _(weights, coefs, grad_value, groups, backend):
 
 def _backward(ctx, grad_value, _grad_coefs):
     *weights, coefs = ctx.saved_tensors
-    grads = penalty_backward_op(weights, coefs, grad_value, ctx.groups, ctx.backend)
+    grads = _in_backward(
+        ctx, penalty_backward_op, weights, coefs, grad_value, ctx.groups, ctx.backend
+    )
     return (grads,) + (None,) * ctx.other_inputs
 
 
@@ -85,15 +149,15 @@ def _setup_context(ctx, inputs, output, groups_position, backend_position):
     ctx.other_inputs = len(inputs) - 1
 
 
-penalty_op.register_autograd(
-    _backward, setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs, output, 2, 4)
+_autograd(
+    penalty_op, _backward, lambda ctx, inputs, output: _setup_context(ctx, inputs, output, 2, 4)
 )
 
 
 # --- in-place gradient and group norms ----------------------------------------------------------
 
 
-@torch.library.custom_op("fastsparse::add_penalty_grad_", mutates_args=("grads",))
+@_op("add_penalty_grad_", mutates_args=("grads",))
 def add_penalty_grad_op(
     grads: List[Tensor],
     weights: List[Tensor],
@@ -114,7 +178,7 @@ def _(grads, weights, kind, groups, alpha, strength, backend):
     return _scalar(weights)
 
 
-@torch.library.custom_op("fastsparse::group_norms", mutates_args=())
+@_op("group_norms", mutates_args=())
 def group_norms_op(weights: List[Tensor], groups: str, backend: str) -> Tensor:
     """The group l2 norms of all weights, concatenated (split them by group counts)."""
     return engine.group_norms(_backend(backend), weights, _specs(weights, groups))
@@ -128,7 +192,7 @@ def _(weights, groups, backend):
 # --- group statistics, and the gradient of given coefficients (sharded tensors) ------------------
 
 
-@torch.library.custom_op("fastsparse::group_stats", mutates_args=())
+@_op("group_stats", mutates_args=())
 def group_stats_op(weights: List[Tensor], groups: str, backend: str) -> Tensor:
     """Per-group (s1, s2) of all weights' groups, concatenated: [groups, 2] (accumulation dtype)."""
     return engine.group_stats(_backend(backend), weights, _specs(weights, groups))
@@ -139,7 +203,7 @@ def _(weights, groups, backend):
     return weights[0].new_empty((_total_groups(weights, groups), 2), dtype=_acc_dtype(weights))
 
 
-@torch.library.custom_op("fastsparse::add_coefficient_grad_", mutates_args=("grads",))
+@_op("add_coefficient_grad_", mutates_args=("grads",))
 def add_coefficient_grad_op(
     grads: List[Tensor],
     weights: List[Tensor],
@@ -162,7 +226,7 @@ def _(grads, weights, coefs, groups, strength, backend):
 # --- coupled groups -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastsparse::coupled_penalty", mutates_args=())
+@_op("coupled_penalty", mutates_args=())
 def coupled_penalty_op(
     weights: List[Tensor],
     slice_groups: Tensor,
@@ -190,12 +254,14 @@ def _(weights, slice_groups, groups, group_counts, kind, alpha, backend):
     return _scalar(weights), coefs
 
 
-coupled_penalty_op.register_autograd(
-    _backward, setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs, output, 2, 6)
+_autograd(
+    coupled_penalty_op,
+    _backward,
+    lambda ctx, inputs, output: _setup_context(ctx, inputs, output, 2, 6),
 )
 
 
-@torch.library.custom_op("fastsparse::add_coupled_penalty_grad_", mutates_args=("grads",))
+@_op("add_coupled_penalty_grad_", mutates_args=("grads",))
 def add_coupled_penalty_grad_op(
     grads: List[Tensor],
     weights: List[Tensor],
@@ -225,7 +291,7 @@ def _(grads, weights, slice_groups, groups, group_counts, kind, alpha, strength,
     return _scalar(weights)
 
 
-@torch.library.custom_op("fastsparse::coupled_group_norms", mutates_args=())
+@_op("coupled_group_norms", mutates_args=())
 def coupled_group_norms_op(
     weights: List[Tensor], slice_groups: Tensor, groups: str, group_counts: List[int], backend: str
 ) -> Tensor:
@@ -242,7 +308,7 @@ def _(weights, slice_groups, groups, group_counts, backend):
 # --- proximal steps -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastsparse::prox_", mutates_args=("weights",))
+@_op("prox_", mutates_args=("weights",))
 def prox_op(
     weights: List[Tensor], groups: str, kind: str, t_elem: float, t_group: float, backend: str
 ) -> Tensor:
@@ -255,7 +321,7 @@ def _(weights, groups, kind, t_elem, t_group, backend):
     return weights[0].new_empty((_total_groups(weights, groups),), dtype=torch.bool)
 
 
-@torch.library.custom_op("fastsparse::coupled_prox_", mutates_args=("weights",))
+@_op("coupled_prox_", mutates_args=("weights",))
 def coupled_prox_op(
     weights: List[Tensor],
     slice_groups: Tensor,
@@ -290,7 +356,7 @@ def _(weights, slice_groups, groups, group_counts, kind, threshold, backend):
 # --- feature flow: value (differentiable), gradient, value and gradient in one pass ------------
 
 
-@torch.library.custom_op("fastsparse::feature_flow", mutates_args=())
+@_op("feature_flow", mutates_args=())
 def feature_flow_op(
     features: List[Tensor], gradient_weight: float, curvature_weight: float, backend: str
 ) -> Tensor:
@@ -307,7 +373,7 @@ def _(features, gradient_weight, curvature_weight, backend):
     return features[0].new_empty((), dtype=_acc_dtype(features))
 
 
-@torch.library.custom_op("fastsparse::feature_flow_backward", mutates_args=())
+@_op("feature_flow_backward", mutates_args=())
 def feature_flow_backward_op(
     features: List[Tensor],
     grad_value: Tensor,
@@ -337,14 +403,14 @@ def _feature_flow_backward(ctx, grad_value):
     # The gradient is recomputed from the saved maps (one more read, no extra memory held
     # between forward and backward); `feature_flow_value_and_grads` does both in one pass.
     features = list(ctx.saved_tensors)
-    grads = feature_flow_backward_op(features, grad_value, *ctx.options)
+    grads = _in_backward(ctx, feature_flow_backward_op, features, grad_value, *ctx.options)
     return grads, None, None, None
 
 
-feature_flow_op.register_autograd(_feature_flow_backward, setup_context=_feature_flow_setup_context)
+_autograd(feature_flow_op, _feature_flow_backward, _feature_flow_setup_context)
 
 
-@torch.library.custom_op("fastsparse::feature_flow_value_and_grads", mutates_args=())
+@_op("feature_flow_value_and_grads", mutates_args=())
 def feature_flow_value_and_grads_op(
     features: List[Tensor], gradient_weight: float, curvature_weight: float, backend: str
 ) -> Tuple[Tensor, List[Tensor]]:
@@ -365,7 +431,7 @@ def _(features, gradient_weight, curvature_weight, backend):
 # --- selective weight decay (in place on the gradients) ----------------------------------------
 
 
-@torch.library.custom_op("fastsparse::selective_decay_", mutates_args=("grads",))
+@_op("selective_decay_", mutates_args=("grads",))
 def selective_decay_op(
     grads: List[Tensor],
     weights: List[Tensor],

@@ -229,7 +229,9 @@ def _local_element_prox_(shards, kind, threshold, grouping, backend) -> None:
     from fastsparse.core import ops
 
     weights = [w if addressable(w, (grouping,)) else w.contiguous() for w in shards]
-    ops.prox_op(weights, encode_groupings((grouping,)), kind, threshold, threshold, backend)
+    ops.call(
+        ops.prox_op, weights, encode_groupings((grouping,)), kind, threshold, threshold, backend
+    )
     for w, shard in zip(weights, shards):
         if w.data_ptr() != shard.data_ptr():
             shard.copy_(w)
@@ -325,7 +327,7 @@ class _Sharded:
         from fastsparse.core import ops
 
         _, weights, specs = self._fused_args(self.locals)
-        flat = ops.group_stats_op(weights, specs, self.name).to(self.acc)
+        flat = ops.call(ops.group_stats_op, weights, specs, self.name).to(self.acc)
         for k, piece in zip(self.live, torch.split(flat, [self.counts[k] for k in self.live])):
             rows[k] = piece
         return rows
@@ -348,8 +350,8 @@ class _Sharded:
         from fastsparse.core import ops
 
         used, weights, specs = self._fused_args([w.detach() for w in locals_])
-        computed = ops.penalty_backward_op(
-            weights, self._live_rows(coefs), grad_value, specs, self.name
+        computed = ops.call(
+            ops.penalty_backward_op, weights, self._live_rows(coefs), grad_value, specs, self.name
         )
         for ti, g in zip(used, computed):
             grads[ti] = g
@@ -388,8 +390,14 @@ class _Sharded:
             _into_like_weights(
                 weights,
                 [grads[ti] for ti in used],
-                lambda ws, gs: ops.add_coefficient_grad_op(
-                    gs, ws, self._live_rows(coefs), specs, strength, self.name
+                lambda ws, gs: ops.call(
+                    ops.add_coefficient_grad_op,
+                    gs,
+                    ws,
+                    self._live_rows(coefs),
+                    specs,
+                    strength,
+                    self.name,
                 ),
             )
             return value
@@ -427,7 +435,9 @@ class _Grouped(_Sharded):
         value = torch.zeros((), dtype=self.acc, device=self._device())
         if self.live:
             _, weights, specs = self._fused_args(self.locals)
-            value, live_coefs = ops.penalty_op(weights, self.kind, specs, self.alpha, self.name)
+            value, live_coefs = ops.call(
+                ops.penalty_op, weights, self.kind, specs, self.alpha, self.name
+            )
             _scatter_live_rows(coefs, live_coefs, self.counts, self.live)
         value = value.to(self.acc).clone()
         _all_reduce([(value, spread)], self.mesh)
@@ -445,8 +455,15 @@ class _Grouped(_Sharded):
             value = _into_like_weights(
                 weights,
                 [grads[ti] for ti in used],
-                lambda ws, gs: ops.add_penalty_grad_op(
-                    gs, ws, self.kind, specs, self.alpha, strength, self.name
+                lambda ws, gs: ops.call(
+                    ops.add_penalty_grad_op,
+                    gs,
+                    ws,
+                    self.kind,
+                    specs,
+                    self.alpha,
+                    strength,
+                    self.name,
                 ),
             )
         value = value.to(self.acc).clone()

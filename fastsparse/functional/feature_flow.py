@@ -100,7 +100,7 @@ def feature_flow_penalty(
         return reference.feature_flow(features, a, b, "sum")
     from fastsparse.core import ops
 
-    return ops.feature_flow_op(_kernel_layout(features), a, b, name)
+    return ops.call(ops.feature_flow_op, _kernel_layout(features), a, b, name)
 
 
 def feature_flow_value_and_grads(
@@ -132,5 +132,7 @@ def feature_flow_value_and_grads(
         return value, reference.feature_flow_grad(features, a, b, "sum")
     from fastsparse.core import ops
 
-    value, grads = ops.feature_flow_value_and_grads_op(_kernel_layout(features), a, b, name)
+    value, grads = ops.call(
+        ops.feature_flow_value_and_grads_op, _kernel_layout(features), a, b, name
+    )
     return value, list(grads)

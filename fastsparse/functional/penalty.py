@@ -81,7 +81,8 @@ def penalty(
             return reference.coupled_penalty(coupled, kind, alpha)
         from fastsparse.core import ops
 
-        value, _ = ops.coupled_penalty_op(
+        value, _ = ops.call(
+            ops.coupled_penalty_op,
             layout.params,
             layout.slice_groups,
             layout.specs,
@@ -103,7 +104,7 @@ def penalty(
     from fastsparse.core import ops
 
     weights = [t if addressable(t, groupings) else t.contiguous() for t in nonempty]
-    value, _ = ops.penalty_op(weights, kind, encode_groupings(groupings), alpha, name)
+    value, _ = ops.call(ops.penalty_op, weights, kind, encode_groupings(groupings), alpha, name)
     return value
 
 
@@ -171,7 +172,8 @@ def add_penalty_grad_(
 
             return _with_grads_like_weights(
                 layout.params,
-                lambda weights, grads: ops.add_coupled_penalty_grad_op(
+                lambda weights, grads: ops.call(
+                    ops.add_coupled_penalty_grad_op,
                     grads,
                     weights,
                     layout.slice_groups,
@@ -207,8 +209,15 @@ def add_penalty_grad_(
 
         return _with_grads_like_weights(
             nonempty,
-            lambda weights, grads: ops.add_penalty_grad_op(
-                grads, weights, kind, encode_groupings(groupings), alpha, strength, name
+            lambda weights, grads: ops.call(
+                ops.add_penalty_grad_op,
+                grads,
+                weights,
+                kind,
+                encode_groupings(groupings),
+                alpha,
+                strength,
+                name,
             ),
             addressable=lambda w: addressable(w, groupings),
         )
@@ -263,7 +272,8 @@ def group_norms(
             return reference.coupled_group_norms(coupled)
         from fastsparse.core import ops
 
-        flat = ops.coupled_group_norms_op(
+        flat = ops.call(
+            ops.coupled_group_norms_op,
             [p.detach() for p in layout.params],
             layout.slice_groups,
             layout.specs,
@@ -287,7 +297,7 @@ def group_norms(
         from fastsparse.core import ops
 
         weights = [t if addressable(t, (grouping,)) else t.contiguous() for t in nonempty]
-        flat = ops.group_norms_op(weights, encode_groupings((grouping,)), name)
+        flat = ops.call(ops.group_norms_op, weights, encode_groupings((grouping,)), name)
         counts = [group_count(t.shape, grouping) for t in weights]
         norms = iter(torch.split(flat, counts))
     out = []

@@ -123,7 +123,8 @@ def _dispatch(tensors, kind, threshold, groups, backend):
         from fastsparse.core import ops
 
         with torch.no_grad():
-            kept = ops.coupled_prox_op(
+            kept = ops.call(
+                ops.coupled_prox_op,
                 layout.params,
                 layout.slice_groups,
                 layout.specs,
@@ -146,7 +147,9 @@ def _dispatch(tensors, kind, threshold, groups, backend):
         weights = [
             w if segment_geometry(w, groups) is not None else w.contiguous() for w in weights
         ]
-        flat = ops.prox_op(weights, encode_groupings((groups,)), kind, t_elem, t_group, name)
+        flat = ops.call(
+            ops.prox_op, weights, encode_groupings((groups,)), kind, t_elem, t_group, name
+        )
         for t, w in zip(nonempty, weights):
             if w.data_ptr() != t.data_ptr():
                 t.copy_(w)

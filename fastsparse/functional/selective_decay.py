@@ -184,7 +184,8 @@ def _fused(params, thresholds, strength, relevance, keep_loss_grad, backend) -> 
         weights.append(w)
         grads.append(g)
     acc = accumulation_dtype_of(weights)
-    count = ops.selective_decay_op(
+    count = ops.call(
+        ops.selective_decay_op,
         grads,
         weights,
         thresholds.to(acc),
