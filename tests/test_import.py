@@ -22,8 +22,12 @@ def test_import_does_not_load_triton_or_initialize_cuda():
         assert not torch.cuda.is_initialized(), "import fastsparse initialized CUDA"
         w = torch.randn(4, 3, requires_grad=True)
         fastsparse.penalty(w, "l1l2").backward()  # auto backend on CPU: native C++ kernels
-        # (Calling a torch.library op makes torch import its dynamo utilities, which look for
-        # triton themselves: only the import of fastsparse is promised to stay lean.)
+        fastsparse.add_penalty_grad_(w, "group_lasso", 1e-3)
+        fastsparse.prox_(w.detach(), "group_lasso", 1e-3)
+        # Eager calls skip the torch.library dispatcher, whose first call imports torch._dynamo
+        # (and, through it, triton): seconds on a CPU-only machine.
+        assert "torch._dynamo" not in sys.modules, "a CPU call imported torch._dynamo"
+        assert "triton" not in sys.modules, "a CPU call imported triton"
         assert not torch.cuda.is_initialized()
         print("ok")
         """
