@@ -26,11 +26,35 @@ from fastsparse.core.layout import encode_specs
 DEFAULT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def default_parameters(model: nn.Module) -> list:
-    """The weights of the model's Conv and Linear layers, in module order."""
-    return [
-        m.weight for m in model.modules() if isinstance(m, DEFAULT_LAYERS) and m.weight is not None
-    ]
+def default_layers(model: nn.Module, include_output: bool = False) -> list:
+    """The model's Conv and Linear layers with a weight, in module order: what the Regularizer
+    and the CLI regularize by default (the output layer left out), and what selective weight
+    decay and the CLI's ``--regularize all`` take (the output layer included).
+
+    Without `include_output`, the output layer is left out (when there are several layers): the
+    last of these layers in module order (the classifier of a vision model) and a transformers
+    model's output embeddings
+    (``get_output_embeddings()``: the lm_head, whose rows are the vocabulary, tied to the input
+    embeddings in many models). A group penalty on it would push whole classes or tokens to
+    zero, and its outputs, the model's, cannot be pruned.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    >>> [type(m).__name__ for m in default_layers(net)]
+    ['Conv2d']
+    """
+    layers = [m for m in model.modules() if isinstance(m, DEFAULT_LAYERS) and m.weight is not None]
+    if include_output or len(layers) < 2:  # a single layer is what was asked for
+        return layers
+    output = {id(layers[-1])}
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output) and get_output() is not None:
+        output.add(id(get_output()))
+    return [m for m in layers if id(m) not in output]
+
+
+def default_parameters(model: nn.Module, include_output: bool = False) -> list:
+    """The weights of `default_layers(model, include_output)`."""
+    return [m.weight for m in default_layers(model, include_output)]
 
 
 @dataclass(eq=False)

@@ -34,7 +34,7 @@ Params = Union[nn.Module, Iterable[torch.Tensor]]
 
 def selected_params(model_or_params: Params) -> List[torch.Tensor]:
     if isinstance(model_or_params, nn.Module):
-        params = default_parameters(model_or_params)
+        params = default_parameters(model_or_params, include_output=True)  # every weight
     elif isinstance(model_or_params, torch.Tensor):
         params = [model_or_params]
     else:

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from fastsparse.core.checks import check_strength, prepare
 from fastsparse.core.contract import Grouping
-from fastsparse.core.groups import DEFAULT_LAYERS, default_parameters
+from fastsparse.core.groups import default_layers
 from fastsparse.functional.penalty import add_penalty_grad_, penalty
 
 
@@ -18,14 +18,17 @@ class Regularizer:
     """A structured-sparsity penalty over a model's weights.
 
     Args:
-        model_or_params: an nn.Module (the weights of its Conv and Linear layers, the classifier
-            included) or an iterable of parameters. Frozen parameters (``requires_grad=False``)
-            are left out; a parameter shared by several modules (tied weights) counts once.
-            A parametrized weight (``torch.nn.utils.parametrize``, ``weight_norm``) is penalized
-            as the layer uses it: recomputed from its leaf parameters at every call, its gradient
-            going to those leaves. Pass the model for those: a computed tensor in a list of
-            parameters would go stale after one step.
+        model_or_params: an nn.Module (the weights of its Conv and Linear layers except the
+            output layer: see `include_output`) or an iterable of parameters. Frozen
+            parameters (``requires_grad=False``) are left out; a parameter shared by several
+            modules (tied weights) counts once. A parametrized weight (``weight_norm``,
+            ``torch.nn.utils.parametrize``) is penalized as the layer uses it: recomputed from
+            its leaf parameters at every call, its gradient going to those leaves. Pass the
+            model for those: a computed tensor in a list of parameters would go stale.
         kind, groups, backend, options: as in `fastsparse.penalty`.
+        include_output: with a model, also regularize its output layer (the last Conv/Linear
+            layer in module order, and a transformers model's output embeddings); left out by
+            default, as by the CLI: a group penalty there pushes whole classes (tokens) to zero.
         strength: the multiplier of the penalty (>= 0); may be changed between steps for
             warm-up schedules (`reg.strength = ...`).
 
@@ -53,16 +56,16 @@ class Regularizer:
         *,
         groups: Grouping = "filters",
         backend: Optional[str] = "auto",
+        include_output: bool = False,
         **options,
     ):
         params, self._parametrized = [], []  # leaves; (module, name) of parametrized weights
         if isinstance(model_or_params, nn.Module):
-            for module in model_or_params.modules():
-                if isinstance(module, DEFAULT_LAYERS) and parametrize.is_parametrized(
-                    module, "weight"
-                ):
+            for module in default_layers(model_or_params, include_output):
+                if parametrize.is_parametrized(module, "weight"):
                     self._parametrized.append((module, "weight"))
-            params = [p for p in default_parameters(model_or_params) if p.is_leaf]
+                else:
+                    params.append(module.weight)
         else:
             if isinstance(model_or_params, torch.Tensor):
                 model_or_params = [model_or_params]

@@ -400,31 +400,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 
 
+def save_atomically(obj, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: never a half-written file."""
+    import torch
+
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+# The flags a resumed run still takes: the rest of its settings are the checkpoint's.
+_RESUME_FLAGS = ("resume", "checkpoint_every", "no_progress", "threads")
+
+
+def _resume_state(args: argparse.Namespace) -> tuple:
+    """(config, output folder, state) of `fastsparse train --resume DIR`."""
+    import torch
+
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in [*_RUN_FLAGS, "amp", "compile", "config"]
+        if name not in _RESUME_FLAGS and getattr(args, name, None) not in (None, False)
+    ]
+    if given:
+        raise UsageError(
+            f"{given[0]} cannot be combined with --resume: a resumed run keeps its settings"
+        )
+    out = Path(args.resume).expanduser()
+    path = out / "checkpoint.pt"
+    if not path.is_file():
+        raise UsageError(f"--resume {args.resume}: no checkpoint.pt there")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config = RunConfig.from_dict(state["config"], source=str(path))
+    except (KeyError, RuntimeError, EOFError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise UsageError(f"--resume {args.resume}: cannot read {path} ({e})") from None
+    return config, output_folder(args.resume, "--resume"), state
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """fastsparse train."""
     import torch
 
-    from fastsparse.workflow.train import load_data, run, unwrap
+    from fastsparse.workflow.train import load_data, run
 
-    config = _config_from_args(args, RunConfig())
-    out = output_folder(args.out)
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    resume = None
+    if args.resume:
+        config, out, resume = _resume_state(args)
+        if config.method is not None:
+            raise UsageError(f"resuming a run of method {config.method!r} is not supported")
+    else:
+        config = _config_from_args(args, RunConfig())
+        out = output_folder(args.out)
     data = load_data(config)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    last = out / "checkpoint.pt"
 
-    def checkpoint(epoch, model, optimizer):
-        state = {
-            "epoch": epoch,
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "config": config.to_dict(),
-        }
-        torch.save(state, out / "checkpoint.pt")
+    def checkpoint(state):
+        save_atomically(state, last)
 
     print(
         f"training {config.model} on {data.name} with "
         f"{config.kind if config.regularized else 'no'} regularizer → {out}"
     )
-    result = run(config, data=data, progress=not args.no_progress, on_epoch_end=checkpoint)
+    try:
+        result = run(
+            config,
+            data=data,
+            progress=not args.no_progress,
+            checkpoint=checkpoint,
+            checkpoint_every=args.checkpoint_every,
+            resume=resume,
+        )
+    except KeyboardInterrupt:
+        where = (
+            f"last checkpoint: {last}; continue with `fastsparse train --resume {out}`"
+            if last.exists()
+            else "no checkpoint was written yet"
+        )
+        print(f"{PROG} train: interrupted; {where}", file=sys.stderr)
+        return 130
     torch.save(result.model.state_dict(), out / "model.pt")
     torch.save(result.pruned.state_dict(), out / "pruned.pt")
     relative = " x its layer's largest" if config.threshold_mode == "relative" else ""
@@ -542,6 +605,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="JSON (.json) or TOML (.toml) file of settings")
     train.add_argument("--out", default="fastsparse-run", help="output directory")
+    train.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run whose output directory is DIR from its last checkpoint "
+        "(its settings come from the checkpoint)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="STEPS",
+        help="also save a checkpoint every STEPS optimizer steps (default: every epoch only)",
+    )
     _add_run_flags(train)
     train.set_defaults(func=cmd_train)
 

@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import random
@@ -214,12 +215,13 @@ def make_regularizer(
     The classifier is left out by default: a group penalty across its rows would push whole
     classes to zero, and its outputs cannot be pruned anyway.
     """
-    from fastsparse.methods.regularizer import Regularizer, default_parameters
+    from fastsparse.core.groups import default_parameters
+    from fastsparse.methods.regularizer import Regularizer
 
     if regularize == "prunable":
         params = [w for _, w in prunable_weights(model, example_inputs)]
     else:
-        params = default_parameters(unwrap(model))
+        params = default_parameters(unwrap(model), include_output=True)
     options = {} if alpha is None else {"alpha": alpha}
     return Regularizer(params, kind, strength, groups=groups, backend=backend, **options)
 
@@ -374,6 +376,9 @@ def train(
     progress: bool = True,
     stream: Optional[TextIO] = None,
     on_epoch_end: Optional[Callable[[int, nn.Module, torch.optim.Optimizer], None]] = None,
+    checkpoint: Optional[Callable[[dict], None]] = None,
+    checkpoint_every: Optional[int] = None,
+    resume: Optional[dict] = None,
 ) -> TrainStats:
     """Train `model` in place with SGD and cross-entropy (plus `regularizer`, if given).
 
@@ -395,8 +400,13 @@ def train(
             training accuracy. Its strength is not scheduled. Its measured time covers
             ``loss()`` and the step hooks, not its share of the backward.
         progress: draw a progress bar per epoch on `stream` (stderr by default).
-        on_epoch_end: called as ``on_epoch_end(epoch, model, optimizer)`` after each epoch
-            (checkpoints).
+        on_epoch_end: called as ``on_epoch_end(epoch, model, optimizer)`` after each epoch.
+        checkpoint: called with the training state (a dict for ``torch.save``) after every
+            epoch and, with `checkpoint_every`, every that many optimizer steps.
+        resume: a state `checkpoint` was given: training continues from it exactly (weights,
+            optimizer and AMP state, data order, random state, the records so far), so the
+            final weights equal those of an uninterrupted run. Not with a `method`, whose own
+            state (masks, schedules) is not saved.
 
     Returns:
         A :class:`TrainStats`.
@@ -423,6 +433,20 @@ def train(
     stats = TrainStats()
     if regularizer is not None and method is not None:
         raise ValueError("give a regularizer or a method, not both")
+    if resume is not None and method is not None:
+        raise ValueError(f"resuming a run of method {method.name!r} is not supported")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    first_epoch, first_step = 0, 0
+    if resume is not None:
+        unwrap(model).load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scaler is not None and resume.get("scaler") is not None:
+            scaler.load_state_dict(resume["scaler"])
+        first_epoch, first_step = resume["epoch"], resume["step_in_epoch"]
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["rng"])
+        stats.epochs = list(resume["epochs"])
     if regularizer is not None:
         from fastsparse.core.backends import resolve_backend
 
@@ -433,14 +457,39 @@ def train(
     reg_times: List[float] = []
     model.train()
     start = time.perf_counter()
+
+    def state(epoch: int, step_in_epoch: int, epoch_generator, loss_sum, correct) -> dict:
+        return {
+            "format": 1,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "generator": epoch_generator,
+            "rng": torch.get_rng_state(),
+            # Copies: the live tensors change at the next step, the state must not.
+            "model": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epochs": list(stats.epochs),
+            "loss_sum": loss_sum.detach().cpu(),
+            "correct": correct.detach().cpu(),
+            "config": config.to_dict(),
+        }
+
     with flush_denormals(device):
-        for epoch in range(config.epochs):
+        for epoch in range(first_epoch, config.epochs):
             bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", stream)
             epoch_start = time.perf_counter()
+            epoch_generator = generator.get_state()  # to redraw this epoch's order on resume
             order = torch.randperm(n, generator=generator).to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.int64)
-            for i in range(steps_per_epoch):
+            start_step = 0
+            if resume is not None and epoch == first_epoch:
+                start_step = first_step
+                loss_sum += resume["loss_sum"].to(device)
+                correct += resume["correct"].to(device)
+                torch.set_rng_state(resume["rng"])
+            for i in range(start_step, steps_per_epoch):
                 step = epoch * steps_per_epoch + i
                 fraction = step / total_steps
                 if config.lr_schedule == "cosine":
@@ -510,6 +559,10 @@ def train(
                     step_times.append(time.perf_counter() - t0)
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
+                # Every `checkpoint_every` steps; the epoch's end saves its own checkpoint.
+                due = checkpoint_every is not None and (step + 1) % checkpoint_every == 0
+                if checkpoint is not None and due and i + 1 < steps_per_epoch:
+                    checkpoint(state(epoch, i + 1, epoch_generator, loss_sum, correct))
                 if progress and (i % 10 == 0 or i == steps_per_epoch - 1):
                     bar.update(i + 1 - bar.count, f"loss {loss.item():.3f}")
             record = {
@@ -532,6 +585,9 @@ def train(
                 bar.close(text)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, model, optimizer)
+            if checkpoint is not None:
+                zero = torch.zeros((), device=device)
+                checkpoint(state(epoch + 1, 0, generator.get_state(), zero, zero.long()))
     if regularizer is not None:
         regularizer.strength = target_strength
     stats.steps = total_steps
@@ -676,13 +732,17 @@ def run(
     stream: Optional[TextIO] = None,
     on_epoch_end: Optional[Callable] = None,
     inference_repeats: int = 10,
+    checkpoint: Optional[Callable[[dict], None]] = None,
+    checkpoint_every: Optional[int] = None,
+    resume: Optional[dict] = None,
 ) -> RunResult:
     """Validate, load, build, train, evaluate, threshold, prune and measure: one whole run.
 
     Args:
         config: the settings (validated first: errors come before anything is loaded).
         data: an already loaded data set (the study loads it once), else ``load_data(config)``.
-        progress, stream, on_epoch_end: passed to :func:`train`.
+        progress, stream, on_epoch_end, checkpoint, checkpoint_every, resume: passed to
+            :func:`train` (a resumed run is rebuilt from the same config and seed first).
         inference_repeats: timing repetitions of the inference measurement.
     """
     config.validate()
@@ -719,6 +779,9 @@ def run(
             progress=progress,
             stream=stream,
             on_epoch_end=on_epoch_end,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
         )
     finally:
         if method is not None:

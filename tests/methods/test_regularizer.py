@@ -13,7 +13,8 @@ def test_regularizer_paths_agree(device, backend):
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3)
     ).to(device)
-    reg = fs.Regularizer(model, "l1l2", 1e-2, backend=backend)
+    assert fs.Regularizer(model, "l1l2", 1e-2).params == [model[0].weight]  # not the classifier
+    reg = fs.Regularizer(model, "l1l2", 1e-2, backend=backend, include_output=True)
     assert [p.shape for p in reg.params] == [model[0].weight.shape, model[3].weight.shape]
     x = torch.randn(2, 1, 6, 6, device=device)
 

@@ -20,8 +20,8 @@ def test_frozen_weights_are_left_out_and_do_not_move():
     model = _net()
     model[0].weight.requires_grad_(False)
     frozen = model[0].weight.detach().clone()
-    reg = fs.Regularizer(model, "group_lasso", 1.0)
-    assert all(p.requires_grad for p in reg.params)
+    reg = fs.Regularizer(model, "group_lasso", 1.0, include_output=True)
+    assert reg.params == [model[2].weight]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reg.attach(optimizer)
     model(torch.randn(2, 1, 8, 8)).sum().backward()
@@ -33,7 +33,7 @@ def test_frozen_weights_are_left_out_and_do_not_move():
 def test_everything_frozen_is_an_error_at_construction():
     model = _net().requires_grad_(False)
     with pytest.raises(ValueError, match="all frozen"):
-        fs.Regularizer(model, "group_lasso", 1.0)
+        fs.Regularizer(model, "group_lasso", 1.0, include_output=True)
 
 
 def test_tied_weights_count_once():
@@ -52,7 +52,7 @@ def test_tied_weights_count_once():
 def test_parametrized_weight_is_recomputed_every_call():
     torch.manual_seed(0)
     model = nn.Sequential(weight_norm(nn.Linear(5, 4)), nn.ReLU(), nn.Linear(4, 2))
-    reg = fs.Regularizer(model, "group_lasso", 0.1)
+    reg = fs.Regularizer(model, "group_lasso", 0.1, include_output=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(3):  # the autograd path used to fail at the second backward
         optimizer.zero_grad()
@@ -71,7 +71,7 @@ def test_inplace_path_on_parametrized_weights_matches_autograd():
     torch.manual_seed(0)
     model = nn.Sequential(weight_norm(nn.Linear(5, 4)), nn.Linear(4, 2))
     parametrize.register_parametrization(model[1], "weight", _Scale())
-    reg = fs.Regularizer(model, "group_lasso", 0.1)
+    reg = fs.Regularizer(model, "group_lasso", 0.1, include_output=True)
     reg().backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     assert len(expected) == 3  # weight_norm's two leaves and the scaled weight's original
@@ -114,6 +114,28 @@ def test_apply_with_a_grad_scaler_adds_the_scaled_penalty_gradient():
     reg.apply_(FakeScaler())
     for p, g in zip(reg.params, plain):
         torch.testing.assert_close(p.grad, 1024.0 * g)
+
+
+def test_the_output_layer_is_left_out_by_default():
+    vision = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 10))
+    assert fs.Regularizer(vision, "group_lasso", 1.0).params == [vision[0].weight]
+    single = nn.Linear(5, 3)  # one layer: the layer asked for
+    assert fs.Regularizer(single, "group_lasso", 1.0).params == [single.weight]
+
+    class TiedLM(nn.Module):  # the transformers convention: get_output_embeddings()
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.mlp = nn.Linear(8, 8)
+            self.lm_head = nn.Linear(8, 20, bias=False)
+            self.lm_head.weight = self.embed.weight
+            self.norm_out = nn.Linear(20, 20)  # a last layer after the head
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    lm = TiedLM()
+    assert fs.Regularizer(lm, "group_lasso", 1.0).params == [lm.mlp.weight]
 
 
 def test_non_finite_weights_give_a_non_finite_value():
