@@ -123,6 +123,28 @@ def _median(values: Sequence[float]) -> float:
     return sorted(values)[len(values) // 2] if values else 0.0
 
 
+def spread(values: Sequence[float]) -> float:
+    """p80 / p20 of repeated timings: about 1 on a quiet machine, more when it is busy."""
+    if len(values) < 5:
+        return 1.0
+    ordered = sorted(values)
+    low, high = ordered[len(ordered) // 5], ordered[(4 * len(ordered)) // 5]
+    return high / low if low > 0 else 1.0
+
+
+def interleaved_medians(calls: Sequence[Callable[[], None]], repeats: int, warmup: int = 1):
+    """(median seconds per call, spread per call), the calls timed in turn, round after round:
+    a load that comes and goes slows them alike, so their ratios stay fair."""
+    times: List[List[float]] = [[] for _ in calls]
+    for r in range(warmup + repeats):
+        for k, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - start)
+    return [_median(t) for t in times], [spread(t) for t in times]
+
+
 def scheduled_strength(strength: float, schedule: str, progress: float, warmup: float) -> float:
     """The strength at `progress` (fraction of the training steps done, in [0, 1]).
 
@@ -343,6 +365,9 @@ class TrainStats:
         step_seconds: median wall time of one training step (timed steps only; the median
             ignores the first steps' one-time costs and other processes' interference).
         regularizer_seconds: median wall time of the regularizer's part of a step.
+        share: median over the timed steps of the regularizer's share of its step (both
+            measured in the same step, so a load that comes and goes cancels out).
+        step_spread: p80 / p20 of the step times (about 1 on a quiet machine).
         backend: the penalty backend that ran ("" without a regularizer).
     """
 
@@ -351,12 +376,14 @@ class TrainStats:
     seconds: float = 0.0
     step_seconds: float = 0.0
     regularizer_seconds: float = 0.0
+    share: float = 0.0
+    step_spread: float = 1.0
     backend: str = ""
 
     @property
     def regularizer_share(self) -> float:
         """The regularizer's share of a training step, in [0, 1]."""
-        return self.regularizer_seconds / self.step_seconds if self.step_seconds else 0.0
+        return self.share
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -594,6 +621,8 @@ def train(
     stats.seconds = time.perf_counter() - start
     stats.step_seconds = _median(step_times)
     stats.regularizer_seconds = _median(reg_times)
+    stats.share = _median([r / t for r, t in zip(reg_times, step_times) if t > 0])
+    stats.step_spread = spread(step_times)
     return stats
 
 
@@ -642,6 +671,34 @@ def measure_inference(
     return _median(times)
 
 
+def measure_inference_pair(
+    model_a: nn.Module, model_b: nn.Module, images: torch.Tensor, repeats: int = 10,
+    batch_size: int = 500,
+) -> Tuple[float, float, float]:  # fmt: skip
+    """(median seconds of a, of b, spread): both classify `images`, timed in turn (eval mode)."""
+    device = next(unwrap(model_a).parameters()).device
+    images = images.to(device)
+    modes = [(m, m.training) for m in (model_a, model_b)]
+
+    def classify(model):
+        def call():
+            for j in range(0, len(images), batch_size):
+                model(images[j : j + batch_size])
+            _sync(device)
+
+        return call
+
+    try:
+        for m, _ in modes:
+            m.eval()
+        with torch.no_grad(), flush_denormals(device):
+            (a, b), spreads = interleaved_medians([classify(model_a), classify(model_b)], repeats)
+    finally:
+        for m, training in modes:
+            m.train(training)
+    return a, b, max(spreads)
+
+
 # --------------------------------------------------------------------------- a whole run
 
 
@@ -659,6 +716,7 @@ class RunResult:
     inference_before: float
     inference_after: float
     device: str
+    timing_spread: float = 1.0  # p80/p20 of the repeated timings (> ~1.2: a busy machine)
 
     @property
     def report(self):
@@ -691,6 +749,7 @@ class RunResult:
             {
                 "inference_ms_before": round(1000 * self.inference_before, 2),
                 "inference_ms_after": round(1000 * self.inference_after, 2),
+                "timing_spread": round(self.timing_spread, 3),
                 "train_seconds": round(self.train.seconds, 1),
                 "step_ms": round(1000 * self.train.step_seconds, 3),
                 "regularizer_ms": round(1000 * self.train.regularizer_seconds, 3),
@@ -792,6 +851,9 @@ def run(
     )
     accuracy_after = evaluate(result.pruned, data.test_images, data.test_labels)
     bench_images = data.test_images[:2000]
+    before, after, timing_spread = measure_inference_pair(
+        model, result.pruned, bench_images, repeats=inference_repeats
+    )
     return RunResult(
         config=config,
         model=model,
@@ -800,7 +862,8 @@ def run(
         train=stats,
         accuracy_before=accuracy_before,
         accuracy_after=accuracy_after,
-        inference_before=measure_inference(model, bench_images, repeats=inference_repeats),
-        inference_after=measure_inference(result.pruned, bench_images, repeats=inference_repeats),
+        inference_before=before,
+        inference_after=after,
+        timing_spread=max(timing_spread, stats.step_spread),
         device=str(device),
     )
