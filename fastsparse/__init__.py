@@ -22,6 +22,8 @@ from fastsparse.pruning import (
     load_pruned,
     prune,
     sparsity_report,
+    threshold_,
+    threshold_and_prune,
 )
 
 __version__ = "0.1.0"
@@ -46,4 +48,6 @@ __all__ = [
     "prox_",
     "prune",
     "sparsity_report",
+    "threshold_",
+    "threshold_and_prune",
 ]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fastsparse.core.checks import check_strength, prepare
+from fastsparse.core.checks import check_coupled, check_kind, check_strength, prepare
 from fastsparse.core.contract import Grouping
-from fastsparse.core.groups import default_layers
+from fastsparse.core.groups import as_coupled_list, coupled_params, default_layers, is_coupled
 from fastsparse.functional.penalty import add_penalty_grad_, penalty
 
 
@@ -25,7 +25,12 @@ class Regularizer:
             ``torch.nn.utils.parametrize``) is penalized as the layer uses it: recomputed from
             its leaf parameters at every call, its gradient going to those leaves. Pass the
             model for those: a computed tensor in a list of parameters would go stale.
-        kind, groups, backend, options: as in `fastsparse.penalty`.
+            None with coupled groups.
+        kind, groups, backend, options: as in `fastsparse.penalty`; `groups` may also be
+            coupled groups (`fastsparse.coupled_groups(model, x)`: whole prunable channels,
+            consumers' input slices included, which `fastsparse.prune` then removes), or
+            ``"coupled"`` to trace them here from `example_inputs`.
+        example_inputs: with ``groups="coupled"``, a batch to trace the model with.
         include_output: with a model, also regularize its output layer (the last Conv/Linear
             layer in module order, and a transformers model's output embeddings); left out by
             default, as by the CLI: a group penalty there pushes whole classes (tokens) to zero.
@@ -57,9 +62,30 @@ class Regularizer:
         groups: Grouping = "filters",
         backend: Optional[str] = "auto",
         include_output: bool = False,
+        example_inputs: Any = None,
         **options,
     ):
-        params, self._parametrized = [], []  # leaves; (module, name) of parametrized weights
+        self.kind = kind
+        self.strength = check_strength(strength)
+        self.backend = backend
+        self.options = options
+        self._parametrized = []  # (module, name) of parametrized weights
+        if isinstance(groups, str) and groups == "coupled":
+            groups = self._trace(model_or_params, example_inputs)
+        if is_coupled(groups):
+            self.groups = as_coupled_list(groups)
+            if not self.groups:
+                raise ValueError("groups is an empty list of coupled groups")
+            check_coupled(self.groups, model_or_params)
+            check_kind(kind, options)
+            self.params = coupled_params(self.groups)
+            return
+        if model_or_params is None:
+            raise ValueError(
+                "model_or_params is None: it may only be None with coupled groups "
+                "(groups=fastsparse.coupled_groups(model, x))"
+            )
+        params = []
         if isinstance(model_or_params, nn.Module):
             for module in default_layers(model_or_params, include_output):
                 if parametrize.is_parametrized(module, "weight"):
@@ -84,11 +110,26 @@ class Regularizer:
             raise ValueError("no parameters to regularize (none given, or all frozen)")
         # Fail now, not in the first training step.
         prepare(self.params + self._parametrized_weights(), kind, groups, options)
-        self.kind = kind
-        self.strength = check_strength(strength)
         self.groups = groups
-        self.backend = backend
-        self.options = options
+
+    @staticmethod
+    def _trace(model, example_inputs) -> list:
+        if not isinstance(model, nn.Module) or example_inputs is None:
+            raise ValueError(
+                'groups="coupled" traces the model\'s coupled groups: give the model and '
+                "example_inputs (a batch the model accepts)"
+            )
+        from fastsparse.pruning.graph import coupled_groups
+
+        return coupled_groups(model, example_inputs)
+
+    @property
+    def coupled(self) -> bool:
+        """True when the penalty is over coupled groups (whole prunable channels)."""
+        return is_coupled(self.groups)
+
+    def _coupled_penalty(self):
+        return penalty(None, self.kind, groups=self.groups, backend=self.backend, **self.options)
 
     def _parametrized_weights(self) -> list:
         return [getattr(m, n) for m, n in self._parametrized]
@@ -98,11 +139,15 @@ class Regularizer:
 
     def __call__(self) -> torch.Tensor:
         """strength * R(params) as a differentiable loss term."""
+        if self.coupled:
+            return self.strength * self._coupled_penalty()
         return self.strength * self._penalty(self.params + self._parametrized_weights())
 
     def value(self) -> torch.Tensor:
         """R(params) without gradient tracking (for logging)."""
         with torch.no_grad():
+            if self.coupled:
+                return self._coupled_penalty()
             return self._penalty(self.params + self._parametrized_weights())
 
     def apply_(self, scaler=None) -> torch.Tensor:
@@ -117,6 +162,11 @@ class Regularizer:
         strength = self.strength
         if scaler is not None:
             strength = strength * float(scaler.get_scale())
+        if self.coupled:
+            value = add_penalty_grad_(
+                None, self.kind, strength, groups=self.groups, backend=self.backend, **self.options
+            )
+            return self.strength * value
         value = torch.zeros(())
         if self.params:
             value = add_penalty_grad_(
@@ -147,6 +197,12 @@ class Regularizer:
         return optimizer.register_step_pre_hook(hook)
 
     def __repr__(self) -> str:
+        if self.coupled:
+            return (
+                f"Regularizer(kind={self.kind!r}, strength={self.strength}, "
+                f"coupled groups={len(self.groups)}, params={len(self.params)}, "
+                f"backend={self.backend!r})"
+            )
         count = len(self.params) + len(self._parametrized)
         return (
             f"Regularizer(kind={self.kind!r}, strength={self.strength}, groups={self.groups!r}, "

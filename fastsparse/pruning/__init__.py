@@ -6,7 +6,7 @@ from fastsparse.pruning.graph import PruningError, coupled_groups
 from fastsparse.pruning.importance import select_channels, zero_channels_
 from fastsparse.pruning.prune import load_pruned, prune
 from fastsparse.pruning.report import LayerSparsity, SparsityReport, count_macs, sparsity_report
-from fastsparse.pruning.threshold import PruneResult, threshold_and_prune
+from fastsparse.pruning.threshold import PruneResult, threshold_, threshold_and_prune
 
 __all__ = [
     "LayerSparsity",
@@ -19,6 +19,7 @@ __all__ = [
     "prune",
     "select_channels",
     "sparsity_report",
+    "threshold_",
     "threshold_and_prune",
     "zero_channels_",
 ]

@@ -14,12 +14,13 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
+from fastsparse.core.checks import check_real
 from fastsparse.pruning.graph import coupled_groups, unwrap
 from fastsparse.pruning.importance import PRUNE_CRITERIA, filter_scores
 from fastsparse.pruning.prune import prune
 from fastsparse.pruning.report import sparsity_report
 
-THRESHOLD_MODES = ("relative", "absolute")
+THRESHOLD_MODES = ("relative", "global", "absolute")
 
 
 def prunable_weights(model: nn.Module, example_inputs: Any) -> List[Tuple[str, nn.Parameter]]:
@@ -59,32 +60,56 @@ class PruneResult:
     kept: Dict[str, Tuple[int, int]]
 
 
-def threshold_and_prune(
+def threshold_(
     model: nn.Module,
     example_inputs: Any,
     threshold: float,
     mode: str = "relative",
     criterion: str = "filter_norm",
-) -> PruneResult:
-    """Zero the coupled groups of weak filters (see the module docstring), then prune.
+) -> Dict[str, torch.Tensor]:
+    """Zero, in place, the whole coupled group of every weak filter; `prune` then removes them.
 
-    `threshold` is relative to each layer's largest score (``mode="relative"``) or absolute.
+    Every filter (output channel of a prunable layer) is scored first, all layers at once, on the
+    weights as they are, so zeroing one layer cannot shrink the next layer's scores (no cascade).
+    A filter is weak when its score is <= ``threshold`` times its layer's largest score
+    (``mode="relative"``, comparable across penalties of any scale), times the largest score of
+    all layers (``"global"``), or <= ``threshold`` itself (``"absolute"``). In every layer the
+    filter with the highest score stays. Only coupled groups are touched: a BatchNorm shift or a
+    classifier bias is never zeroed on its own.
 
-    `criterion` (one of :data:`PRUNE_CRITERIA`) scores the filters: ``"filter_norm"`` (the l2
-    norm of the filter's weights), ``"bn_scale"`` (the largest |gamma| of the BatchNorms on its
-    channel: network slimming), ``"group_norm"`` (the l2 norm of the whole coupled group:
-    OICSR). `model` is not modified. In every layer the filter with the highest score stays.
+    Args:
+        model: the trained model (modified in place).
+        example_inputs: a batch the model accepts (for tracing its coupled groups).
+        threshold: >= 0.
+        mode: one of :data:`THRESHOLD_MODES`.
+        criterion: one of :data:`PRUNE_CRITERIA` (see `fastsparse.pruning.importance`).
+
+    Returns:
+        Root layer name -> bool mask [filters] of the filters zeroed.
+
+    Example:
+        >>> from fastsparse.workflow.models import LeNet5
+        >>> model, x = LeNet5(), torch.randn(1, 1, 28, 28)
+        >>> zeroed = threshold_(model, x, 0.5)  # relative: half the layer's strongest filter
+        >>> small = fastsparse.prune(model, x)  # doctest: +SKIP
     """
+    threshold = check_real("threshold", threshold)
     if mode not in THRESHOLD_MODES:
         raise ValueError(f"unknown threshold mode {mode!r}; valid: {', '.join(THRESHOLD_MODES)}")
     if criterion not in PRUNE_CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(PRUNE_CRITERIA)}")
-    work = copy.deepcopy(unwrap(model))
-    groups = coupled_groups(work, example_inputs)
-    scores = filter_scores(groups, work, criterion)
+    model = unwrap(model)
+    groups = coupled_groups(model, example_inputs)
+    scores = filter_scores(groups, model, criterion)
+    overall = max((float(s.max()) for s in scores if s.numel()), default=0.0)
     weak = {}
     for g, norms in zip(groups, scores):  # decide all first: zeroing changes the next layer
-        limit = threshold * float(norms.max()) if mode == "relative" else threshold
+        if mode == "relative":
+            limit = threshold * float(norms.max())
+        elif mode == "global":
+            limit = threshold * overall
+        else:
+            limit = threshold
         dead = norms <= limit
         dead[int(norms.argmax())] = False
         weak[g.root] = dead
@@ -94,6 +119,27 @@ def threshold_and_prune(
                 index = m.index[weak[g.root][m.group]]
                 if index.numel():
                     m.param.index_fill_(m.dim, index.to(m.param.device), 0.0)
+    return weak
+
+
+def threshold_and_prune(
+    model: nn.Module,
+    example_inputs: Any,
+    threshold: float,
+    mode: str = "relative",
+    criterion: str = "filter_norm",
+) -> PruneResult:
+    """`threshold_` on a copy of `model`, then `fastsparse.prune`: the whole step from a trained
+    model to a smaller one. `model` is not modified.
+
+    Example:
+        >>> from fastsparse.workflow.models import LeNet5
+        >>> result = threshold_and_prune(LeNet5(), torch.randn(1, 1, 28, 28), 0.5)
+        >>> result.kept["features.0"][1]  # filters before
+        20
+    """
+    work = copy.deepcopy(unwrap(model))
+    weak = threshold_(work, example_inputs, threshold, mode, criterion)
     report = sparsity_report(work, example_inputs, threshold=0.0)
     pruned = prune(work, example_inputs, threshold=0.0)
     kept = {root: (int((~dead).sum()), dead.numel()) for root, dead in weak.items()}

@@ -35,6 +35,13 @@ PROG = "fastsparse"
 DEMO_CONFIG = RunConfig(kind="group_l1l2", strength=0.05, epochs=10, threshold=0.05)
 
 
+# How a threshold reads in the reports, per threshold mode.
+_THRESHOLD_WORDS = {
+    "relative": " x its layer's largest",
+    "global": " x the largest of all layers",
+    "absolute": "",
+}
+
 # p80/p20 of repeated timings above which the demo says the machine was busy.
 BUSY_SPREAD = 1.5
 
@@ -180,7 +187,10 @@ _RUN_FLAGS = {
         help="filters with norm <= threshold (x the layer's largest "
         "filter norm, in relative mode) are removed",
     ),
-    "threshold_mode": dict(help="relative (default) or absolute"),
+    "threshold_mode": dict(
+        help="relative (default: x each layer's largest score), global (x the largest of all "
+        "layers) or absolute"
+    ),
     "train_samples": dict(type=int, help="use only the first N training images"),
     "test_samples": dict(type=int, help="use only the first N test images"),
     "seed": dict(type=int, help="random seed"),
@@ -356,7 +366,7 @@ def _print_demo(result, data, out: Optional[TextIO] = None) -> None:
             _speedup(result.inference_before, result.inference_after),
         )
     )
-    relative = " x their layer's largest" if config.threshold_mode == "relative" else ""
+    relative = _THRESHOLD_WORDS[config.threshold_mode]
     print(
         f"\nthreshold: filters with l2 norm <= {config.threshold:g}{relative} are removed with "
         "their coupled slices (bias, BatchNorm, next layer's inputs)",
@@ -511,7 +521,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     torch.save(result.model.state_dict(), out / "model.pt")
     torch.save(result.pruned.state_dict(), out / "pruned.pt")
-    relative = " x its layer's largest" if config.threshold_mode == "relative" else ""
+    relative = _THRESHOLD_WORDS[config.threshold_mode]
     score = {
         "filter_norm": "l2 norm",
         "bn_scale": "BatchNorm |scale|",

@@ -246,7 +246,7 @@ class RunConfig:
         number("momentum", 0.0)
         number("weight_decay", 0.0)
         number("threshold", 0.0)
-        if self.threshold_mode == "relative" and self.threshold >= 1:
+        if self.threshold_mode in ("relative", "global") and self.threshold >= 1:
             fail(
                 f"a relative threshold must be < 1 (a share of the largest filter norm), "
                 f"got {self.threshold}"
