@@ -55,11 +55,11 @@ def call(op, *args):
     if torch.compiler.is_compiling():
         return op(*args)
     if id(op) in _AUTOGRAD:
-        return _Eager.apply((op, args[1:]), *args[0])
+        return FastsparseEager.apply((op, args[1:]), *args[0])
     return _IMPLEMENTATIONS[id(op)](*args)
 
 
-class _Eager(torch.autograd.Function):
+class FastsparseEager(torch.autograd.Function):
     """A differentiable op's eager call: its first argument is the list of differentiable
     tensors (unpacked here, where autograd can see them), its setup_context and backward are the
     ones registered with torch.library."""
