@@ -1,8 +1,9 @@
 """Every scoring rule of whole channels (coupled groups); choosing channels by a score; zeroing.
 
-Scores (higher = more important), one [G] tensor per CoupledGroup: the coupled-group norm that
-`fastsparse.prune` reads (`dead_channels`), the filter norm, the BatchNorm scale of network
-slimming (`channel_scales`) and the out-in-channel energy of OICSR (`channel_energy`).
+Scores (higher = more important), one [G] tensor per CoupledGroup: the producers' norm that
+`fastsparse.prune` reads (`producer_norms`, `dead_channels`), the filter norm, the BatchNorm
+scale of network slimming (`channel_scales`) and the out-in-channel energy of OICSR
+(`channel_energy`).
 
 OICSR's global pruning (lowest out-in-channel energy) and network slimming (smallest BatchNorm
 scale) pick channels by their own score, not by the coupled-group norm that `fastsparse.prune`
@@ -26,7 +27,9 @@ __all__ = [
     "channel_energy",
     "channel_scales",
     "dead_channels",
+    "dead_masks",
     "filter_scores",
+    "producer_norms",
     "select_channels",
     "zero_channels_",
 ]
@@ -105,11 +108,32 @@ def zero_channels_(groups: Sequence[CoupledGroup], dead: Sequence[torch.Tensor])
     return count
 
 
+def producer_norms(groups: List[CoupledGroup]) -> List[torch.Tensor]:
+    """Per coupled group, the [G] l2 norms of what produces each channel (fp32; fp64 for fp64).
+
+    The members sliced along dim 0: the root's filter and bias, a following BatchNorm's scale
+    and shift, depthwise filters, every producer tied to it by a residual addition; not the
+    consumers' input slices (dim 1). A channel whose producers are all zero outputs exactly zero
+    (conv and linear layers map zero to zero through zero weights and bias, a BatchNorm with zero
+    scale and shift outputs zero, elementwise ops keep zero at zero), so its consumers' slices
+    multiply zeros, whatever they hold: the channel can be removed without changing the output.
+    """
+    producers = [
+        CoupledGroup(cg.root, cg.num_groups, tuple(m for m in cg.members if m.dim == 0))
+        for cg in groups
+    ]
+    return reference.coupled_group_norms(producers)
+
+
+def dead_masks(groups: List[CoupledGroup], threshold: float) -> List[torch.Tensor]:
+    """Per group, bool [G]: the channels whose producers' norm is <= threshold (dead)."""
+    return [norms <= threshold for norms in producer_norms(groups)]
+
+
 def dead_channels(groups: List[CoupledGroup], threshold: float) -> List[List[int]]:
-    """Per group, the channels to remove: norm <= threshold, but never all of them."""
+    """Per group, the dead channels to remove (`dead_masks`), but never all of a layer's."""
     dead = []
-    for norms in reference.coupled_group_norms(groups):
-        is_dead = norms <= threshold
+    for norms, is_dead in zip(producer_norms(groups), dead_masks(groups, threshold)):
         if bool(is_dead.all()) and norms.numel():
             is_dead[int(torch.argmax(norms))] = False
         dead.append(torch.nonzero(is_dead).flatten().tolist())

@@ -1,12 +1,13 @@
 """Lossless physical pruning of dead coupled groups (Torch-Pruning does the surgery).
 
-**Dead rule (lossless).** A channel is removable only when its whole coupled group (producers'
-filters, biases, BatchNorm scales *and shifts*, and the consumers' in-slices) has l2 norm <= t. A
-filter whose conv weight and bias are zero but whose BatchNorm shift is not makes a constant
-channel: its group norm is > 0, so it stays. `prune` first zeroes the dead groups (the same rule as
-``prox_(..., "group_l0", t, groups=...)``) and then removes them, so in eval mode the pruned model
-computes what the thresholded unpruned model computes, up to summation order; it checks this on
-the example inputs before returning.
+**Dead rule (lossless).** A channel is removable when what produces it is zero (l2 norm <= t over
+its producers: the filter and bias, the following BatchNorm's scale *and shift*, depthwise
+filters, the producers tied by residual additions; see `importance.producer_norms`): its output
+is then zero, and its consumers' in-slices multiply zeros, whatever they hold. A filter whose conv
+weight and bias are zero but whose BatchNorm shift is not makes a constant channel: its producers'
+norm is > 0, so it stays. `prune` first zeroes the dead channels' whole groups and then removes
+them, so in eval mode the pruned model computes what the thresholded unpruned model computes, up
+to summation order; it checks this on the example inputs before returning.
 
 **Not prunable (left whole, documented).** Groups that reach the model's outputs (the classifier's
 out-features are the outputs) and groups that would change the model's input channels (a
@@ -27,7 +28,6 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from fastsparse import reference
 from fastsparse.core.checks import check_real
 from fastsparse.pruning.graph import (
     BATCHNORM,
@@ -39,7 +39,7 @@ from fastsparse.pruning.graph import (
     output_tensors,
     trace,
 )
-from fastsparse.pruning.importance import dead_channels
+from fastsparse.pruning.importance import dead_channels, dead_masks, zero_channels_
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -50,7 +50,9 @@ def prune_traced(traced: Traced, example_inputs: Any, threshold: float, verify: 
     """Zero the dead groups of the traced copy, remove them, check outputs. Modifies the copy."""
     model, graph = traced.model, traced.graph
     dead = dead_channels(traced.groups, threshold)
-    reference.prox_(None, "group_l0", threshold, traced.groups)
+    # Zero the whole group of every dead channel (the one a layer keeps too): its producers
+    # are (nearly) zero already, its consumers' slices then multiply zeros.
+    zero_channels_(traced.groups, dead_masks(traced.groups, threshold))
     expected = output_tensors(eval_forward(model, example_inputs)) if verify else []
     for group, root, channels in zip(traced.groups, traced.roots, dead):
         if not channels:

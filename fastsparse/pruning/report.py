@@ -9,10 +9,10 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from torch import nn
 
-from fastsparse import reference
 from fastsparse.core.checks import check_real
 from fastsparse.core.groups import CoupledGroup
 from fastsparse.pruning.graph import CONV, eval_forward, trace
+from fastsparse.pruning.importance import producer_norms
 from fastsparse.pruning.prune import prune_traced
 
 
@@ -207,7 +207,7 @@ def _out_channels(module: nn.Module) -> int:
 def _alive_per_layer(groups: List[CoupledGroup], threshold: float) -> Dict[str, Tuple[int, bool]]:
     """Layer name -> (alive filters, True) for every layer whose out-rows are in a coupled group."""
     alive = {}
-    for group, norms in zip(groups, reference.coupled_group_norms(groups)):
+    for group, norms in zip(groups, producer_norms(groups)):
         for m in group.members:
             module_name, _, attr = m.name.rpartition(".")
             if attr == "weight" and m.dim == 0 and module_name not in alive:

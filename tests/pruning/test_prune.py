@@ -21,6 +21,7 @@ from fastsparse.pruning import (
     prune,
     sparsity_report,
 )
+from fastsparse.pruning.importance import dead_masks, producer_norms, zero_channels_
 from fastsparse.workflow.models import LeNet5
 from tests.helpers import (
     ARCHS,
@@ -98,12 +99,38 @@ def test_prune_with_threshold_equals_thresholded_model(arch):
     model, x = arch_model(arch, seed=3)
     groups = coupled_groups(model, x)
     shrink(groups, pick_dead(groups, fraction=0.25, seed=4), factor=0.05)
-    threshold = float(torch.cat(ref.coupled_group_norms(groups)).quantile(0.3))
+    threshold = float(torch.cat(producer_norms(groups)).quantile(0.3))
     pruned = prune(model, x, threshold=threshold)
     thresholded = copy.deepcopy(model)
-    prox_(thresholded, "group_l0", threshold, groups=coupled_groups(thresholded, x))
+    copied = coupled_groups(thresholded, x)
+    zero_channels_(copied, dead_masks(copied, threshold))
     torch.testing.assert_close(eval_out(pruned, x), eval_out(thresholded, x), rtol=0, atol=1e-5)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_zero_producers_are_removed_whatever_the_consumers_hold(arch):
+    """A per-filter regularizer zeroes filters (and BatchNorm affines), never the next layer's
+    input slices: such a channel outputs exactly zero, so it is removed, losslessly."""
+    model, x = arch_model(arch, seed=5)
+    groups = coupled_groups(model, x)
+    picked = [torch.tensor([0, 1]) if cg.num_groups > 2 else torch.tensor([], dtype=torch.long)
+              for cg in groups]  # fmt: skip
+    with torch.no_grad():
+        for cg, channels in zip(groups, picked):
+            for m in cg.members:
+                if m.dim == 0:  # producers only: filters, biases, BatchNorm scale and shift
+                    sel = m.index[torch.isin(m.group, channels)]
+                    m.param.index_fill_(m.dim, sel, 0.0)
+    expected = eval_out(model, x)
+    pruned = prune(model, x)
+    torch.testing.assert_close(eval_out(pruned, x), expected, rtol=1e-5, atol=1e-6)
+    removed = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for p in pruned.parameters()
+    )
+    assert removed > 0
+    report = sparsity_report(model, x)
+    assert any(layer.alive < layer.filters for layer in report.layers)
 
 
 def test_constant_channel_is_kept():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-import fastsparse.reference as ref
 from fastsparse.pruning import count_macs, coupled_groups, prune, sparsity_report
+from fastsparse.pruning.importance import producer_norms
 from tests.helpers import (
     arch_model,
     assert_state_unchanged,
@@ -48,7 +48,7 @@ def test_sparsity_report(arch):
 
 def test_report_threshold_counts_alive():
     model, x = arch_model("lenet5")
-    norms = ref.coupled_group_norms(coupled_groups(model, x))[0]
+    norms = producer_norms(coupled_groups(model, x))[0]
     threshold = float(norms.median())
     row = sparsity_report(model, x, threshold=threshold).layers[0]
     assert row.name == "features.0" and row.alive == int((norms > threshold).sum())
