@@ -9,13 +9,14 @@ and returns them as :class:`fastsparse.CoupledGroup` (one per root layer, G grou
 **Supported layers.** ``nn.Conv1d/2d/3d`` (groups = 1 or depthwise), ``nn.Linear``,
 ``nn.BatchNorm1d/2d/3d`` and parameter-free ops (activations, pooling, flatten, add, cat, ...).
 A coupled group touching any other layer with parameters (LayerNorm, GroupNorm, grouped or
-transposed convs, raw ``nn.Parameter`` s...) raises :class:`PruningError` naming it.
+transposed convs, raw ``nn.Parameter`` s...) is left whole, with the reason, naming the layer,
+in `Traced.skipped` (and the sparsity report); the rest of the model is still pruned.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -84,10 +85,14 @@ class Traced:
     graph: Any  # torch_pruning.DependencyGraph
     groups: List[CoupledGroup]
     roots: List[nn.Module]  # root module of each group
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (root layer, why), left whole
 
 
-def trace(model: nn.Module, example_inputs: Any) -> Traced:
-    """Build Torch-Pruning's dependency graph on `model` (modified: use a copy) and its groups."""
+def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced:
+    """Build Torch-Pruning's dependency graph on `model` (modified: use a copy) and its groups.
+
+    A group that touches a layer whose channels cannot be removed losslessly is left whole and
+    listed in `skipped` with the reason (`strict`: raise PruningError instead)."""
     import torch_pruning as tp
 
     for name, module in model.named_modules():
@@ -125,14 +130,21 @@ def trace(model: nn.Module, example_inputs: Any) -> Traced:
     module_names = {id(m): n for n, m in model.named_modules()}
     param_names = {id(p): n for n, p in model.named_parameters()}
     layers = [n for n, m in model.named_modules() if isinstance(m, (CONV, nn.Linear))]
-    found = []
+    found, skipped = [], []
     for tp_group in graph.get_all_groups(root_module_types=(CONV, nn.Linear)):
         root = tp_group[0].dep.target.module
-        group = _coupled_group(graph, tp_group, module_names, param_names, output_fns, layers)
+        try:
+            group = _coupled_group(graph, tp_group, module_names, param_names, output_fns, layers)
+        except PruningError as e:
+            if strict:
+                raise
+            skipped.append((module_names.get(id(root), type(root).__name__), str(e)))
+            continue
         if group is not None:
             found.append((group, root))
     found.sort(key=lambda pair: layers.index(pair[0].root))  # in module order
-    return Traced(model, graph, [g for g, _ in found], [r for _, r in found])
+    skipped.sort(key=lambda pair: layers.index(pair[0]) if pair[0] in layers else len(layers))
+    return Traced(model, graph, [g for g, _ in found], [r for _, r in found], skipped)
 
 
 def _coupled_group(
@@ -222,7 +234,9 @@ def _coupled_group(
     return CoupledGroup(root_name, num_groups, tuple(members))
 
 
-def coupled_groups(model: nn.Module, example_inputs: Any) -> List[CoupledGroup]:
+def coupled_groups(
+    model: nn.Module, example_inputs: Any, *, strict: bool = False
+) -> List[CoupledGroup]:
     """Trace which parameter slices must be zeroed or removed together, channel by channel.
 
     One :class:`~fastsparse.reference.CoupledGroup` per root layer (a conv or linear layer whose
@@ -232,18 +246,23 @@ def coupled_groups(model: nn.Module, example_inputs: Any) -> List[CoupledGroup]:
 
     The model is traced on a copy: its parameters, modes and hooks are left as they are.
     Excluded: groups whose channels are model outputs (the classifier's out-features) or model
-    inputs. See the module docstring for the supported layers.
+    inputs, and groups that touch a layer whose channels cannot be removed losslessly (see the
+    module docstring for the supported layers): those layers are left whole, and
+    `sparsity_report` lists them with the reason.
 
     Args:
         model: the network.
         example_inputs: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict
             (``model(**x)``); a batch of one is enough.
+        strict: raise PruningError on the first group that touches an unsupported layer
+            instead of leaving it out.
 
     Returns:
         A list of CoupledGroup (an empty list when nothing is prunable).
 
     Raises:
-        PruningError: the model cannot be traced, or a group touches an unsupported layer.
+        PruningError: the model cannot be traced (or, with `strict`, a group touches an
+            unsupported layer).
 
     Example::
 
@@ -255,7 +274,7 @@ def coupled_groups(model: nn.Module, example_inputs: Any) -> List[CoupledGroup]:
         CoupledGroup(root='features.3', num_groups=50, members=[features.3.weight[dim 0], \
 features.3.bias[dim 0], classifier.0.weight[dim 1]])
     """
-    traced = trace(copy.deepcopy(model), example_inputs)
+    traced = trace(copy.deepcopy(model), example_inputs, strict)
     params = dict(model.named_parameters())
     return [
         CoupledGroup(

@@ -23,6 +23,7 @@ model to the saved shapes (works with ``weights_only=True``).
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Dict
 
 import torch
@@ -89,15 +90,20 @@ def prune_traced(traced: Traced, example_inputs: Any, threshold: float, verify: 
 
 
 def prune(
-    model: nn.Module, example_inputs: Any, threshold: float = 0.0, *, verify: bool = True
+    model: nn.Module,
+    example_inputs: Any,
+    threshold: float = 0.0,
+    *,
+    verify: bool = True,
+    strict: bool = False,
 ) -> nn.Module:
     """Return a new, physically smaller copy of `model` without its dead coupled groups.
 
-    A channel is dead when its coupled group's l2 norm (filters, biases, BatchNorm scales and
-    shifts, consumers' in-slices) is <= `threshold`. The copy's dead groups are zeroed, then
-    removed with Torch-Pruning, so in eval mode the result computes what the unpruned model
-    computes after ``prox_(model, "group_l0", threshold, groups=coupled_groups(model, x))``
-    (max abs difference ~1e-6 in fp32, summation order only).
+    A channel is dead when the l2 norm of what produces it (filters, biases, BatchNorm scales
+    and shifts, residual ties; not the consumers' in-slices) is <= `threshold`. The copy's dead
+    channels are zeroed with their whole coupled groups, then removed with Torch-Pruning, so in
+    eval mode the result computes what the thresholded model computes (max abs difference ~1e-6
+    in fp32, summation order only).
 
     All or nothing: `model` is never modified; any failure raises and returns nothing.
 
@@ -107,6 +113,8 @@ def prune(
         threshold: t >= 0; 0 removes exactly-zero groups only.
         verify: compare outputs on `example_inputs` before and after the removal (eval mode)
             and raise if they differ; keep it on unless the forward is expensive.
+        strict: raise PruningError when a group touches an unsupported layer, instead of
+            leaving that group whole (with a warning naming it) and pruning the rest.
 
     Returns:
         The pruned copy, in the same training mode as `model`, with the same ``requires_grad``
@@ -114,8 +122,8 @@ def prune(
 
     Raises:
         ValueError: negative or NaN threshold.
-        PruningError: the model cannot be traced, has an unsupported layer in a coupled group
-            (named in the message), or the pruned copy does not reproduce the outputs.
+        PruningError: the model cannot be traced, the pruned copy does not reproduce the
+            outputs, or (`strict`) a coupled group has an unsupported layer (named).
 
     Example::
 
@@ -130,7 +138,11 @@ def prune(
     """
     threshold = check_real("threshold", threshold)
     work = copy.deepcopy(model)
-    prune_traced(trace(work, example_inputs), example_inputs, threshold, verify)
+    traced = trace(work, example_inputs, strict)
+    if traced.skipped:
+        where = "; ".join(f"{root!r}: {why}" for root, why in traced.skipped)
+        warnings.warn(f"left whole (not prunable): {where}", stacklevel=2)
+    prune_traced(traced, example_inputs, threshold, verify)
     for m, original in zip(work.modules(), model.modules()):
         m.train(original.training)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}

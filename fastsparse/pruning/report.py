@@ -100,6 +100,7 @@ class SparsityReport:
     params_after: int = 0
     macs: int = 0
     macs_after: int = 0
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (layer, why it stays whole)
 
     def format(self) -> str:
         """The report as a text table."""
@@ -131,9 +132,10 @@ class SparsityReport:
             return "  ".join(cells).rstrip()
 
         rule = "-" * len(line(header))
-        title = f"sparsity report (dead: coupled group norm <= {self.threshold:g})"
+        title = f"sparsity report (dead: producers' norm <= {self.threshold:g})"
         body = [line(r) for r in rows]
-        return "\n".join([title, line(header), rule, *body, rule, line(total)])
+        notes = [f"not prunable, left whole: {root}: {why}" for root, why in self.skipped]
+        return "\n".join([title, line(header), rule, *body, rule, line(total), *notes])
 
     __str__ = format
 
@@ -181,6 +183,7 @@ def sparsity_report(
     report = SparsityReport(threshold, params=total_params, macs=sum(macs.values()))
     report.params_after = sum(p.numel() for p in pruned.parameters())
     report.macs_after = sum(macs_after.values())
+    report.skipped = list(traced.skipped)
     for name, (_, type_name, filters) in layers.items():
         after = modules_after[name]
         report.layers.append(

@@ -261,12 +261,12 @@ class Detached(nn.Module):
             "cannot trace",
         ),
         (Detached(), torch.randn(1, 3, 8, 8), "prune", PruningError, "no output depends"),
-        (GroupNormNet(), torch.randn(1, 3, 8, 8), "prune", PruningError, "'norm'.*GroupNorm"),
+        (GroupNormNet(), torch.randn(1, 3, 8, 8), "strict", PruningError, "'norm'.*GroupNorm"),
         (GroupNormNet(), torch.randn(1, 3, 8, 8), "groups", PruningError, "'norm'.*GroupNorm"),
         (
             nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 4, 3, groups=2)),
             torch.randn(1, 4, 8, 8),
-            "prune",
+            "strict",
             PruningError,
             "'1'.*grouped",
         ),
@@ -279,12 +279,45 @@ def test_bad_input_changes_nothing(model, x, call, error, match):
         "prune_negative": lambda: prune(model, x, threshold=-1.0),
         "prune": lambda: prune(model, x),
         "report": lambda: sparsity_report(model, x),
-        "groups": lambda: coupled_groups(model, x),
+        "groups": lambda: coupled_groups(model, x, strict=True),
+        "strict": lambda: prune(model, x, strict=True),
     }
     with pytest.raises(error, match=match):
         calls[call]()
     assert_state_unchanged(model, before)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+class MixedNet(nn.Module):
+    """A prunable conv pair, and a conv whose channels feed a GroupNorm (not prunable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.norm(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_an_unsupported_layer_leaves_its_group_whole_and_the_rest_is_pruned():
+    torch.manual_seed(0)
+    model, x = MixedNet().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.a.weight[:3] = 0
+        model.a.bias[:3] = 0
+    assert [g.root for g in coupled_groups(model, x)] == ["a", "b"]
+    with pytest.warns(UserWarning, match="'c'.*GroupNorm"):
+        small = prune(model, x)
+    assert small.a.out_channels == 5 and small.c.out_channels == 8
+    torch.testing.assert_close(eval_out(small, x), eval_out(model, x), rtol=1e-5, atol=1e-6)
+    report = sparsity_report(model, x)
+    assert [root for root, _ in report.skipped] == ["c"]
+    assert "not prunable, left whole: c:" in report.format()
 
 
 def test_non_lossless_pruning_is_refused():
