@@ -2,11 +2,13 @@
 (importance), zero the weak ones (threshold), remove them for real (prune), measure (report).
 """
 
-from fastsparse.pruning.graph import PruningError, coupled_groups
+from fastsparse.pruning.common import PruningError
+from fastsparse.pruning.graph import coupled_groups
 from fastsparse.pruning.importance import select_channels, zero_channels_
 from fastsparse.pruning.prune import load_pruned, prune
 from fastsparse.pruning.report import LayerSparsity, SparsityReport, count_macs, sparsity_report
 from fastsparse.pruning.threshold import PruneResult, threshold_, threshold_and_prune
+from fastsparse.pruning.transformer import prune_transformer, transformer_groups
 
 __all__ = [
     "LayerSparsity",
@@ -21,5 +23,7 @@ __all__ = [
     "sparsity_report",
     "threshold_",
     "threshold_and_prune",
+    "transformer_groups",
+    "prune_transformer",
     "zero_channels_",
 ]

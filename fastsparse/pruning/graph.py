@@ -24,57 +24,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fastsparse.core.groups import CoupledGroup, CoupledMember
-
-CONV = nn.modules.conv._ConvNd
-BATCHNORM = nn.modules.batchnorm._BatchNorm
-SUPPORTED = "Conv1d/2d/3d (groups=1 or depthwise), Linear, BatchNorm1d/2d/3d"
-
-
-class PruningError(RuntimeError):
-    """A model cannot be traced or pruned; the message names the layer when there is one."""
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-
-def run_model(model: nn.Module, example_inputs: Any):
-    """Call the model: a dict is passed as keywords, a tuple/list as positional arguments."""
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
-def output_tensors(out: Any) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in output_tensors(o)]
-    return []
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under a ``torch.compile`` wrapper (the model itself otherwise)."""
-    return getattr(model, "_orig_mod", model)
-
-
-def is_depthwise(conv: nn.Module) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
-
-
-def eval_forward(model: nn.Module, example_inputs: Any):
-    """Forward in eval mode without grad, restoring every module's training flag."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return run_model(model, example_inputs)
-    finally:
-        for m, training in modes:
-            m.train(training)
+from fastsparse.pruning.common import (
+    BATCHNORM,
+    CONV,
+    SUPPORTED,
+    PruningError,
+    is_depthwise,
+    output_tensors,
+    run_model,
+)
+from fastsparse.pruning.transformer import decoder_blocks, transformer_groups
 
 
 @dataclass
@@ -107,7 +66,9 @@ def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced
     def forward_fn(m, x):
         out = run_model(m, x)
         outputs.append(out)
-        return out
+        # Only the output tensors: a transformers ModelOutput also holds caches and other
+        # objects the dependency graph cannot follow.
+        return tuple(output_tensors(out))
 
     for p in model.parameters():  # tracing follows autograd: frozen layers must be seen too
         p.requires_grad_(True)
@@ -245,6 +206,10 @@ def coupled_groups(
     model's own parameters, so penalties and prox steps on the groups act on the model.
 
     The model is traced on a copy: its parameters, modes and hooks are left as they are.
+    For a decoder transformer (blocks with ``self_attn`` and ``mlp``: the Llama family), the
+    groups are its attention (key/value) groups and MLP neurons, block by block
+    (`fastsparse.pruning.transformer`), which `prune` removes.
+
     Excluded: groups whose channels are model outputs (the classifier's out-features) or model
     inputs, and groups that touch a layer whose channels cannot be removed losslessly (see the
     module docstring for the supported layers): those layers are left whole, and
@@ -274,6 +239,9 @@ def coupled_groups(
         CoupledGroup(root='features.3', num_groups=50, members=[features.3.weight[dim 0], \
 features.3.bias[dim 0], classifier.0.weight[dim 1]])
     """
+    if decoder_blocks(model):  # their channels mix across the residual stream: heads, neurons
+        groups = transformer_groups(model)
+        return groups["heads"] + groups["neurons"]
     traced = trace(copy.deepcopy(model), example_inputs, strict)
     params = dict(model.named_parameters())
     return [

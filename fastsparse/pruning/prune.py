@@ -30,17 +30,17 @@ import torch
 from torch import nn
 
 from fastsparse.core.checks import check_real
-from fastsparse.pruning.graph import (
+from fastsparse.pruning.common import (
     BATCHNORM,
     CONV,
     PruningError,
-    Traced,
     eval_forward,
     is_depthwise,
     output_tensors,
-    trace,
 )
+from fastsparse.pruning.graph import Traced, trace
 from fastsparse.pruning.importance import dead_channels, dead_masks, zero_channels_
+from fastsparse.pruning.transformer import decoder_blocks, prune_transformer
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -137,6 +137,8 @@ def prune(
         Conv2d(1, 15, kernel_size=(5, 5), stride=(1, 1))
     """
     threshold = check_real("threshold", threshold)
+    if decoder_blocks(model):  # transformers: heads and neurons (see pruning/transformer.py)
+        return prune_transformer(model, example_inputs, threshold, verify=verify)
     work = copy.deepcopy(model)
     traced = trace(work, example_inputs, strict)
     if traced.skipped:

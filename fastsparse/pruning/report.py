@@ -11,9 +11,11 @@ from torch import nn
 
 from fastsparse.core.checks import check_real
 from fastsparse.core.groups import CoupledGroup
-from fastsparse.pruning.graph import CONV, eval_forward, trace
+from fastsparse.pruning.common import CONV, PruningError, eval_forward
+from fastsparse.pruning.graph import trace
 from fastsparse.pruning.importance import producer_norms
 from fastsparse.pruning.prune import prune_traced
+from fastsparse.pruning.transformer import decoder_blocks
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> Dict[str, int]:
@@ -158,6 +160,11 @@ def sparsity_report(
     """
     threshold = check_real("threshold", threshold)
     work = copy.deepcopy(model)
+    if decoder_blocks(model):
+        raise PruningError(
+            f"sparsity_report does not cover decoder transformers ({type(model).__name__}) yet; "
+            "fastsparse.prune removes their dead heads and neurons (compare parameter counts)"
+        )
     traced = trace(work, example_inputs)  # first: a model that cannot be traced fails here
     macs = count_macs(work, example_inputs)
     params = {

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from fastsparse.core.checks import check_real
-from fastsparse.pruning.graph import coupled_groups, unwrap
+from fastsparse.pruning.common import unwrap
+from fastsparse.pruning.graph import coupled_groups
 from fastsparse.pruning.importance import PRUNE_CRITERIA, filter_scores
 from fastsparse.pruning.prune import prune
 from fastsparse.pruning.report import sparsity_report

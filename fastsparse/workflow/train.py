@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsparse.pruning.graph import unwrap
+from fastsparse.pruning.common import unwrap
 from fastsparse.pruning.threshold import PruneResult, prunable_weights, threshold_and_prune
 from fastsparse.workflow.config import (
     DEFAULT_LRS,

@@ -1,0 +1,93 @@
+"""Heads and MLP neurons of small Llama-family models built from configs (no download): GQA
+groups and neurons whose producers are zero are removed; logits, generate and reload agree."""
+
+import io
+
+import pytest
+import torch
+
+import fastsparse as fs
+from fastsparse.pruning.transformer import decoder_blocks, transformer_groups
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(**overrides):
+    options = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    options.update(overrides)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**options)).eval()
+
+
+def _qwen2():
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def _zero_producers(groups, chosen):
+    with torch.no_grad():
+        for group, ids in zip(groups, chosen):
+            for m in group.members:
+                if m.dim == 0:
+                    m.param.index_fill_(0, m.index[torch.isin(m.group, ids)], 0.0)
+
+
+@pytest.mark.parametrize("build", [_llama, _qwen2, lambda: _llama(num_key_value_heads=4)],
+                         ids=["llama-gqa", "qwen2-bias", "llama-mha"])  # fmt: skip
+def test_zero_heads_and_neurons_are_removed_losslessly(build):
+    model = build()
+    groups = transformer_groups(model)
+    assert len(groups["heads"]) == len(groups["neurons"]) == 2
+    _zero_producers(groups["heads"], [torch.tensor([1]), torch.tensor([], dtype=torch.long)])
+    _zero_producers(groups["neurons"], [torch.arange(5), torch.arange(10, 20)])
+    small = fs.prune(model, IDS)
+    with torch.no_grad():
+        before, after = model(IDS).logits, small(IDS).logits
+    assert float((after - before).abs().max() / before.abs().max()) <= 1e-5  # fp32, eval
+    attn = small.model.layers[0].self_attn
+    kv_heads = model.config.num_key_value_heads
+    assert attn.k_proj.out_features == (kv_heads - 1) * attn.head_dim
+    assert attn.q_proj.out_features == attn.o_proj.in_features
+    assert small.model.layers[0].mlp.gate_proj.out_features == 43
+    assert small.model.layers[1].mlp.down_proj.in_features == 38
+    assert model.model.layers[0].mlp.gate_proj.out_features == 48  # the model is left alone
+    torch.testing.assert_close(
+        small.generate(IDS, max_new_tokens=4, do_sample=False),
+        model.generate(IDS, max_new_tokens=4, do_sample=False),
+    )
+    buffer = io.BytesIO()
+    torch.save(small.state_dict(), buffer)
+    buffer.seek(0)
+    reloaded = fs.load_pruned(build(), torch.load(buffer, weights_only=True)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, after)
+
+
+def test_threshold_removes_small_groups_as_the_thresholded_model():
+    model = _llama()
+    groups = transformer_groups(model)
+    with torch.no_grad():
+        for m in groups["neurons"][0].members:
+            if m.dim == 0:
+                m.param.index_copy_(0, m.index[:6], m.param[m.index[:6]] * 1e-4)
+    small = fs.prune(model, IDS, threshold=1e-3)  # verified against the zeroed copy inside
+    assert small.model.layers[0].mlp.up_proj.out_features == 42
+
+
+def test_penalty_groups_are_the_removal_groups():
+    model = _llama()
+    groups = transformer_groups(model)
+    reg = fs.Regularizer(None, "group_lasso", 1e-2, groups=groups["heads"] + groups["neurons"])
+    reg().backward()
+    assert model.model.layers[0].self_attn.v_proj.weight.grad is not None
+    assert [name for name, _, _ in decoder_blocks(model)] == ["model.layers.0", "model.layers.1"]
