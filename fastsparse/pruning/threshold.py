@@ -17,7 +17,7 @@ from torch import nn
 from fastsparse.core.checks import check_real
 from fastsparse.pruning.common import unwrap
 from fastsparse.pruning.graph import coupled_groups
-from fastsparse.pruning.importance import PRUNE_CRITERIA, filter_scores
+from fastsparse.pruning.importance import PRUNE_CRITERIA, filter_scores, zero_channels_
 from fastsparse.pruning.prune import prune
 from fastsparse.pruning.report import sparsity_report
 
@@ -114,12 +114,7 @@ def threshold_(
         dead = norms <= limit
         dead[int(norms.argmax())] = False
         weak[g.root] = dead
-    with torch.no_grad():
-        for g in groups:
-            for m in g.members:
-                index = m.index[weak[g.root][m.group]]
-                if index.numel():
-                    m.param.index_fill_(m.dim, index.to(m.param.device), 0.0)
+    zero_channels_(groups, [weak[g.root] for g in groups])
     return weak
 
 
