@@ -125,17 +125,21 @@ def producer_norms(groups: List[CoupledGroup]) -> List[torch.Tensor]:
     return reference.coupled_group_norms(producers)
 
 
-def dead_masks(groups: List[CoupledGroup], threshold: float) -> List[torch.Tensor]:
-    """Per group, bool [G]: the channels whose producers' norm is <= threshold (dead)."""
-    return [norms <= threshold for norms in producer_norms(groups)]
+def dead_masks(groups: List[CoupledGroup], threshold: float, norms=None) -> List[torch.Tensor]:
+    """Per group, bool [G]: the channels whose producers' norm is <= threshold (dead).
+
+    `norms`: the groups' `producer_norms`, when the caller has them already."""
+    norms = producer_norms(groups) if norms is None else norms
+    return [n <= threshold for n in norms]
 
 
-def dead_channels(groups: List[CoupledGroup], threshold: float) -> List[List[int]]:
+def dead_channels(groups: List[CoupledGroup], threshold: float, norms=None) -> List[List[int]]:
     """Per group, the dead channels to remove (`dead_masks`), but never all of a layer's."""
+    norms = producer_norms(groups) if norms is None else norms
     dead = []
-    for norms, is_dead in zip(producer_norms(groups), dead_masks(groups, threshold)):
-        if bool(is_dead.all()) and norms.numel():
-            is_dead[int(torch.argmax(norms))] = False
+    for n, is_dead in zip(norms, dead_masks(groups, threshold, norms)):
+        if bool(is_dead.all()) and n.numel():
+            is_dead[int(torch.argmax(n))] = False
         dead.append(torch.nonzero(is_dead).flatten().tolist())
     return dead
 

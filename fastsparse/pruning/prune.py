@@ -39,7 +39,12 @@ from fastsparse.pruning.common import (
     output_tensors,
 )
 from fastsparse.pruning.graph import Traced, trace
-from fastsparse.pruning.importance import dead_channels, dead_masks, zero_channels_
+from fastsparse.pruning.importance import (
+    dead_channels,
+    dead_masks,
+    producer_norms,
+    zero_channels_,
+)
 from fastsparse.pruning.transformer import decoder_blocks, prune_transformer
 
 
@@ -50,10 +55,11 @@ def _tolerance(dtype: torch.dtype) -> float:
 def prune_traced(traced: Traced, example_inputs: Any, threshold: float, verify: bool):
     """Zero the dead groups of the traced copy, remove them, check outputs. Modifies the copy."""
     model, graph = traced.model, traced.graph
-    dead = dead_channels(traced.groups, threshold)
+    norms = producer_norms(traced.groups)
+    dead = dead_channels(traced.groups, threshold, norms)
     # Zero the whole group of every dead channel (the one a layer keeps too): its producers
     # are (nearly) zero already, its consumers' slices then multiply zeros.
-    zero_channels_(traced.groups, dead_masks(traced.groups, threshold))
+    zero_channels_(traced.groups, dead_masks(traced.groups, threshold, norms))
     expected = output_tensors(eval_forward(model, example_inputs)) if verify else []
     for group, root, channels in zip(traced.groups, traced.roots, dead):
         if not channels:
