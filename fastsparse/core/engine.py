@@ -321,8 +321,20 @@ def coupled_prox_(backend: Backend, tensors, specs, slice_groups, group_counts, 
     plan = backend.plans.get(tensors, specs)
     stats = _coupled_stats(plan, backend.stats(plan, tensors, ALL), slice_groups, group_counts)
     factors = prox_factors(torch.sqrt(stats[:, 1]), kind, threshold)
+    coupled_scale_groups_(backend, tensors, specs, slice_groups, group_counts, factors)
+    return factors > 0
+
+
+def scale_groups_(backend: Backend, tensors, specs, factors) -> None:
+    """w_g *= factors[g] in place, every group of every tensor in one launch per class."""
+    plan = backend.plans.get(tensors, specs)
+    backend.prox(plan, tensors, ALL, "scale", 0.0, 0.0, factors)
+
+
+def coupled_scale_groups_(backend: Backend, tensors, specs, slice_groups, group_counts, factors):
+    """Every slice of a coupled group times the group's factor (slices in no group: 1)."""
+    plan = backend.plans.get(tensors, specs)
     _, _, _, _, groups = _coupled_maps(plan, slice_groups, group_counts)
     slice_factors = _per_slice(factors, groups, 1.0)
     for p in passes(plan):
         backend.prox(plan, tensors, Select(p), "scale", 0.0, 0.0, slice_factors)
-    return factors > 0

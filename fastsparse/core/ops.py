@@ -348,6 +348,37 @@ def _(weights, slice_groups, groups, group_counts, kind, threshold, backend):
     return weights[0].new_empty((sum(group_counts),), dtype=torch.bool)
 
 
+@_op("scale_groups_", mutates_args=("weights",))
+def scale_groups_op(weights: List[Tensor], groups: str, factors: Tensor, backend: str) -> None:
+    """w_g *= factors[g] in place over the flat groups of `weights`."""
+    engine.scale_groups_(_backend(backend), weights, _specs(weights, groups), factors)
+
+
+@scale_groups_op.register_fake
+def _(weights, groups, factors, backend):
+    return None
+
+
+@_op("coupled_scale_groups_", mutates_args=("weights",))
+def coupled_scale_groups_op(
+    weights: List[Tensor],
+    slice_groups: Tensor,
+    groups: str,
+    group_counts: List[int],
+    factors: Tensor,
+    backend: str,
+) -> None:
+    """Each coupled group's slices times its factor, in place."""
+    engine.coupled_scale_groups_(
+        _backend(backend), weights, _specs(weights, groups), slice_groups, group_counts, factors
+    )
+
+
+@coupled_scale_groups_op.register_fake
+def _(weights, slice_groups, groups, group_counts, factors, backend):
+    return None
+
+
 # --- ops with Triton kernels only --------------------------------------------------------------
 # Feature flow and selective weight decay: their "torch" backend is the oracle, which the public
 # functions (fastsparse/functional) call without going through these ops.

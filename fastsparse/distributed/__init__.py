@@ -12,9 +12,11 @@ from fastsparse.distributed.dtensor import (
     coupled_group_norms,
     coupled_penalty,
     coupled_prox_,
+    coupled_scale_groups_,
     group_norms,
     penalty,
     prox_,
+    scale_groups_,
 )
 
 __all__ = [
@@ -24,8 +26,10 @@ __all__ = [
     "coupled_group_norms",
     "coupled_penalty",
     "coupled_prox_",
+    "coupled_scale_groups_",
     "group_norms",
     "mlp_neuron_groups",
     "penalty",
     "prox_",
+    "scale_groups_",
 ]

@@ -216,6 +216,40 @@ def coupled_prox_(coupled, kind, threshold, backend) -> list:
     return problem.per_group(list(torch.split(norms > t_group, problem.group_counts)))
 
 
+def scale_groups_(tensors, factors, grouping) -> None:
+    """`fastsparse.scale_groups_` on DTensors: each local group times its factor, in place.
+
+    `factors` are per tensor [groups], plain tensors holding every group or DTensors (as
+    `group_norms` and `prox_` return them); each rank picks its shard's groups. No
+    communication beyond gathering DTensor factors.
+    """
+    tensors = prox_tensor_list(tensors)
+    mesh = _common_mesh(tensors)
+    with torch.no_grad():
+        for t, f in zip(tensors, factors):
+            f = f.full_tensor() if isinstance(f, DTensor) else f
+            local = _local(t)
+            if grouping in ("filters", "channels") and t.dim() > 0:
+                dim = GROUP_DIMS[grouping][0]
+                if t.dim() > dim:
+                    start, size = _local_range(t, _placements(t, mesh), mesh, dim)
+                    f = f[start : start + size]
+            elif grouping == "kernels":
+                placements = _placements(t, mesh)
+                r0, rows = _local_range(t, placements, mesh, 0)
+                c0, cols = _local_range(t, placements, mesh, 1)
+                f = f.reshape(t.shape[0], t.shape[1])[r0 : r0 + rows, c0 : c0 + cols].reshape(-1)
+            _scale_groups_(local, grouping, f.to(local.device, accumulation_dtype_of([local])))
+
+
+def coupled_scale_groups_(coupled, factors, backend) -> None:
+    """`fastsparse.scale_groups_` on coupled groups of DTensor parameters, in place."""
+    problem = _Coupled(as_coupled_list(coupled), "l2", 0.5, backend)
+    full = [f.full_tensor() if isinstance(f, DTensor) else f for f in factors]
+    with torch.no_grad():
+        problem.scale_groups_(torch.cat([f.to(problem._device(), problem.acc) for f in full]))
+
+
 def _check_prox_kind(kind: str) -> None:
     if kind not in PROX_KINDS:
         raise ValueError(f"unknown prox kind {kind!r}; valid kinds: {', '.join(PROX_KINDS)}")

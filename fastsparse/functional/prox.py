@@ -1,5 +1,5 @@
-"""The prox op's public function `prox_`: validation, then one routing to DTensors, the fused
-kernels or the oracle.
+"""The prox op's public functions `prox_` and `scale_groups_`: validation, then one routing to
+DTensors, the fused kernels or the oracle.
 
 The math lives in fastsparse/reference/prox.py (the oracle); every argument is checked before
 anything is written, so a bad call leaves all tensors unchanged, and the backend is picked in one
@@ -29,7 +29,7 @@ from fastsparse.core.groups import CoupledGroup, coupled_params, is_coupled
 from fastsparse.core.layout import encode_groupings, group_count, segment_geometry
 from fastsparse.functional.penalty import coupled_backend
 
-__all__ = ["PROX_BACKENDS", "PROX_KINDS", "prox_"]
+__all__ = ["PROX_BACKENDS", "PROX_KINDS", "prox_", "scale_groups_"]
 
 PROX_BACKENDS = BACKENDS
 
@@ -160,3 +160,119 @@ def _dispatch(tensors, kind, threshold, groups, backend):
         else torch.zeros(group_count(t.shape, groups), dtype=torch.bool, device=t.device)
         for t in tensors
     ]
+
+
+def scale_groups_(
+    tensors: Tensors,
+    factors: Sequence[torch.Tensor],
+    *,
+    groups: Union[str, None, CoupledGroup, Sequence[CoupledGroup]] = "filters",
+    backend: str = "auto",
+) -> None:
+    """Multiply every group by its factor in place, w_g ← f_g·w_g, in one fused pass.
+
+    A mask is a factor: ``scale_groups_(params, kept)`` with the bool masks that `prox_`
+    returns re-zeroes the dead groups (after an optimizer step has moved them, say) without a
+    mask of the weights' size. New values are computed in fp32 (fp64 for fp64 tensors) and
+    rounded once.
+
+    Args:
+        tensors: as in `prox_` (None with coupled groups).
+        factors: one 1-D tensor per tensor, of shape [groups of the grouping] (one per
+            CoupledGroup, shape [G], with coupled groups), floating or bool. An element in
+            several coupled groups is multiplied by each of their factors.
+        groups, backend: as in `prox_`.
+
+    Raises:
+        ValueError: a factor count or shape that does not match the groups, or the errors of
+            `prox_`. Nothing is modified.
+        TypeError: a factor that is neither floating nor bool.
+
+    Example::
+
+        >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+        >>> scale_groups_(w, [torch.tensor([False, True])])
+        >>> w
+        tensor([[0.0000, 0.0000],
+                [0.3000, 0.4000]])
+    """
+    if backend not in PROX_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(PROX_BACKENDS)}")
+    factors = [factors] if isinstance(factors, torch.Tensor) else list(factors)
+    if is_coupled(groups):
+        coupled = [groups] if isinstance(groups, CoupledGroup) else list(groups)
+        check_coupled(coupled, tensors)
+        counts = [cg.num_groups for cg in coupled]
+        owners = [f"coupled group {i}" for i in range(len(coupled))]
+    else:
+        tensor_list = prox_tensor_list(tensors)
+        check_grouping(groups, tensor_list)
+        counts = [group_count(t.shape, groups) for t in tensor_list]
+        owners = [f"tensor {i} {tuple(t.shape)}" for i, t in enumerate(tensor_list)]
+    _check_factors(factors, counts, owners)
+    if is_coupled(groups):
+        if is_sharded(coupled_params(coupled)):
+            from fastsparse import distributed
+
+            return distributed.coupled_scale_groups_(coupled, factors, backend)
+        layout, name = coupled_backend(coupled, backend)
+        if name == "torch":
+            return reference.scale_groups_(None, factors, coupled)
+        from fastsparse.core import ops
+
+        flat = _flat_factors(factors, layout.params[0].device, torch.float64)
+        with torch.no_grad():
+            ops.call(
+                ops.coupled_scale_groups_op,
+                [p.detach() for p in layout.params],
+                layout.slice_groups,
+                layout.specs,
+                layout.group_counts,
+                flat,
+                name,
+            )
+        return None
+    if is_sharded(tensor_list):
+        from fastsparse import distributed
+
+        return distributed.scale_groups_(tensor_list, factors, groups)
+    pairs = [(t, f) for t, f in zip(tensor_list, factors) if t.numel() > 0]
+    if not pairs:
+        return None
+    name = resolve_backend(backend, pairs[0][0].device)
+    if name == "torch":
+        return reference.scale_groups_([t for t, _ in pairs], [f for _, f in pairs], groups)
+    from fastsparse.core import ops
+
+    with torch.no_grad():
+        weights = [t.detach() for t, _ in pairs]
+        weights = [
+            w if segment_geometry(w, groups) is not None else w.contiguous() for w in weights
+        ]
+        flat = _flat_factors([f for _, f in pairs], weights[0].device, torch.float64)
+        ops.call(ops.scale_groups_op, weights, encode_groupings((groups,)), flat, name)
+        for (t, _), w in zip(pairs, weights):
+            if w.data_ptr() != t.data_ptr():
+                t.copy_(w)
+    return None
+
+
+def _check_factors(factors, counts, owners) -> None:
+    if len(factors) != len(counts):
+        raise ValueError(f"got {len(factors)} factor tensors for {len(counts)} groups' owners")
+    for f, count, owner in zip(factors, counts, owners):
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"factors must be tensors, got {type(f).__name__} for {owner}")
+        if not (f.dtype.is_floating_point or f.dtype == torch.bool):
+            raise TypeError(f"factors must be floating or bool, got {f.dtype} for {owner}")
+        if f.dim() != 1 or f.numel() != count:
+            raise ValueError(
+                f"{owner} has {count} groups, but its factors have shape {tuple(f.shape)}"
+            )
+
+
+def _flat_factors(factors, device, dtype) -> torch.Tensor:
+    """Every factor in one flat tensor, in the kernels' group order (tensor by tensor)."""
+    if not factors:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.cat([f.to(device=device, dtype=dtype).reshape(-1) for f in factors])

@@ -161,15 +161,48 @@ def _coupled_prox_(groups: list, kind: str, t_elem: float, t_group: float) -> li
             factor, kept = _group_factor(coupled_group_stats(cg)[1], factor_kind, t_group)
             factors.append(factor)
             masks.append(kept)
-        scale = {id(p): torch.ones(p.shape, dtype=acc, device=p.device) for p in params}
-        for cg, factor in zip(groups, factors):
-            for m in cg.members:
-                s = scale[id(m.param)]
-                index = m.index.to(s.device)
-                shape = [1] * s.dim()
-                shape[m.dim] = index.numel()
-                f = factor.to(s.device)[m.group.to(s.device)].reshape(shape)
-                s.index_copy_(m.dim, index, s.index_select(m.dim, index) * f)
-        for p in params:
-            p.copy_(p.to(acc) * scale[id(p)])
+        _coupled_scale_(groups, factors)
     return masks
+
+
+def scale_groups_(tensors, factors, groups="filters") -> None:
+    """Multiply every group by its factor, in place: w_g <- f_g * w_g.
+
+    Computed in the accumulation dtype and rounded once. `factors` holds one [groups] tensor per
+    tensor (plain groupings) or one [G] tensor per CoupledGroup (`tensors` ignored); an element
+    in several coupled groups is multiplied by each of their factors. Masks are factors too:
+    ``scale_groups_(w, [kept])`` zeroes the groups where `kept` is False.
+
+    >>> w = torch.ones(3, 2)
+    >>> scale_groups_(w, [torch.tensor([1.0, 0.0, 0.5])])
+    >>> w
+    tensor([[1.0000, 1.0000],
+            [0.0000, 0.0000],
+            [0.5000, 0.5000]])
+    """
+    if is_coupled(groups):
+        with torch.no_grad():
+            _coupled_scale_(as_coupled_list(groups), list(factors))
+        return
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    with torch.no_grad():
+        for w, factor in zip(tensors, factors):
+            x = grouped_view(w, groups).to(accumulation_dtype(w.dtype))
+            w.copy_(ungroup(x * factor.to(x.device, x.dtype)[:, None], w.shape, groups))
+
+
+def _coupled_scale_(groups: list, factors: list) -> None:
+    """Each coupled group's members times its factors, all from the same weights."""
+    params = distinct_params(groups)
+    acc = accumulation_dtype_of(params)
+    scale = {id(p): torch.ones(p.shape, dtype=acc, device=p.device) for p in params}
+    for cg, factor in zip(groups, factors):
+        for m in cg.members:
+            s = scale[id(m.param)]
+            index = m.index.to(s.device)
+            shape = [1] * s.dim()
+            shape[m.dim] = index.numel()
+            f = factor.to(s.device, acc)[m.group.to(s.device)].reshape(shape)
+            s.index_copy_(m.dim, index, s.index_select(m.dim, index) * f)
+    for p in params:
+        p.copy_(p.to(acc) * scale[id(p)])
