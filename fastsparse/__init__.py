@@ -2,7 +2,8 @@
 
 Importing this package never imports Triton and never initializes CUDA; kernels load on first use.
 The layers, from the bottom: `core` (contract, engine, backends, ops), `reference` (the oracle),
-`distributed` (DTensors), `functional` (the public functions), `pruning`, `methods`, `workflow`.
+`distributed` (DTensors), `functional` (the public functions), `pruning`, `methods` and `optim`
+(the training-loop interfaces), `workflow` and `integrations`.
 
     >>> import torch, fastsparse
     >>> w = torch.randn(16, 8, 3, 3, requires_grad=True)
@@ -12,8 +13,9 @@ The layers, from the bottom: `core` (contract, engine, backends, ops), `referenc
 from fastsparse.core.backends import BACKENDS
 from fastsparse.core.contract import ACROSS_GROUP_KINDS, GROUPINGS, KINDS, PROX_KINDS
 from fastsparse.core.groups import CoupledGroup
-from fastsparse.functional import add_penalty_grad_, group_norms, penalty, prox_
+from fastsparse.functional import add_penalty_grad_, group_norms, penalty, prox_, scale_groups_
 from fastsparse.methods import Regularizer
+from fastsparse.optim import Rule, SparseOptimizer
 from fastsparse.pruning import (
     PruningError,
     SparsityReport,
@@ -37,6 +39,8 @@ __all__ = [
     "CoupledGroup",
     "PruningError",
     "Regularizer",
+    "Rule",
+    "SparseOptimizer",
     "SparsityReport",
     "__version__",
     "add_penalty_grad_",
@@ -47,6 +51,7 @@ __all__ = [
     "penalty",
     "prox_",
     "prune",
+    "scale_groups_",
     "sparsity_report",
     "threshold_",
     "threshold_and_prune",

@@ -1,0 +1,264 @@
+"""Sparsifier: the rules of one training run, applied around each optimizer step.
+
+`before_step()` adds the penalty gradients (after unscaling and clipping, before the update);
+`after_step()` runs the proximal steps and target constraints on the updated weights, or, while
+healing, re-zeroes what was zero. `SparseOptimizer` calls both from its `step`; the transformers
+and Lightning callbacks call them from their hooks. All tensors of a rule that share a learning
+rate go to one fused call; nothing of the weights' size is kept (no latent copies, no masks
+unless `heal_elements`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from fastsparse.core.contract import ELEMENT_PROX_KINDS
+from fastsparse.functional import add_penalty_grad_, group_norms, prox_, scale_groups_
+from fastsparse.optim.rules import Rule, Target, resolve
+
+
+class Sparsifier:
+    """Structured-sparsity rules applied around the steps of an optimizer.
+
+    Args:
+        model: the module whose parameters the rules name.
+        rules: `fastsparse.Rule` objects; each parameter may be named by one rule.
+        optimizer: the optimizer whose steps the rules go around: its param groups hold the
+            parameters, and their ``"lr"``, read at every step, scales the proximal steps.
+        warmup_steps: steps with the plain optimizer before any rule acts.
+        every: run the proximal steps and target constraints every `every` steps after the
+            warmup (their thresholds use the learning rates summed since the last run).
+        heal_from: from this step on the zeros are frozen: the rules stop, and after each
+            step one fused pass re-zeroes the groups that were zero when healing began (and
+            their gradients, for plain groupings), so fine-tuning cannot revive them.
+        heal_elements: freeze zero elements rather than zero groups while healing (a bool
+            mask of each parameter's size is kept).
+        example_inputs: a batch to trace the model with, for rules with ``groups="coupled"``.
+        backend: as in `fastsparse.prox_`.
+
+    Example:
+        >>> model = nn.Linear(8, 4)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> rules = Sparsifier(model, [Rule(prox="l1", strength=1e-2)], opt)
+        >>> model(torch.randn(2, 8)).sum().backward()
+        >>> rules.before_step(); opt.step(); rules.after_step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rules: Sequence[Rule],
+        optimizer: torch.optim.Optimizer,
+        *,
+        warmup_steps: int = 0,
+        every: int = 1,
+        heal_from: Optional[int] = None,
+        heal_elements: bool = False,
+        example_inputs: Any = None,
+        backend: str = "auto",
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        for name, value, low in (("warmup_steps", warmup_steps, 0), ("every", every, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if heal_from is not None and (
+            isinstance(heal_from, bool)
+            or not isinstance(heal_from, int)
+            or heal_from < warmup_steps
+        ):
+            raise ValueError(f"heal_from must be an integer >= warmup_steps, got {heal_from!r}")
+        rules = [rules] if isinstance(rules, Rule) else list(rules)
+        if not rules:
+            raise ValueError("give at least one Rule")
+        self.rules = rules
+        self.optimizer = optimizer
+        self.targets: List[Target] = resolve(rules, model, optimizer.param_groups, example_inputs)
+        self.warmup_steps, self.every = warmup_steps, every
+        self.heal_from, self.heal_elements = heal_from, heal_elements
+        self.backend = backend
+        self.steps = 0  # completed steps
+        self._lr_since_prox = [0.0] * len(self.targets)
+        self._frozen: Optional[List[List[torch.Tensor]]] = None
+
+    @property
+    def healing(self) -> bool:
+        return self.heal_from is not None and self.steps >= self.heal_from
+
+    @property
+    def acting(self) -> bool:
+        """True while the rules act: after the warmup, before healing."""
+        return self.steps >= self.warmup_steps and not self.healing
+
+    # --- around the step -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Add the penalty rules' gradients (to be called after unscaling and clipping); at the
+        first healing step, record what is zero before the update moves it."""
+        if self.healing and self._frozen is None:
+            self._frozen = [[_full(m) for m in self._zero_pattern(t)] for t in self.targets]
+        if not self.acting:
+            return
+        for target in self.targets:
+            if target.rule.penalty is not None:
+                add_penalty_grad_(
+                    target.params if target.coupled is None else None,
+                    target.rule.penalty,
+                    float(target.rule.strength),
+                    groups=_groups(target),
+                    backend=self.backend,
+                )
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Prox steps and target constraints (or, healing, the re-zeroing); counts the step."""
+        if self.healing:
+            if self._frozen is None:
+                raise RuntimeError("after_step() without before_step() at the first healing step")
+            for target, frozen in zip(self.targets, self._frozen):
+                self._refreeze(target, frozen)
+        elif self.acting:
+            for i, target in enumerate(self.targets):
+                self._lr_since_prox[i] += self.optimizer.param_groups[target.group_index]["lr"]
+            if (self.steps - self.warmup_steps) % self.every == 0:
+                for i, target in enumerate(self.targets):
+                    if target.rule.penalty is None:
+                        self._after_step(target, self._lr_since_prox[i])
+                    self._lr_since_prox[i] = 0.0
+        self.steps += 1
+
+    def _after_step(self, target: Target, lr: float) -> None:
+        rule, tensors, groups = target.rule, _tensors(target), _groups(target)
+        if rule.target is not None:
+            self._keep_largest(target, rule.sparsity(self.steps - self.warmup_steps))
+            return
+        strengths = rule.strength if isinstance(rule.strength, tuple) else (rule.strength,) * 2
+        t_elem, t_group = strengths[0] * lr, strengths[1] * lr
+        if rule.prox == "sparse_group_lasso":  # the exact prox of l1 + group lasso
+            prox_(tensors, "l1", t_elem, groups=groups, backend=self.backend)
+            prox_(tensors, "group_lasso", t_group, groups=groups, backend=self.backend)
+        elif rule.prox == "l0_group_lasso":
+            prox_(tensors, rule.prox, (t_elem, t_group), groups=groups, backend=self.backend)
+        else:
+            t = t_elem if rule.prox in ELEMENT_PROX_KINDS else t_group
+            prox_(tensors, rule.prox, t, groups=groups, backend=self.backend)
+
+    def _keep_largest(self, target: Target, sparsity: float) -> None:
+        """Zero all but the ceil((1 - s) * G) groups of largest norm (per tensor or global)."""
+        tensors, groups = _tensors(target), _groups(target)
+        norms = [_full(n) for n in group_norms(tensors, groups=groups, backend=self.backend)]
+        if target.rule.scope == "global":
+            flat = torch.cat(norms)
+            keep = _top_mask(flat, math.ceil((1.0 - sparsity) * flat.numel()))
+            masks = list(torch.split(keep, [n.numel() for n in norms]))
+        else:
+            masks = [_top_mask(n, math.ceil((1.0 - sparsity) * n.numel())) for n in norms]
+        scale_groups_(tensors, masks, groups=groups, backend=self.backend)
+
+    # --- healing -------------------------------------------------------------------------------
+
+    def _zero_pattern(self, target: Target) -> List[torch.Tensor]:
+        """What stays zero while healing: the groups (or elements) that are zero now."""
+        if self.heal_elements:
+            return [p.detach() != 0 for p in target.params]
+        norms = group_norms(_tensors(target), groups=_groups(target), backend=self.backend)
+        return [n > 0 for n in norms]
+
+    def _refreeze(self, target: Target, frozen: List[torch.Tensor]) -> None:
+        if self.heal_elements:
+            for p, alive in zip(target.params, frozen):
+                p.masked_fill_(~alive, 0)
+                if p.grad is not None:
+                    p.grad.masked_fill_(~alive, 0)
+            return
+        if target.coupled is not None:
+            scale_groups_(None, frozen, groups=target.coupled, backend=self.backend)
+            return
+        tensors, masks = list(target.tensors), list(frozen)
+        for p, view, alive in zip(target.params, target.tensors, frozen):
+            grad = p.grad
+            if grad is None or grad.shape != p.shape:
+                continue
+            if view.shape != p.shape:  # blocks: the gradient's own block view
+                if not grad.is_contiguous():
+                    continue
+                grad = grad.view(view.shape)
+            tensors.append(grad)
+            masks.append(alive)
+        scale_groups_(tensors, masks, groups=target.grouping, backend=self.backend)
+
+    # --- state and reporting -------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "lr_since_prox": list(self._lr_since_prox),
+            "frozen": None if self._frozen is None else [list(f) for f in self._frozen],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["lr_since_prox"]) != len(self.targets):
+            raise ValueError(
+                f"the state has {len(state['lr_since_prox'])} rule targets, these rules "
+                f"{len(self.targets)}: it was saved with other rules or another model"
+            )
+        self.steps = int(state["steps"])
+        self._lr_since_prox = [float(v) for v in state["lr_since_prox"]]
+        frozen = state["frozen"]
+        if frozen is not None:
+            frozen = [
+                [m.to(target.params[0].device) for m in masks]
+                for masks, target in zip(frozen, self.targets)
+            ]
+        self._frozen = frozen
+
+    def sparsity(self) -> dict:
+        """Per matched parameter (or coupled group root), the fraction of its groups that are
+        zero; ``"total"``: over every group of every rule. Costs one group-norm pass per rule
+        and a host sync: call it to log, not every step.
+
+        >>> model = nn.Linear(4, 3)
+        >>> _ = model.weight.data[0].zero_()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> Sparsifier(model, [Rule("weight", prox="l1")], opt).sparsity()
+        {'weight': 0.3333333333333333, 'total': 0.3333333333333333}
+        """
+        out, dead, total = {}, 0, 0
+        for target in self.targets:
+            norms = group_norms(_tensors(target), groups=_groups(target))
+            if target.coupled is not None:
+                names = [cg.root for cg in target.coupled]
+            else:
+                names = target.names
+            for name, n in zip(names, map(_full, norms)):
+                zero = int((n == 0).sum())
+                out[name] = zero / max(n.numel(), 1)
+                dead, total = dead + zero, total + n.numel()
+        out["total"] = dead / max(total, 1)
+        return out
+
+
+def _groups(target: Target):
+    return target.coupled if target.coupled is not None else target.grouping
+
+
+def _tensors(target: Target):
+    return None if target.coupled is not None else target.tensors
+
+
+def _top_mask(norms: torch.Tensor, keep: int) -> torch.Tensor:
+    """True at the `keep` largest entries of `norms`."""
+    mask = torch.zeros(norms.shape, dtype=torch.bool, device=norms.device)
+    if keep > 0:
+        mask[torch.topk(norms, min(keep, norms.numel())).indices] = True
+    return mask
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (group norms and masks are small); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
