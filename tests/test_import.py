@@ -59,3 +59,31 @@ def test_import_works_without_triton_installed():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_import_and_the_optimizer_load_no_optional_dependency():
+    result = run_python(
+        """
+        import sys
+        import torch
+        import fastsparse
+        optional = ("triton", "torch_pruning", "transformers", "lightning", "matplotlib",
+                    "accelerate", "torchao", "fastsparse.integrations")
+        loaded = [m for m in optional if m in sys.modules]
+        assert not loaded, f"import fastsparse imported {loaded}"
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        # torch's own optimizers import torch._dynamo, and through it triton: not counted
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        before = set(sys.modules)
+        opt = fastsparse.SparseOptimizer(
+            sgd, model, [fastsparse.Rule(prox="group_lasso", strength=0.1)]
+        )
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        loaded = [m for m in optional + ("fastsparse.kernels",) if m in set(sys.modules) - before]
+        assert not loaded, f"a SparseOptimizer step imported {loaded}"
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
