@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -23,7 +23,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             param groups and state are this optimizer's: LR schedulers, ``GradScaler``
             (``scaler.step(opt)`` unscales, then calls this step) and gradient clipping work on
             the wrapper as on the optimizer.
-        model: the module whose parameters the rules name.
+        model: the module whose parameters the rules name (or a {name: tensor} dict, or a
+            list of tensors, named "0", "1", ...: rules by name, regex or predicate only).
         rules: `fastsparse.Rule` objects; each parameter may be named by one rule.
         warmup_steps, every, heal_from, heal_elements, example_inputs, backend: as in
             `fastsparse.optim.Sparsifier` (warmup before the rules act, prox every N steps,
@@ -48,7 +49,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        model: nn.Module,
+        model: Union[nn.Module, dict, Sequence[torch.Tensor]],
         rules: Sequence[Rule],
         *,
         warmup_steps: int = 0,

@@ -42,7 +42,8 @@ class Rule:
 
     Args:
         params: which parameters: None (the weights of every Conv and Linear layer but the
-            output layer, as `Regularizer` takes them), a regex matched against the whole
+            output layer, as `Regularizer` takes them; every tensor given without a model),
+            a regex matched against the whole
             parameter name (``r"layer\\d\\..*conv\\d\\.weight"``; a plain name is a regex
             too), a pair ``(module type, parameter name)`` such as ``(nn.Conv2d, "weight")``,
             a predicate ``f(name, param) -> bool``, or a list of these (their union).
@@ -151,14 +152,38 @@ class Target:
     group_index: int
 
 
-def _matcher(match: Match, model: nn.Module) -> Callable[[str, torch.Tensor], bool]:
+def named_parameters(model) -> List[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of the trainable tensors of a module, a {name: tensor} dict or a list
+    of tensors (named by position: "0", "1", ...)."""
+    if isinstance(model, nn.Module):
+        items = list(model.named_parameters())
+    elif isinstance(model, dict):
+        items = list(model.items())
+    elif isinstance(model, (list, tuple)):
+        items = [(str(i), t) for i, t in enumerate(model)]
+    else:
+        raise TypeError(
+            "model must be an nn.Module, a {name: tensor} dict or a list of tensors, got "
+            f"{type(model).__name__}"
+        )
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name!r} is a {type(t).__name__}, not a tensor")
+    return [(n, t) for n, t in items if t.requires_grad]
+
+
+def _matcher(match: Match, model) -> Callable[[str, torch.Tensor], bool]:
     if match is None:
+        if not isinstance(model, nn.Module):
+            return lambda name, p: True  # every tensor given
         defaults = {id(p) for p in default_parameters(model)}
         return lambda name, p: id(p) in defaults
     if isinstance(match, str):
         pattern = re.compile(match)
         return lambda name, p: pattern.fullmatch(name) is not None
     if isinstance(match, tuple) and len(match) == 2 and isinstance(match[0], type):
+        if not isinstance(model, nn.Module):
+            raise TypeError("matching by module type needs the model, not a list of tensors")
         module_type, suffix = match
         owned = set()
         for module_name, module in model.named_modules():
@@ -180,7 +205,7 @@ def _matcher(match: Match, model: nn.Module) -> Callable[[str, torch.Tensor], bo
 
 def resolve(
     rules: Sequence[Rule],
-    model: nn.Module,
+    model: Union[nn.Module, dict, Sequence[torch.Tensor]],
     param_groups: List[dict],
     example_inputs: Any = None,
 ) -> List[Target]:
@@ -192,7 +217,7 @@ def resolve(
             non-contiguous or indivisible tensor for ``"blocks"``.
     """
     group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = named_parameters(model)
     owner: dict = {}
     targets: List[Target] = []
     for index, rule in enumerate(rules):
@@ -238,6 +263,8 @@ def _blocks(name: str, p: torch.Tensor, k: int) -> torch.Tensor:
 
 def _coupled_targets(rule, index, picked, model, group_of, example_inputs) -> List[Target]:
     """Coupled groups that touch a picked parameter; every member must be optimized."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"groups={rule.groups!r} needs the model, not a list of tensors")
     if rule.groups == "coupled":
         if example_inputs is None:
             raise ValueError("groups='coupled' traces the model: pass example_inputs=")

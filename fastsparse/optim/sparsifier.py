@@ -11,7 +11,7 @@ unless `heal_elements`).
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -25,7 +25,8 @@ class Sparsifier:
     """Structured-sparsity rules applied around the steps of an optimizer.
 
     Args:
-        model: the module whose parameters the rules name.
+        model: the module whose parameters the rules name (or a {name: tensor} dict, or a
+            list of tensors, named "0", "1", ...: rules by name, regex or predicate only).
         rules: `fastsparse.Rule` objects; each parameter may be named by one rule.
         optimizer: the optimizer whose steps the rules go around: its param groups hold the
             parameters, and their ``"lr"``, read at every step, scales the proximal steps.
@@ -50,7 +51,7 @@ class Sparsifier:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Union[nn.Module, dict, Sequence[torch.Tensor]],
         rules: Sequence[Rule],
         optimizer: torch.optim.Optimizer,
         *,
@@ -61,8 +62,6 @@ class Sparsifier:
         example_inputs: Any = None,
         backend: str = "auto",
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         for name, value, low in (("warmup_steps", warmup_steps, 0), ("every", every, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

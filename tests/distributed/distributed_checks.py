@@ -553,6 +553,76 @@ def ddp_identical_parameters(mesh) -> None:
             close(p, q, f"inplace={inplace} {n}", rtol=1e-5, atol=1e-6)
 
 
+# --- SparseOptimizer ----------------------------------------------------------------------
+
+
+def _sparse_rules():
+    """A prox (filters), a layer target (channels) and a penalty, healing from step 2."""
+    from fastsparse.optim import Rule
+
+    return [
+        Rule("up.weight", prox="group_lasso", strength=2.0),
+        Rule("down.weight", target=0.5, groups="channels"),
+        Rule("down.bias", penalty="l1", strength=0.1, groups=None),
+    ]
+
+
+def _sparse_steps(runs, make_opt, steps=4):
+    """SparseOptimizer steps on each (model, module, batch): the same rules everywhere."""
+    from fastsparse.optim import SparseOptimizer
+
+    opts = [
+        SparseOptimizer(make_opt(m.parameters()), inner, _sparse_rules(), heal_from=2)
+        for m, inner, _ in runs
+    ]
+    for step in range(steps):
+        for (m, _, (x, y)), opt in zip(runs, opts):
+            torch.nn.functional.mse_loss(m(x + step), y).backward()
+            opt.step()
+            opt.zero_grad()
+    return opts
+
+
+@check("fsdp2-sparse-optimizer")
+def fsdp_sparse_optimizer(mesh) -> None:
+    """SparseOptimizer on FSDP2's sharded parameters (prox, target, penalty, healing): every
+    shard equals the slice of the single-process run; the target holds exactly."""
+    rank = dist.get_rank()
+    model, ref = fsdp_model(mesh)
+    make = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+    sharded, single = _sparse_steps([(model, model, data(rank)), (ref, ref, data())], make)
+    for n, p in ref.named_parameters():
+        shard = model.get_parameter(n)
+        want = local_slice(p.detach(), mesh, shard.placements)
+        close(shard.to_local(), want, f"fsdp2 {n}", rtol=1e-5, atol=1e-6)
+    report, expected = sharded.sparsity(), single.sparsity()
+    assert report == expected, (report, expected)
+    assert report["down.weight"] == 4 / 9 and 0 < report["up.weight"] < 1, report  # 5 of 9 kept
+
+
+@check("ddp-sparse-optimizer")
+def ddp_sparse_optimizer(mesh) -> None:
+    """SparseOptimizer (AdamW) under DDP: identical parameters on every rank, equal to the
+    single-process run on the full batch."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    ref = TinyMLP()
+    model = TinyMLP()
+    model.load_state_dict(ref.state_dict())
+    ddp = DistributedDataParallel(model)
+    make = lambda ps: torch.optim.AdamW(ps, lr=0.05)  # noqa: E731
+    _sparse_steps([(ddp, model, data(rank)), (ref, ref, data())], make)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    for other in gathered[1:]:
+        assert torch.equal(other, gathered[0]), "ranks differ"
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        close(p, q, f"ddp {n}", rtol=1e-5, atol=1e-6)
+
+
 # --- the process entry point ---------------------------------------------------------------
 
 

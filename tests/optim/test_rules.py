@@ -131,3 +131,19 @@ def test_cubic_ramp():
 def test_docstring_examples_run(module):
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failures == 0
+
+
+def test_tensors_without_a_model():
+    a = torch.randn(4, 3, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    frozen = torch.randn(2, 2)
+    groups = torch.optim.SGD([a, b], lr=0.1).param_groups
+    assert [t.names for t in resolve([Rule(prox="l1")], [a, b, frozen], groups)] == [["0", "1"]]
+    named = {"w": a, "b": b}
+    assert [t.names for t in resolve([Rule("w", prox="l1")], named, groups)] == [["w"]]
+    with pytest.raises(TypeError, match="needs the model"):
+        resolve([Rule((nn.Linear, "weight"), prox="l1")], [a, b], groups)
+    with pytest.raises(TypeError, match="needs the model"):
+        resolve([Rule(prox="l1", groups="heads")], [a, b], groups)
+    with pytest.raises(TypeError, match="not a tensor"):
+        resolve([Rule(prox="l1")], {"w": 3.0}, groups)
