@@ -197,6 +197,63 @@ void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, A* s1, A* s2, A 
   });
 }
 
+// The prox element step in vector lanes, as prox_element: soft threshold (l1), hard threshold
+// (l0, l0 + group lasso), identity (group kinds).
+template <typename A> inline Vector<A> prox_element_vector(int kind, Vector<A> x, A t) {
+  if (kind == FS_PROX_L0 || kind == FS_PROX_L0_GROUP_LASSO) return keep_above<A>(x, t);
+  if (kind != FS_PROX_L1) return x;
+  typename VectorOf<A>::bits xb, db, keep;
+  const Vector<A> d = abs_vector<A>(x) - t;
+  const auto positive = d > 0;  // all-ones lanes where |x| > t
+  memcpy(&xb, &x, sizeof(xb));
+  memcpy(&db, &d, sizeof(db));
+  memcpy(&keep, &positive, sizeof(keep));
+  db = (db & keep) | (xb & ~VectorOf<A>::kAbsMask);  // max(|x| - t, 0) with x's sign
+  Vector<A> y;
+  memcpy(&y, &db, sizeof(y));
+  return y;
+}
+
+// One run of the prox in place; adds (s1, s2) of the result. Unit-stride runs of fp32 / fp64
+// weights go through vector lanes with kUnroll accumulators (a scalar loop is bound by the
+// latency of its two running sums); the values written are the scalar loop's, element by element.
+template <typename W, typename A>
+void run_prox(W* p, int64_t n, int64_t stride, int kind, A t, A factor, A* s1_out, A* s2_out) {
+  constexpr int kStep = kUnroll * kWidth<A>;
+  A t1 = 0, t2 = 0;
+  int64_t i = 0;
+  if constexpr (std::is_same<W, A>::value) {
+    if (stride == 1 && n >= kStep) {
+      Vector<A> s1[kUnroll] = {}, s2[kUnroll] = {};
+      for (; i + kStep <= n; i += kStep) {
+        for (int u = 0; u < kUnroll; ++u) {
+          const Vector<A> y =
+              prox_element_vector<A>(kind, load_vector<W, A>(p + i + u * kWidth<A>), t) * factor;
+          memcpy(p + i + u * kWidth<A>, &y, sizeof(y));
+          s1[u] += abs_vector<A>(y);
+          s2[u] += y * y;
+        }
+      }
+      for (int u = 1; u < kUnroll; ++u) {
+        s1[0] += s1[u];
+        s2[0] += s2[u];
+      }
+      for (int k = 0; k < kWidth<A>; ++k) {
+        t1 += s1[0][k];
+        t2 += s2[0][k];
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    const A x = prox_element<A>(kind, load<A>(p + i * stride), t) * factor;
+    store<A>(p + i * stride, x);
+    t1 += x < 0 ? -x : x;
+    t2 += x * x;
+  }
+  *s1_out += t1;
+  *s2_out += t2;
+}
+
 // Prox step on one chunk in place: element step, then the group factor; returns (s1, s2) after.
 template <typename W, typename A>
 void chunk_prox(const fs_segment& s, int64_t g, int64_t chunk, int kind, A t_elem, A factor,
@@ -207,12 +264,7 @@ void chunk_prox(const fs_segment& s, int64_t g, int64_t chunk, int kind, A t_ele
   *s1 = 0;
   *s2 = 0;
   for_each_run(s, g, begin, end, [&](int64_t off, int64_t n, int64_t stride) {
-    for (int64_t i = 0; i < n; ++i) {
-      const A x = prox_element<A>(kind, load<A>(w + off + i * stride), t_elem) * factor;
-      store<A>(w + off + i * stride, x);
-      *s1 += x < 0 ? -x : x;
-      *s2 += x * x;
-    }
+    run_prox<W, A>(w + off, n, stride, kind, t_elem, factor, s1, s2);
   });
 }
 
