@@ -6,6 +6,10 @@ Each provider implements up to three operations of the numerical contract (docs/
     add_grad_(case)         p.grad += strength * dR/dp for every parameter, returns R (or None)
     group_norms(case, ws)   per tensor, the 1-D tensor of group l2 norms
 
+and, for the optimizer-step mode (prox_step), `sparse_step(case)`: a function that runs one
+optimizer step of SGD with momentum over every parameter, followed by a group-lasso proximal
+step of threshold lr * strength on the regularized weights (the tensors of 2+ dims).
+
 Providers (role "fastsparse" is measured against every "baseline"; "reference" rows are shown
 but are not baselines):
 
@@ -21,6 +25,10 @@ but are not baselines):
                           models only; its own penalty: DepGraph's group-norm regularizer)
     copy                  torch._foreach_copy_(grads, weights): the traffic floor of the
                           in-place mode (reference; its bytes are W + G, what it moves)
+    sgd-step              the plain SGD step alone (prox_step's reference: what every sparse
+                          step costs on top of)
+    torchao-pat           torchao's PruneOptimizer (pruning-aware training, Meta) around the
+                          same SGD: ProxGroupLasso on Dim0Grouper groups (prox_step only)
 
 A provider that cannot run says why (`unavailable`, `unsupported`); the harness records that as
 "skipped", and an exception while running as "failed", never as a crash.
@@ -38,6 +46,9 @@ from benchmarks.workloads import Workload
 from fastsparse import reference
 
 FASTSPARSE, BASELINE, REFERENCE = "fastsparse", "baseline", "reference"
+PENALTY_MODES = ("value", "value_grad", "inplace", "group_norms")
+# The optimizer of the prox_step mode: SGD with momentum, multi-tensor (foreach).
+STEP_LR, STEP_MOMENTUM = 0.1, 0.9
 
 
 @dataclass
@@ -82,7 +93,7 @@ class Provider:
     role = BASELINE
     description = ""
     checked = True  # compared with the oracle (False: computes something else on purpose)
-    modes: tuple = ("value", "value_grad", "inplace", "group_norms")
+    modes: tuple = PENALTY_MODES
 
     def unavailable(self, case: Case) -> Optional[str]:
         """Why this provider cannot run on this case at all, or None."""
@@ -113,6 +124,18 @@ class Provider:
     def group_norms(self, case: Case, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
         raise NotImplementedError
 
+    def sparse_step(self, case: Case):
+        raise NotImplementedError
+
+
+def regularized(case: Case) -> List[torch.Tensor]:
+    """The tensors the prox_step mode regularizes: the weights of 2+ dims (conv, linear)."""
+    return [p for p in case.params if p.dim() >= 2]
+
+
+def step_optimizer(params) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=STEP_LR, momentum=STEP_MOMENTUM, foreach=True)
+
 
 # --------------------------------------------------------------------------- fastsparse
 
@@ -121,6 +144,7 @@ class Fastsparse(Provider):
     """fastsparse's public API with an explicit backend."""
 
     role = FASTSPARSE
+    modes = PENALTY_MODES + ("prox_step",)
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -165,6 +189,20 @@ class Fastsparse(Provider):
 
         return fastsparse.group_norms(tensors, groups=case.groups, backend=self.backend)
 
+    def sparse_step(self, case):
+        from fastsparse.optim import Rule, SparseOptimizer
+
+        rule = Rule(
+            lambda name, p: p.dim() >= 2,
+            prox="group_lasso",
+            strength=case.strength,
+            groups=case.groups,
+        )
+        opt = SparseOptimizer(
+            step_optimizer(case.params), list(case.params), [rule], backend=self.backend
+        )
+        return opt.step
+
 
 def _triton_reason(case: Case) -> Optional[str]:
     from fastsparse.core import backends
@@ -192,7 +230,11 @@ class EagerOracle(Provider):
     """fastsparse.reference as is: value by its penalty, gradient by autograd through it."""
 
     name = "eager-oracle"
-    description = "fastsparse.reference.penalty / group_norms in eager PyTorch"
+    description = (
+        "fastsparse.reference.penalty / group_norms in eager PyTorch; prox_step: SGD, then "
+        "fastsparse.reference.prox_ tensor by tensor (the loop a user writes)"
+    )
+    modes = PENALTY_MODES + ("prox_step",)
 
     def _penalty_fn(self):
         return reference.penalty
@@ -215,9 +257,23 @@ class EagerOracle(Provider):
     def group_norms(self, case, tensors):
         return self._norms_fn()(tensors, case.groups)
 
+    def sparse_step(self, case):
+        opt = step_optimizer(case.params)
+        weights = [p.detach() for p in regularized(case)]
+        threshold = STEP_LR * case.strength
+
+        def step():
+            opt.step()
+            for w in weights:
+                reference.prox_([w], "group_lasso", threshold, case.groups)
+
+        return step
+
 
 class CompiledOracle(EagerOracle):
     """torch.compile of the oracle's penalty and group norms (compiled once per workload)."""
+
+    modes = PENALTY_MODES
 
     def __init__(self, mode: str):
         self.mode = mode
@@ -482,6 +538,66 @@ class Copy(Provider):
         return None
 
 
+class SGDStep(Provider):
+    """The plain optimizer step: the cost every sparse step adds to."""
+
+    name = "sgd-step"
+    role = REFERENCE
+    description = "torch.optim.SGD(momentum=0.9, foreach=True).step() alone, no sparsity"
+    checked = False
+    modes = ("prox_step",)
+
+    def sparse_step(self, case):
+        return step_optimizer(case.params).step
+
+
+class TorchaoPAT(Provider):
+    """torchao's pruning-aware training optimizer around the same SGD.
+
+    PruneOptimizer keeps a latent copy of every regularized weight and applies one vmapped prox
+    per tensor in a Python loop. Its group-lasso threshold is lr * lambda * sqrt(group size)
+    (its tau) and its step is AProx (the prox of the latent weights with the summed learning
+    rates), so the weights differ from the contract's prox: measured, not checked.
+    """
+
+    name = "torchao-pat"
+    description = (
+        "torchao.prototype.pat.optim.PruneOptimizer(SGD): ProxGroupLasso on Dim0Grouper groups"
+    )
+    checked = False
+    modes = ("prox_step",)
+
+    def unavailable(self, case):
+        if importlib.util.find_spec("torchao") is None:
+            return "torchao is not installed (pip install torchao)"
+        return None
+
+    def unsupported(self, mode, case):
+        if mode != "prox_step":
+            return "PruneOptimizer is an optimizer: measured in the prox_step mode only"
+        if case.groups != "filters":
+            return "measured with groups='filters' (its Dim0Grouper)"
+        return None
+
+    def sparse_step(self, case):
+        from torchao.prototype.pat.optim import PruneOptimizer
+
+        weights = regularized(case)
+        chosen = {id(p) for p in weights}
+        rest = [p for p in case.params if id(p) not in chosen]
+        groups = [
+            {
+                "params": weights,
+                "group_type": "Dim0Grouper",
+                "prox_type": "ProxGroupLasso",
+                "reg_lambda": case.strength,
+            }
+        ]
+        if rest:
+            groups.append({"params": rest})
+        return PruneOptimizer(step_optimizer(groups)).step
+
+
 def all_providers() -> List[Provider]:
     """Every provider, fastsparse first, then the baselines, then the references."""
     return [
@@ -492,7 +608,9 @@ def all_providers() -> List[Provider]:
         CompiledOracle("max-autotune-no-cudagraphs"),
         Handwritten(),
         TorchPruning(),
+        TorchaoPAT(),
         Copy(),
+        SGDStep(),
     ]
 
 

@@ -78,6 +78,27 @@ def add_derived_metrics(run: dict, pct_copy: bool = True) -> None:
                 row["speedup"] = {
                     b["provider"]: b["median_ms"] / row["median_ms"] for b in baselines
                 }
+        _add_step_costs(rows, baselines)
+
+
+# The plain optimizer step that the prox_step mode's sparse steps are measured over.
+BASE_STEP = "sgd-step"
+
+
+def _add_step_costs(rows: List[dict], baselines: List[dict]) -> None:
+    """prox_step rows: the cost over the plain step (over_base_ms) and, for fastsparse rows,
+    each baseline's cost over fastsparse's (over_base_ratio)."""
+    base = next((r for r in rows if r["provider"] == BASE_STEP and r["mode"] == "prox_step"), None)
+    if base is None:
+        return
+    for row in rows:
+        if row is not base:
+            row["over_base_ms"] = row["median_ms"] - base["median_ms"]
+    for row in rows:
+        if row["role"] == "fastsparse" and row["over_base_ms"] > 0:
+            row["over_base_ratio"] = {
+                b["provider"]: b["over_base_ms"] / row["over_base_ms"] for b in baselines
+            }
 
 
 def merge(runs: List[dict]) -> dict:
@@ -236,6 +257,9 @@ def targets(run: dict) -> List[dict]:
                 }
             )
 
+    step_provider = "fastsparse-triton" if run["device"]["type"] == "cuda" else "fastsparse-native"
+    for name in ("resnet50", "llama7b"):
+        _step_cost_target(run, step_provider, name, out)
     if run["device"]["type"] == "cuda":
         compiled = ["compile-default", "compile-max-autotune"]
         for p in fused:
@@ -291,6 +315,39 @@ def targets(run: dict) -> List[dict]:
                     }
                 )
     return out
+
+
+def _step_cost_target(run: dict, provider: str, name: str, out: list) -> None:
+    """The sparse optimizer step's cost over the plain step: at least 5x below torchao PAT's."""
+    what = "prox_step cost over the SGD step >= 5x below torchao PAT's"
+    rows = [
+        (
+            label,
+            _row(run, label, "prox_step", provider),
+            _row(run, label, "prox_step", "torchao-pat"),
+        )
+        for label in _labels(run, name)
+    ]
+    rows = [(label, fast, pat) for label, fast, pat in rows if fast and pat]
+    if not rows:
+        if "prox_step" in run["modes"]:
+            out.append(
+                {"target": what, "provider": provider, "workload": name, "status": "not measured"}
+            )
+        return
+    for label, fast, pat in rows:
+        x = fast.get("over_base_ratio", {}).get("torchao-pat")
+        measured = "n/a" if x is None else f"{x:.2f}x"
+        out.append(
+            {
+                "target": what,
+                "provider": provider,
+                "workload": label,
+                "measured": f"{measured} ({pat['over_base_ms']:.2f} ms vs "
+                f"{fast['over_base_ms']:.2f} ms over the step)",
+                "status": "met" if x is not None and x >= 5 else "not met",
+            }
+        )
 
 
 def _memory_target(run: dict, provider: str, out: list) -> None:
@@ -479,6 +536,8 @@ def _mode_section(run: dict, mode: str, info: dict) -> List[str]:
                     + " | ".join(f"{_fmt(x)}x" if x else "—" for x in speed)
                     + " |"
                 )
+    if mode == "prox_step":
+        out += _step_cost_table(run, providers, workloads)
     mismatches = [
         r
         for r in _ok(run)
@@ -494,6 +553,29 @@ def _mode_section(run: dict, mode: str, info: dict) -> List[str]:
             ),
         ]
     return out + [""]
+
+
+def _step_cost_table(run: dict, providers: List[str], workloads: List[str]) -> List[str]:
+    """Cost of each sparse step over the plain step, and the baselines' over fastsparse's."""
+    others = [p for p in providers if p != BASE_STEP]
+    out = ["", f"Cost over the plain step ({BASE_STEP}), ms; ratio = baseline / fastsparse:", ""]
+    out += ["| workload | " + " | ".join(others) + " |", "|---|" + "---:|" * len(others)]
+    for label in workloads:
+        cells = [_row(run, label, "prox_step", p) for p in others]
+        if not any(c and "over_base_ms" in c for c in cells):
+            continue
+        text = []
+        for r in cells:
+            if not r or "over_base_ms" not in r:
+                text.append("—")
+                continue
+            cell = _fmt(r["over_base_ms"])
+            ratios = r.get("over_base_ratio")
+            if ratios:
+                cell += " (" + ", ".join(f"{b}: {_fmt(x)}x" for b, x in ratios.items()) + ")"
+            text.append(cell)
+        out.append(f"| {label} | " + " | ".join(text) + " |")
+    return out
 
 
 def _skipped_section(run: dict) -> List[str]:

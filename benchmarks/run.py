@@ -13,6 +13,11 @@ bytes, G = the gradients' bytes, groups = number of groups):
     value_grad   R(W), then backward() into fresh .grad        W + G
     inplace      add_penalty_grad_: .grad += strength·dR/dW    W + 2G (G read and written)
     group_norms  the group l2 norms                            W + 4·groups (fp32 norms)
+    prox_step    SGD (momentum) step, then a group-lasso prox  4W + G (read W, G, momentum;
+                 on the weights of 2+ dims                     write W, momentum: fused floor)
+
+prox_step's figure of merit is the cost over the plain step (provider "sgd-step"): the sparse
+step's time minus the plain step's, measured in the same run.
 
 Timing: on CUDA, CUDA events around each call, after a synchronize and an L2 flush (a 256 MB
 write), so a time covers the host launch overhead and the device work; on CPU, time.perf_counter
@@ -32,8 +37,8 @@ Long runs: --time-budget stops starting cases after that many seconds (the rest 
 skipped), and the run so far is saved as <out-dir>/running-*.partial.json while it goes (removed
 at the end), so a run cut short still leaves data that benchmarks.report can render or merge.
 
-Adding a mode (the prox/threshold ops, once fused): add an entry to MODES with its bytes model
-and its call builder, and a method on the providers (see benchmarks/providers.py).
+Adding a mode: add an entry to MODES with its bytes model and its call builder, and a method on
+the providers (see benchmarks/providers.py).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ import torch
 from benchmarks import report
 from benchmarks.providers import (
     PROVIDER_NAMES,
+    STEP_LR,
     Case,
     CompiledOracle,
     Provider,
@@ -139,6 +145,35 @@ def _build_group_norms(provider: Provider, case: Case):
     return _no_setup, fn
 
 
+def step_inputs(case: Case) -> tuple:
+    """(weights, gradients) every prox_step call starts from: the same for every provider."""
+    if "step" not in case.cache:
+        gen = torch.Generator(device=case.device).manual_seed(1)
+        grads = [
+            torch.randn(p.shape, generator=gen, device=case.device).mul_(0.01).to(p.dtype)
+            for p in case.params
+        ]
+        case.cache["step"] = ([p.detach().clone() for p in case.params], grads)
+    return case.cache["step"]
+
+
+def _build_prox_step(provider: Provider, case: Case):
+    start, grads = step_inputs(case)
+    step = provider.sparse_step(case)  # a fresh optimizer: the first call is a first step
+    weights = case.weights
+
+    def setup():
+        torch._foreach_copy_(weights, start)
+        for p, g in zip(case.params, grads):
+            p.grad = g
+
+    def fn():
+        step()
+        return weights
+
+    return setup, fn
+
+
 MODES = {
     m.name: m
     for m in (
@@ -170,15 +205,26 @@ MODES = {
             lambda w, groups: w.weight_bytes + 4 * w.groups(groups),
             _build_group_norms,
         ),
-        # Not measured yet: the fused prox/threshold ops. A "prox" mode would read and write W
-        # ("2W" + masks) and need a setup that restores W before every call (prox_ mutates it).
+        Mode(
+            "prox_step",
+            "an optimizer step with sparsity: SGD (momentum 0.9) over every parameter, then a "
+            "group-lasso prox (threshold lr * strength) on the weights of 2+ dims",
+            "4W + G (the fused floor: read W, G and the momentum, write W and the momentum)",
+            lambda w, groups: 4 * w.weight_bytes + w.grad_bytes,
+            _build_prox_step,
+        ),
     )
 }
 
 
 def _mode_skip_reason(mode: str, case: Case) -> Optional[str]:
-    if mode == "group_norms" and isinstance(case.groups, (tuple, list)):
-        return "group_norms takes one grouping, not a tuple"
+    if mode in ("group_norms", "prox_step") and isinstance(case.groups, (tuple, list)):
+        return f"{mode} takes one grouping, not a tuple"
+    if mode == "prox_step" and case.workload.grad_dtype != case.workload.dtype:
+        return (
+            "an optimizer steps weights with gradients of their dtype (the fp32 master weights "
+            "of bf16 training: --llama-dtype fp32)"
+        )
     return None
 
 
@@ -337,6 +383,7 @@ class OracleCheck:
         self._value = None
         self._grad_norms = None
         self._group_norms = None
+        self._stepped_norms = None
         self.error = None
         low = case.workload.dtype in (torch.bfloat16, torch.float16)
         self.tolerance = 2e-2 if low else 1e-3
@@ -350,6 +397,8 @@ class OracleCheck:
                 self.grad_norms()
             if "group_norms" in modes and not isinstance(self.case.groups, (tuple, list)):
                 self.group_norms()
+            if "prox_step" in modes and _mode_skip_reason("prox_step", self.case) is None:
+                self.stepped_norms()
         except Exception as error:  # no reference: results are reported unchecked
             self.error = _short(error)
         _free(self.case.device)
@@ -375,6 +424,18 @@ class OracleCheck:
             self._group_norms = torch.cat([n.double().cpu().flatten() for n in norms])
         return self._group_norms
 
+    def stepped_norms(self) -> torch.Tensor:
+        """Per-tensor norms after one prox_step from `step_inputs`: w - lr g, then the prox."""
+        if self._stepped_norms is None:
+            c = self.case
+            start, grads = step_inputs(c)
+            after = [w.add(g, alpha=-STEP_LR) for w, g in zip(start, grads)]
+            weights = [w for w in after if w.dim() >= 2]
+            reference.prox_(weights, "group_lasso", STEP_LR * c.strength, c.groups)
+            self._stepped_norms = _norms(after)
+            del after, weights
+        return self._stepped_norms
+
     def check(self, mode: str, provider: Provider, out) -> dict:
         """{"status": "ok" | "mismatch" | "n/a", "max_rel_err": float | None}."""
         if not provider.checked:
@@ -396,6 +457,8 @@ class OracleCheck:
         if mode == "group_norms":
             got = torch.cat([n.double().cpu().flatten() for n in out])
             errors.append(_rel_err(got, self.group_norms()))
+        if mode == "prox_step":
+            errors.append(_rel_err(_norms(out), self.stepped_norms()))
         if not errors:
             return {"status": "n/a", "max_rel_err": None}
         err = max(errors)
@@ -529,7 +592,10 @@ def run_benchmarks(args: argparse.Namespace, log=print, checkpoint=None) -> dict
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = _settings(args)
-    workloads = select(profile_workloads(args.profile, device, args.llama_layers), args.workloads)
+    workloads = select(
+        profile_workloads(args.profile, device, args.llama_layers, _llama_dtype(args)),
+        args.workloads,
+    )
     providers = [p for p in all_providers() if not args.providers or p.name in args.providers]
     modes = [MODES[m] for m in (args.modes or MODES)]
     timer = Timer(device)
@@ -640,6 +706,10 @@ def run_benchmarks(args: argparse.Namespace, log=print, checkpoint=None) -> dict
     run["load_after"] = _load_average()
     report.add_derived_metrics(run)
     return run
+
+
+def _llama_dtype(args) -> torch.dtype:
+    return torch.float32 if getattr(args, "llama_dtype", "bf16") == "fp32" else torch.bfloat16
 
 
 def _progress(row: dict) -> str:
@@ -780,6 +850,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="sparse_group_lasso's alpha")
     p.add_argument("--strength", type=float, default=1e-4, help="in-place gradient scale")
     p.add_argument("--llama-layers", type=int, help="Llama-7B layers (default: what fits)")
+    p.add_argument(
+        "--llama-dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="the Llama stack's weights: bf16 with fp32 gradients, or fp32 (prox_step)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--min-repeats", type=int)
@@ -859,7 +935,7 @@ def list_everything(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     for profile in PROFILES:
         print(f"profile {profile}:")
-        for w in profile_workloads(profile, device, args.llama_layers):
+        for w in profile_workloads(profile, device, args.llama_layers, _llama_dtype(args)):
             print(f"  {w.label:<28} {w.numel:>13,} elements in {len(w.shapes)} tensor(s)")
     print("providers:")
     for p in all_providers():

@@ -291,9 +291,13 @@ def model_workload(name: str) -> Workload:
 
 
 def llama_workload(
-    layers: int, hidden: int = LLAMA7B_HIDDEN, intermediate: int = LLAMA7B_INTERMEDIATE
+    layers: int,
+    hidden: int = LLAMA7B_HIDDEN,
+    intermediate: int = LLAMA7B_INTERMEDIATE,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> Workload:
-    """A stack of `layers` Llama decoder layers, bf16 weights and fp32 gradients."""
+    """A stack of `layers` Llama decoder layers: bf16 weights and fp32 gradients, or fp32
+    weights and gradients (dtype=torch.float32: what an optimizer steps, the master weights)."""
     per_layer = llama_layer_shapes(hidden, intermediate)
     tiny = hidden != LLAMA7B_HIDDEN
     name = f"llama-tiny{hidden} x{layers}" if tiny else f"llama7b x{layers}"
@@ -301,7 +305,7 @@ def llama_workload(
     return Workload(
         name,
         "model",
-        torch.bfloat16,
+        dtype,
         torch.float32,
         [s for _ in range(layers) for _, s in per_layer],
         note=note,
@@ -335,28 +339,31 @@ PROFILES = ("full", "cpu", "quick")
 
 
 def profile_workloads(
-    profile: str, device: torch.device, llama: Optional[int] = None
+    profile: str,
+    device: torch.device,
+    llama: Optional[int] = None,
+    llama_dtype: torch.dtype = torch.bfloat16,
 ) -> List[Workload]:
-    """The workloads of a profile ("full", "cpu" or "quick")."""
+    """The workloads of a profile ("full", "cpu" or "quick"); the Llama stack in `llama_dtype`."""
     fp32, bf16 = torch.float32, torch.bfloat16
     if profile == "quick":
         return [
             tensor_workload("lenet5.conv2", fp32),
             tensor_workload("mlp.small", bf16, (256, 512)),
             model_workload("lenet5"),
-            llama_workload(llama or 1, hidden=64, intermediate=172),
+            llama_workload(llama or 1, hidden=64, intermediate=172, dtype=llama_dtype),
         ]
     if profile == "cpu":
         names = ["lenet5.conv2", "vgg16.conv", "resnet50.conv1x1", "llm.mlp_down"]
         tensors = [tensor_workload(n, dt) for n in names for dt in (fp32, bf16)]
         models = [model_workload(n) for n in ("lenet5", "vgg16", "resnet50")]
         if llama:
-            models.append(llama_workload(llama))
+            models.append(llama_workload(llama, dtype=llama_dtype))
         return tensors + models
     if profile == "full":
         tensors = [tensor_workload(n, dt) for n in SINGLE_TENSORS for dt in (fp32, bf16)]
         models = [model_workload(n) for n in ("lenet5", "vgg16", "resnet50")]
-        return tensors + models + [llama_workload(llama_layers(device, llama))]
+        return tensors + models + [llama_workload(llama_layers(device, llama), dtype=llama_dtype)]
     raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
 
 
