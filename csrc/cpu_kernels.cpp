@@ -268,6 +268,88 @@ void chunk_prox(const fs_segment& s, int64_t g, int64_t chunk, int kind, A t_ele
   });
 }
 
+// The SGD step of torch.optim.SGD (weight decay, momentum with dampening, Nesterov) followed by
+// the prox element step, on one run of elements; adds (s1, s2) of the new weights. The weight,
+// its gradient and its momentum buffer share strides. first: the buffer starts as the gradient.
+struct SgdStep {
+  double lr, momentum, dampening, weight_decay;
+  int nesterov, first;
+};
+
+template <typename A>
+void run_sgd_prox(A* w, const A* grad, A* buf, int64_t n, int64_t stride, const SgdStep& o,
+                  int kind, A t, A* s1_out, A* s2_out) {
+  const A lr = (A)o.lr, mu = (A)o.momentum, keep = (A)(1.0 - o.dampening), wd = (A)o.weight_decay;
+  const bool use_momentum = o.momentum != 0;
+  A t1 = 0, t2 = 0;
+  int64_t i = 0;
+  constexpr int kStep = kUnroll * kWidth<A>;
+  if (stride == 1 && n >= kStep) {
+    Vector<A> s1[kUnroll] = {}, s2[kUnroll] = {};
+    for (; i + kStep <= n; i += kStep) {
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t at = i + u * kWidth<A>;
+        const Vector<A> x = load_vector<A, A>(w + at);
+        Vector<A> d = load_vector<A, A>(grad + at) + wd * x;
+        if (use_momentum) {
+          const Vector<A> b = o.first ? d : mu * load_vector<A, A>(buf + at) + keep * d;
+          memcpy(buf + at, &b, sizeof(b));
+          d = o.nesterov ? d + mu * b : b;
+        }
+        const Vector<A> y = prox_element_vector<A>(kind, x - lr * d, t);
+        memcpy(w + at, &y, sizeof(y));
+        s1[u] += abs_vector<A>(y);
+        s2[u] += y * y;
+      }
+    }
+    for (int u = 1; u < kUnroll; ++u) {
+      s1[0] += s1[u];
+      s2[0] += s2[u];
+    }
+    for (int k = 0; k < kWidth<A>; ++k) {
+      t1 += s1[0][k];
+      t2 += s2[0][k];
+    }
+  }
+  for (; i < n; ++i) {
+    const int64_t at = i * stride;
+    A d = grad[at] + wd * w[at];
+    if (use_momentum) {
+      const A b = o.first ? d : mu * buf[at] + keep * d;
+      buf[at] = b;
+      d = o.nesterov ? d + mu * b : b;
+    }
+    const A y = prox_element<A>(kind, w[at] - lr * d, t);
+    w[at] = y;
+    t1 += y < 0 ? -y : y;
+    t2 += y * y;
+  }
+  *s1_out += t1;
+  *s2_out += t2;
+}
+
+// One whole group: the step and element step in one pass over memory, then the group factor
+// on the values just written (still in cache). Returns (s1, s2) of the result.
+template <typename A>
+void group_sgd_prox(const fs_segment& s, int64_t g, A* buf, const SgdStep& o, int kind,
+                    A t_elem, A t_group, A* s1, A* s2) {
+  A* w = reinterpret_cast<A*>(s.w);
+  const A* grad = reinterpret_cast<const A*>(s.grad);
+  const int64_t n = s.rows * s.cols;
+  *s1 = 0;
+  *s2 = 0;
+  for_each_run(s, g, 0, n, [&](int64_t off, int64_t count, int64_t stride) {
+    run_sgd_prox<A>(w + off, grad + off, buf + off, count, stride, o, kind, t_elem, s1, s2);
+  });
+  if (kind < FS_PROX_GROUP_LASSO) return;
+  const A factor = prox_factor<A>(kind, sqrt(*s2), t_group);
+  *s1 = 0;
+  *s2 = 0;
+  for_each_run(s, g, 0, n, [&](int64_t off, int64_t count, int64_t stride) {
+    run_prox<A, A>(w + off, count, stride, FS_PROX_SCALE, A(0), factor, s1, s2);
+  });
+}
+
 template <typename W, typename G, typename A>
 void chunk_update(const fs_segment& s, int64_t g, int64_t chunk, A a, A b, A scale) {
   const W* w = reinterpret_cast<const W*>(s.w);
@@ -457,6 +539,40 @@ int fs_cpu_prox(const fs_segment* segs, int64_t nseg, int kind, double t_elem, d
                      partials + 2 * s.item_offset);
   });
   reduce_partials(segs, nseg, partials, after);
+  return 0;
+}
+
+// One fused SGD step and prox over whole groups (every segment: chunks == 1, weight, gradient
+// and buffer of one floating dtype, the buffer addresses in bufs[segment]); after[group] = (s1, s2)
+// once thresholded. l0_group_lasso's element stage uses t_elem, its group stage t_group.
+int fs_cpu_sgd_prox(const fs_segment* segs, int64_t nseg, const int64_t* bufs, double lr,
+                    double momentum, double dampening, double weight_decay, int nesterov,
+                    int first, int kind, double t_elem, double t_group, double* after) {
+  const SgdStep o{lr, momentum, dampening, weight_decay, nesterov, first};
+  for (int64_t si = 0; si < nseg; ++si) {
+    if (segs[si].chunks != 1 || segs[si].w_dtype != segs[si].grad_dtype ||
+        (segs[si].w_dtype != FS_F32 && segs[si].w_dtype != FS_F64))
+      return 1;
+  }
+  run_tasks(segs, nseg, true, [&](const fs_segment& s, const Task& t) {
+    const int64_t si = &s - segs;
+    for (int64_t g = t.begin; g < t.end; ++g) {
+      double* out = after + 2 * (s.group_offset + g);
+      if (s.w_dtype == FS_F32) {
+        float s1, s2;
+        group_sgd_prox<float>(s, g, reinterpret_cast<float*>(bufs[si]), o, kind, (float)t_elem,
+                              (float)t_group, &s1, &s2);
+        out[0] = s1;
+        out[1] = s2;
+      } else {
+        double s1, s2;
+        group_sgd_prox<double>(s, g, reinterpret_cast<double*>(bufs[si]), o, kind, t_elem,
+                               t_group, &s1, &s2);
+        out[0] = s1;
+        out[1] = s2;
+      }
+    }
+  });
   return 0;
 }
 

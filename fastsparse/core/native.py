@@ -159,6 +159,8 @@ def _declare(lib: ctypes.CDLL, device_type: str) -> None:
         "apply": [p, i64, *items, p, f64, *([p] if device_type == "cuda" else []), *stream],
         "fused": [p, i64, *items, i32, f64, f64, p, *stream],
     }
+    if device_type == "cpu":
+        signatures["sgd_prox"] = [p, i64, p, f64, f64, f64, f64, i32, i32, i32, f64, f64, p]
     for name, argtypes in signatures.items():
         fn = getattr(lib, prefix + name)
         fn.argtypes = argtypes
@@ -367,6 +369,37 @@ def prox(plan, tensors, select, kind, t_elem, t_group, factors):
     return _pairs_kernel(
         plan, "prox", segments, tensors, PROX_IDS[kind], float(t_elem), float(t_group), pointer
     )
+
+
+def sgd_prox(plan, tensors, grads, bufs, options: dict, kind, t_elem, t_group):
+    """SGD step and prox in one pass per group (CPU, whole groups, fp32 / fp64); returns
+    [total_groups, 2] (s1, s2) after it, or None where the plan does not qualify."""
+    segments = plan.segments
+    if plan.device.type != "cpu" or any(s.chunks > 1 for s in segments):
+        return None
+    if any(t.dtype not in (torch.float32, torch.float64) for t in tensors):
+        return None
+    after = torch.zeros((plan.total_groups, 2), dtype=torch.float64, device=plan.device)
+    if not segments:
+        return after
+    table, _ = _table(plan, segments, tensors, grads, False)
+    addresses = torch.tensor([bufs[s.tensor_index].data_ptr() for s in segments], dtype=torch.int64)
+    status = library("cpu").fs_cpu_sgd_prox(
+        table.data_ptr(),
+        len(segments),
+        addresses.data_ptr(),
+        float(options["lr"]),
+        float(options["momentum"]),
+        float(options["dampening"]),
+        float(options["weight_decay"]),
+        int(options["nesterov"]),
+        int(options["first"]),
+        PROX_IDS[kind],
+        float(t_elem),
+        float(t_group),
+        after.data_ptr(),
+    )
+    return None if status else after
 
 
 if __name__ == "__main__":  # python -m fastsparse.core.native: build ahead of time

@@ -379,6 +379,55 @@ def _(weights, slice_groups, groups, group_counts, factors, backend):
     return None
 
 
+@_op("sgd_prox_", mutates_args=("weights", "bufs"))
+def sgd_prox_op(
+    weights: List[Tensor],
+    grads: List[Tensor],
+    bufs: List[Tensor],
+    groups: str,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    first: bool,
+    kind: str,
+    t_elem: float,
+    t_group: float,
+    backend: str,
+) -> Tensor:
+    """SGD step and prox in one pass; the flat kept mask, or an empty tensor where the backend
+    has no such pass for these tensors (nothing is then modified)."""
+    options = dict(
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        first=first,
+    )
+    kept = engine.sgd_prox_(
+        _backend(backend),
+        weights,
+        grads,
+        bufs,
+        _specs(weights, groups),
+        options,
+        kind,
+        t_elem,
+        t_group,
+    )
+    if kept is None:
+        return weights[0].new_zeros((0,), dtype=torch.bool)
+    return kept
+
+
+@sgd_prox_op.register_fake
+def _(weights, grads, bufs, groups, lr, momentum, dampening, weight_decay, nesterov, first, kind,
+      t_elem, t_group, backend):  # fmt: skip
+    return weights[0].new_empty((_total_groups(weights, groups),), dtype=torch.bool)
+
+
 # --- ops with Triton kernels only --------------------------------------------------------------
 # Feature flow and selective weight decay: their "torch" backend is the oracle, which the public
 # functions (fastsparse/functional) call without going through these ops.

@@ -11,7 +11,7 @@ its l2 norm n <= t.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -29,7 +29,7 @@ from fastsparse.core.groups import CoupledGroup, coupled_params, is_coupled
 from fastsparse.core.layout import encode_groupings, group_count, segment_geometry
 from fastsparse.functional.penalty import coupled_backend
 
-__all__ = ["PROX_BACKENDS", "PROX_KINDS", "prox_", "scale_groups_"]
+__all__ = ["PROX_BACKENDS", "PROX_KINDS", "prox_", "scale_groups_", "sgd_prox_"]
 
 PROX_BACKENDS = BACKENDS
 
@@ -276,3 +276,94 @@ def _flat_factors(factors, device, dtype) -> torch.Tensor:
     if not factors:
         return torch.zeros(0, dtype=dtype, device=device)
     return torch.cat([f.to(device=device, dtype=dtype).reshape(-1) for f in factors])
+
+
+def sgd_prox_(
+    params: Sequence[torch.Tensor],
+    kind: str,
+    threshold: Union[float, Sequence[float]],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    bufs: Optional[Sequence[torch.Tensor]] = None,
+    first: bool = False,
+    groups: Union[str, None] = "filters",
+    backend: str = "auto",
+) -> Optional[list]:
+    """torch.optim.SGD's step on `params` (their ``.grad``), then `prox_`, in one fused pass.
+
+    The step is SGD's: d = grad + weight_decay * w; with momentum (`bufs`: one buffer per
+    parameter, laid out like it), buf = d at the first step (``first=True``: the buffers'
+    contents are not read), else momentum * buf + (1 - dampening) * d, and d = buf (Nesterov:
+    d + momentum * buf); w -= lr * d. Then the prox of `kind` with
+    `threshold`, as `prox_`. Each group is read once from memory (weights, gradients, buffers)
+    and written once; the group factor is applied to the values just written, still in cache.
+
+    Returns the kept masks as `prox_` does, or None where no fused pass serves these tensors
+    (another backend than the native CPU one, fp16 / bf16, groups longer than one chunk,
+    weights, gradients and buffers of different layouts): nothing is modified then, and the
+    caller runs the step and the prox separately.
+
+    Example::
+
+        >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]], requires_grad=True)
+        >>> w.grad = torch.ones_like(w)
+        >>> masks = sgd_prox_([w], "group_l0", 1.0, lr=0.1, backend="native")
+        >>> w.detach()
+        tensor([[2.9000, 3.9000],
+                [0.0000, 0.0000]])
+    """
+    if kind not in PROX_KINDS:
+        raise ValueError(f"unknown prox kind {kind!r}; valid kinds: {', '.join(PROX_KINDS)}")
+    check_threshold(kind, threshold)
+    params = list(params)
+    check_grouping(groups, params)
+    if not params or is_sharded(params):
+        return None
+    grads = [p.grad for p in params]
+    if momentum != 0 and bufs is None:
+        raise ValueError("SGD with momentum needs bufs= (one buffer per parameter)")
+    buffers = [p.detach() for p in params] if momentum == 0 else list(bufs)
+    if any(g is None or g.is_sparse for g in grads) or len(buffers) != len(params):
+        return None
+    for p, g, b in zip(params, grads, buffers):
+        same = (p.dtype, p.shape, p.stride(), p.device)
+        if (g.dtype, g.shape, g.stride(), g.device) != same or (
+            b.dtype,
+            b.shape,
+            b.stride(),
+            b.device,
+        ) != same:
+            return None
+        if p.numel() == 0 or segment_geometry(p.detach(), groups) is None:
+            return None
+    name = resolve_backend(backend, params[0].device)
+    if name != "native" or params[0].device.type != "cpu":
+        return None
+    t_elem, t_group = reference.prox_thresholds(kind, threshold)
+    from fastsparse.core import ops
+
+    with torch.no_grad():
+        flat = ops.call(
+            ops.sgd_prox_op,
+            [p.detach() for p in params],
+            [g.detach() for g in grads],
+            [b.detach() for b in buffers],
+            encode_groupings((groups,)),
+            float(lr),
+            float(momentum),
+            float(dampening),
+            float(weight_decay),
+            bool(nesterov),
+            bool(first) or momentum == 0,
+            kind,
+            t_elem,
+            t_group,
+            name,
+        )
+    if flat.numel() == 0 and sum(group_count(p.shape, groups) for p in params) > 0:
+        return None
+    return list(torch.split(flat, [group_count(p.shape, groups) for p in params]))

@@ -29,6 +29,10 @@ class SparseOptimizer(torch.optim.Optimizer):
         warmup_steps, every, heal_from, heal_elements, example_inputs, backend: as in
             `fastsparse.optim.Sparsifier` (warmup before the rules act, prox every N steps,
             zeros frozen from step `heal_from` on).
+        fuse_step: wrapping ``torch.optim.SGD``, apply a prox rule's step and prox in one
+            pass over each group where the fused kernels serve its tensors (native CPU backend,
+            fp32 / fp64): each weight, gradient and momentum buffer is read once and written
+            once, instead of a step then a prox. The same values up to rounding.
 
     ``state_dict()`` holds the wrapped optimizer's state and the rules' (step count, learning
     rates since the last prox, healing masks): a run resumed from it follows the same
@@ -58,6 +62,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         heal_elements: bool = False,
         example_inputs: Any = None,
         backend: str = "auto",
+        fuse_step: bool = True,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -83,6 +88,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._registering = False
         self.sparsifier = sparsifier
+        self.fuse_step = fuse_step
 
     @property
     def param_groups(self) -> list:
@@ -121,9 +127,72 @@ class SparseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.sparsifier.before_step()
-        self.optimizer.step()
-        self.sparsifier.after_step()
+        done = self._fused_steps() if self.fuse_step else []
+        # The wrapped optimizer skips parameters without a gradient: those of fused targets.
+        hidden = [(p, p.grad) for i in done for p in self.sparsifier.targets[i].params]
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+        self.sparsifier.after_step(done)
         return loss
+
+    def _fused_steps(self) -> list:
+        """Step and prox the targets that one fused pass serves; their indices.
+
+        torch.optim.SGD only (not maximize, not differentiable): its momentum buffers are
+        read and written in the wrapped optimizer's state, so that its state dict and later
+        unfused steps go on as if it had stepped them itself.
+        """
+        if type(self.optimizer) is not torch.optim.SGD:
+            return []
+        from fastsparse.functional import sgd_prox_
+
+        done = []
+        for i, target in enumerate(self.sparsifier.targets):
+            if not self.sparsifier.fusable(i):
+                continue
+            group = self.param_groups[target.group_index]
+            if group.get("maximize") or group.get("differentiable"):
+                continue
+            params = target.params
+            momentum = group["momentum"]
+            states = [self.state[p] for p in params]
+            old = [st.get("momentum_buffer") for st in states]
+            if momentum != 0 and any(b is None for b in old) and not all(b is None for b in old):
+                continue  # some buffers exist, some not: let the optimizer step them
+            first = momentum != 0 and old[0] is None
+            bufs = None
+            if momentum != 0:
+                bufs = [torch.empty_like(p) for p in params] if first else old
+            t_elem, t_group = self.sparsifier.prox_thresholds(i)
+            kind = target.rule.prox
+            masks = sgd_prox_(
+                params,
+                kind,
+                (t_elem, t_group)
+                if kind == "l0_group_lasso"
+                else (t_elem if kind in ("l1", "l0") else t_group),
+                lr=group["lr"],
+                momentum=momentum,
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                bufs=bufs,
+                first=first,
+                groups=target.grouping,
+                backend=self.sparsifier.backend,
+            )
+            if masks is None:
+                continue
+            if first:
+                for st, buf in zip(states, bufs):
+                    st["momentum_buffer"] = buf
+            done.append(i)
+        return done
 
     def sparsity(self) -> dict:
         """Fraction of zero groups per matched parameter and in total (a host sync)."""

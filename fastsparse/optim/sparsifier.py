@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastsparse.core.contract import ELEMENT_PROX_KINDS
+from fastsparse.core.contract import ELEMENT_PROX_KINDS, PROX_KINDS
 from fastsparse.functional import add_penalty_grad_, group_norms, prox_, scale_groups_
 from fastsparse.optim.rules import Rule, Target, resolve
 
@@ -113,31 +113,58 @@ class Sparsifier:
                     backend=self.backend,
                 )
 
+    @property
+    def proxing(self) -> bool:
+        """True when this step ends with the proximal steps and targets."""
+        return self.acting and (self.steps - self.warmup_steps) % self.every == 0
+
+    def fusable(self, index: int) -> bool:
+        """True when target `index` takes a plain prox this step, which an optimizer step may
+        apply in the same pass (`prox_thresholds` gives its thresholds)."""
+        target = self.targets[index]
+        return (
+            self.proxing
+            and target.rule.prox in PROX_KINDS
+            and target.coupled is None
+            and target.tensors is target.params
+        )
+
+    def prox_thresholds(self, index: int) -> tuple:
+        """(t_elem, t_group) of target `index`'s prox at this step: strength times the learning
+        rates since its last prox, this step's included."""
+        target = self.targets[index]
+        lr = self._lr_since_prox[index]
+        if self.acting:
+            lr += self.optimizer.param_groups[target.group_index]["lr"]
+        rule = target.rule
+        strengths = rule.strength if isinstance(rule.strength, tuple) else (rule.strength,) * 2
+        return strengths[0] * lr, strengths[1] * lr
+
     @torch.no_grad()
-    def after_step(self) -> None:
-        """Prox steps and target constraints (or, healing, the re-zeroing); counts the step."""
+    def after_step(self, done: Sequence[int] = ()) -> None:
+        """Prox steps and target constraints (or, healing, the re-zeroing); counts the step.
+        `done`: the targets whose prox the optimizer step already applied (fused)."""
         if self.healing:
             if self._frozen is None:
                 raise RuntimeError("after_step() without before_step() at the first healing step")
             for target, frozen in zip(self.targets, self._frozen):
                 self._refreeze(target, frozen)
         elif self.acting:
+            proxing = self.proxing
             for i, target in enumerate(self.targets):
-                self._lr_since_prox[i] += self.optimizer.param_groups[target.group_index]["lr"]
-            if (self.steps - self.warmup_steps) % self.every == 0:
-                for i, target in enumerate(self.targets):
-                    if target.rule.penalty is None:
-                        self._after_step(target, self._lr_since_prox[i])
+                if proxing and target.rule.penalty is None and i not in done:
+                    self._after_step(target, *self.prox_thresholds(i))
+                if proxing:
                     self._lr_since_prox[i] = 0.0
+                else:
+                    self._lr_since_prox[i] += self.optimizer.param_groups[target.group_index]["lr"]
         self.steps += 1
 
-    def _after_step(self, target: Target, lr: float) -> None:
+    def _after_step(self, target: Target, t_elem: float, t_group: float) -> None:
         rule, tensors, groups = target.rule, _tensors(target), _groups(target)
         if rule.target is not None:
             self._keep_largest(target, rule.sparsity(self.steps - self.warmup_steps))
             return
-        strengths = rule.strength if isinstance(rule.strength, tuple) else (rule.strength,) * 2
-        t_elem, t_group = strengths[0] * lr, strengths[1] * lr
         if rule.prox == "sparse_group_lasso":  # the exact prox of l1 + group lasso
             prox_(tensors, "l1", t_elem, groups=groups, backend=self.backend)
             prox_(tensors, "group_lasso", t_group, groups=groups, backend=self.backend)

@@ -38,7 +38,7 @@ from fastsparse.reference.penalty import (
     rebind,
     tensor_penalty,
 )
-from fastsparse.reference.prox import prox_, prox_thresholds, scale_groups_, ungroup
+from fastsparse.reference.prox import prox_, prox_thresholds, scale_groups_, sgd_prox_, ungroup
 from fastsparse.reference.selective_decay import (
     quantile_threshold,
     relevance,
@@ -81,6 +81,7 @@ __all__ = [
     "prox_",
     "prox_thresholds",
     "scale_groups_",
+    "sgd_prox_",
     "quantile_threshold",
     "relevance",
     "relevance_thresholds",

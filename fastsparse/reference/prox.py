@@ -206,3 +206,25 @@ def _coupled_scale_(groups: list, factors: list) -> None:
             s.index_copy_(m.dim, index, s.index_select(m.dim, index) * f)
     for p in params:
         p.copy_(p.to(acc) * scale[id(p)])
+
+
+def sgd_prox_(params, bufs, options: dict, kind: str, threshold, groups="filters") -> list:
+    """torch.optim.SGD's step, then `prox_`, in plain PyTorch: the oracle of the fused pass.
+
+    `options`: lr, momentum, dampening, weight_decay, nesterov; `bufs` the momentum buffers
+    (None at the first step: they are returned, filled). Returns (masks, bufs).
+    """
+    lr, mu = options["lr"], options["momentum"]
+    new_bufs = []
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            d = p.grad + options["weight_decay"] * p
+            if mu != 0:
+                if bufs is None:
+                    buf = d.clone()
+                else:
+                    buf = bufs[i].mul_(mu).add_(d, alpha=1 - options["dampening"])
+                new_bufs.append(buf)
+                d = d + mu * buf if options["nesterov"] else buf
+            p.add_(d, alpha=-lr)
+    return prox_([p.detach() for p in params], kind, threshold, groups), new_bufs

@@ -131,3 +131,31 @@ def test_opcheck_selective_decay(device):
     )
     result = torch.library.opcheck(torch.ops.fastsparse.selective_decay_.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+# ------------------------------------------------------------------------------------------------
+# The proximal ops: the prox, group scaling, the SGD step fused with the prox
+# ------------------------------------------------------------------------------------------------
+
+
+def test_opcheck_prox_and_scale_groups(device, backend):
+    weights = [w.detach().clone() for w in two_weights(device)]
+    factors = torch.rand(sum(w.shape[0] for w in weights), dtype=torch.float64, device=device)
+    prox = (weights, "filters", "group_lasso", 0.0, 0.1, backend)
+    checks = [
+        (torch.ops.fastsparse.prox_.default, prox),
+        (torch.ops.fastsparse.scale_groups_.default, (weights, "filters", factors, backend)),
+    ]
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_opcheck_sgd_prox():
+    weights = [w.detach().clone() for w in two_weights("cpu")]
+    grads = [torch.randn_like(w) for w in weights]
+    bufs = [torch.zeros_like(w) for w in weights]
+    args = (weights, grads, bufs, "filters", 0.1, 0.9, 0.0, 0.0, False, False, "group_lasso",
+            0.0, 0.05, "native")  # fmt: skip
+    result = torch.library.opcheck(torch.ops.fastsparse.sgd_prox_.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result

@@ -5,6 +5,7 @@ validation of a bad call (which changes nothing), and prox on coupled groups."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -319,3 +320,64 @@ def test_coupled_prox_zeroes_whole_groups_and_prune_removes_them(kind, backend, 
     pruned = fs.prune(model, x, threshold=0.0)
     torch.testing.assert_close(pruned(x), model(x), rtol=0, atol=1e-5)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# The SGD step fused with the prox
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,threshold", PROX_CASES, ids=[k for k, _ in PROX_CASES])
+@pytest.mark.parametrize("grouping", ["filters", "channels", "kernels", None], ids=grouping_id)
+def test_sgd_prox_matches_the_step_then_the_prox(kind, threshold, grouping):
+    from fastsparse.core.layout import SPLIT_BLOCK, group_count
+    from fastsparse.functional import sgd_prox_
+
+    # Groups that fit one chunk: longer ones are declined (tested below).
+    shapes = [
+        s for s in shapes_for(grouping) if math.prod(s) // group_count(s, grouping) <= SPLIT_BLOCK
+    ]
+    params = make(shapes, torch.float64, "cpu", seed=41)
+    expected = [p.clone() for p in params]
+    for p, e in zip(params, expected):
+        p.grad = torch.randn_like(p)
+        e.grad = p.grad.clone()
+    options = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False)
+    bufs = [torch.empty_like(p) for p in params]
+    expected_bufs = None
+    for step in range(2):
+        masks = sgd_prox_(params, kind, threshold, bufs=bufs, first=step == 0, groups=grouping,
+                          backend="native", **options)  # fmt: skip
+        expected_masks, expected_bufs = ref.sgd_prox_(
+            expected, expected_bufs, options, kind, threshold, grouping
+        )
+        for p, e, m, em in zip(params, expected, masks, expected_masks):
+            torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-12)
+            assert torch.equal(m, em)
+        for b, eb in zip(bufs, expected_bufs):
+            torch.testing.assert_close(b, eb, rtol=1e-12, atol=1e-12)
+
+
+def test_sgd_prox_declines_what_it_cannot_fuse():
+    from fastsparse.functional import sgd_prox_
+
+    def one(dtype=torch.float32, grad_layout=lambda g: g):
+        w = torch.randn(4, 3, dtype=dtype)
+        w.grad = grad_layout(torch.randn(4, 3, dtype=dtype))
+        return w
+
+    long = torch.randn(1, 20000)
+    long.grad = torch.randn_like(long)
+    cases = [
+        ([one(torch.bfloat16)], {}),  # bf16: no fused pass
+        ([one(grad_layout=lambda g: g.t().contiguous().t())], {}),  # grad laid out otherwise
+        ([one()], {"backend": "torch"}),
+        ([torch.randn(2, 20000)], {}),  # no grad
+        ([long], {}),  # a group longer than one chunk
+    ]
+    for params, extra in cases:
+        before = [p.clone() for p in params]
+        assert sgd_prox_(params, "group_lasso", 0.1, lr=0.1, **extra) is None
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+    with pytest.raises(ValueError, match="bufs"):
+        sgd_prox_([one()], "group_lasso", 0.1, lr=0.1, momentum=0.9)

@@ -504,3 +504,71 @@ def test_exported_from_the_package_and_printed():
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, [Rule(prox="l1")])
     text = repr(opt)
     assert text.startswith("SparseOptimizer(") and "SGD" in text and "prox='l1'" in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.9, nesterov=True), dict(),
+     dict(momentum=0.5, dampening=0.3)],
+    ids=["momentum-wd", "nesterov", "plain", "dampening"],
+)  # fmt: skip
+@pytest.mark.parametrize("kind", ["group_lasso", "group_l0", "l1", "l0_group_lasso"])
+def test_fused_step_equals_the_step_then_the_prox(kind, options, dtype, monkeypatch):
+    import fastsparse.functional as functional
+
+    calls = []
+    real = functional.sgd_prox_
+
+    def counted(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(functional, "sgd_prox_", counted)
+    x = _batch(dtype)
+    runs = []
+    for fuse in (True, False):
+        model = _net(dtype)
+        names = ["0.weight", "2.weight", "5.weight"]
+        strength = _threshold_for(model, names, "filters", 0.3) / 4
+        if kind == "l1":
+            strength = 0.002 / LR
+        if kind == "l0_group_lasso":
+            strength = (0.002 / LR, strength)
+        rule = Rule(names, prox=kind, strength=strength)
+        base = torch.optim.SGD(model.parameters(), lr=LR, **options)
+        opt = SparseOptimizer(base, model, [rule], fuse_step=fuse, every=2)
+        _train(model, opt, x, 5)
+        runs.append((model, opt))
+    assert len(calls) == 3 and all(c is not None for c in calls)  # steps 0, 2, 4 fused
+    (fused, fused_opt), (plain, plain_opt) = runs
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=name)
+        a = fused_opt.state[p].get("momentum_buffer")
+        b = plain_opt.state[q].get("momentum_buffer")
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+    assert fused_opt.sparsity() == plain_opt.sparsity()
+
+
+def test_fused_step_falls_back_where_no_kernel_serves():
+    model = _net(torch.float32)
+    model[0].to(torch.bfloat16)  # bf16 weights: no fused pass, the step and the prox apart
+    expected = copy.deepcopy(model)
+    rule = Rule(["0.weight", "2.weight"], prox="group_lasso", strength=0.1)
+    opts = [
+        SparseOptimizer(
+            torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9), m, [rule], fuse_step=fuse
+        )  # fmt: skip
+        for m, fuse in ((model, True), (expected, False))
+    ]
+    for m, opt in zip((model, expected), opts):
+        for _ in range(2):
+            m[0].weight.grad = torch.ones_like(m[0].weight)
+            m[2].weight.grad = torch.ones_like(m[2].weight)
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-6)
