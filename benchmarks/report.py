@@ -336,16 +336,32 @@ def _step_cost_target(run: dict, provider: str, name: str, out: list) -> None:
             )
         return
     for label, fast, pat in rows:
-        x = fast.get("over_base_ratio", {}).get("torchao-pat")
-        measured = "n/a" if x is None else f"{x:.2f}x"
+        cost, theirs = fast["over_base_ms"], pat["over_base_ms"]
+        if cost <= 0:  # the sparse step is cheaper than the plain step: better than free
+            measured = f"{-cost:.2f} ms below the plain step; PAT adds {theirs:.2f} ms"
+            met = theirs > 0
+        else:
+            x = theirs / cost
+            measured = f"{x:.2f}x ({theirs:.2f} ms vs {cost:.2f} ms over the step)"
+            met = x >= 5
         out.append(
             {
                 "target": what,
                 "provider": provider,
                 "workload": label,
-                "measured": f"{measured} ({pat['over_base_ms']:.2f} ms vs "
-                f"{fast['over_base_ms']:.2f} ms over the step)",
-                "status": "met" if x is not None and x >= 5 else "not met",
+                "measured": measured,
+                "status": "met" if met else "not met",
+            }
+        )
+        base = _row(run, label, "prox_step", BASE_STEP)
+        ratio = fast["median_ms"] / base["median_ms"]
+        out.append(
+            {
+                "target": "whole sparse SGD step <= 1.3x torch's foreach SGD step",
+                "provider": provider,
+                "workload": label,
+                "measured": f"{ratio:.2f}x",
+                "status": "met" if ratio <= 1.3 else "not met",
             }
         )
 
