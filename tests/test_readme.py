@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```([\w+-]*)\n(.*?)^```$", flags=re.S | re.M)
 
 # The sections with a Python example, in README order, and the number of blocks of each.
-EXAMPLE_BLOCKS = {"Use": 2, "Train, threshold, prune": 3}
+EXAMPLE_BLOCKS = {"Use": 2, "Train, threshold, prune": 3, "Sparsity in the optimizer step": 2}
 
 
 def fenced_blocks(text: str):

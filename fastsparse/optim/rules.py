@@ -49,10 +49,13 @@ class Rule:
             a predicate ``f(name, param) -> bool``, or a list of these (their union).
             Frozen parameters (``requires_grad=False``) are left out.
         groups: ``"filters"`` (dim 0), ``"channels"`` (dim 1), ``"kernels"``, None (the whole
-            tensor), ``"coupled"`` (whole prunable channels traced from the optimizer's
+            tensor), ``"coupled"`` (whole prunable channels, traced from the optimizer's
             `example_inputs`: what `fastsparse.prune` removes), ``"heads"`` / ``"neurons"``
             (a Llama-family decoder's attention key/value groups and MLP neurons), or
             ``"blocks"`` (runs of `block_size` consecutive elements of contiguous tensors).
+            With coupled groups, heads and neurons, a rule takes the groups its parameters
+            produce (their filters or rows: q/k/v for heads, gate/up for neurons) with every
+            slice that goes with them (biases, norms, the consumers' input slices).
         penalty: a penalty kind of `fastsparse.KINDS`: ``strength * dR/dw`` is added to the
             gradients before every step (after unscaling and clipping).
         prox: a proximal step after every step (or every `every` steps): ``"l1"``,
@@ -262,7 +265,8 @@ def _blocks(name: str, p: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _coupled_targets(rule, index, picked, model, group_of, example_inputs) -> List[Target]:
-    """Coupled groups that touch a picked parameter; every member must be optimized."""
+    """The coupled groups that a picked parameter produces (one of its dim-0 slices is in the
+    group: a layer's filters or rows, not its input slices); every member must be optimized."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"groups={rule.groups!r} needs the model, not a list of tensors")
     if rule.groups == "coupled":
@@ -276,9 +280,9 @@ def _coupled_targets(rule, index, picked, model, group_of, example_inputs) -> Li
 
         groups = transformer_groups(model)[rule.groups]
     wanted = {id(p) for _, p in picked}
-    groups = [cg for cg in groups if any(id(m.param) in wanted for m in cg.members)]
+    groups = [cg for cg in groups if any(m.dim == 0 and id(m.param) in wanted for m in cg.members)]
     if not groups:
-        raise ValueError(f"rule {index}: no {rule.groups} group touches the matched parameters")
+        raise ValueError(f"rule {index}: the matched parameters produce no {rule.groups} group")
     by_group: dict = {}
     for cg in groups:
         indices = {group_of.get(id(m.param)) for m in cg.members}

@@ -147,3 +147,15 @@ def test_tensors_without_a_model():
         resolve([Rule(prox="l1", groups="heads")], [a, b], groups)
     with pytest.raises(TypeError, match="not a tensor"):
         resolve([Rule(prox="l1")], {"w": 3.0}, groups)
+
+
+def test_coupled_rules_take_the_groups_their_parameters_produce():
+    model = _net()
+    x = torch.randn(2, 3, 8, 8)
+    groups = torch.optim.SGD(model.parameters(), lr=0.1).param_groups
+    (target,) = resolve([Rule("3.weight", prox="group_l0", groups="coupled")], model, groups, x)
+    # conv 3's filters (with the classifier's columns), not conv 0's channels it consumes
+    assert [cg.root for cg in target.coupled] == ["3"]
+    assert set(target.names) == {"3.weight", "3.bias", "6.weight"}
+    with pytest.raises(ValueError, match="produce no coupled group"):
+        resolve([Rule("6.weight", prox="group_l0", groups="coupled")], model, groups, x)
