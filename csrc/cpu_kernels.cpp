@@ -104,6 +104,20 @@ template <typename A> inline Vector<A> keep_above(Vector<A> x, A hard) {
   return x;
 }
 
+// The kUnroll accumulator vectors, then their lanes, added in order into (t1, t2): a fixed order,
+// so a sum does not depend on the thread count.
+template <typename A>
+inline void add_lanes(Vector<A>* s1, Vector<A>* s2, A* t1, A* t2) {
+  for (int u = 1; u < kUnroll; ++u) {
+    s1[0] += s1[u];
+    s2[0] += s2[u];
+  }
+  for (int k = 0; k < kWidth<A>; ++k) {
+    *t1 += s1[0][k];
+    *t2 += s2[0][k];
+  }
+}
+
 // hard >= 0: only elements with |x| > hard count (l0 + group prox). Unit-stride runs sum in
 // kUnroll vectors of lanes, then the vectors and lanes in order, then the tail: a fixed order,
 // so the result does not depend on the thread count.
@@ -122,14 +136,7 @@ void run_stats(const W* p, int64_t n, int64_t stride, A hard, A* s1_out, A* s2_o
         s2[u] += x * x;
       }
     }
-    for (int u = 1; u < kUnroll; ++u) {
-      s1[0] += s1[u];
-      s2[0] += s2[u];
-    }
-    for (int k = 0; k < kWidth<A>; ++k) {
-      t1 += s1[0][k];
-      t2 += s2[0][k];
-    }
+    add_lanes<A>(s1, s2, &t1, &t2);
   }
   for (; i < n; ++i) {
     A x = load<A>(p + i * stride);
@@ -234,14 +241,7 @@ void run_prox(W* p, int64_t n, int64_t stride, int kind, A t, A factor, A* s1_ou
           s2[u] += y * y;
         }
       }
-      for (int u = 1; u < kUnroll; ++u) {
-        s1[0] += s1[u];
-        s2[0] += s2[u];
-      }
-      for (int k = 0; k < kWidth<A>; ++k) {
-        t1 += s1[0][k];
-        t2 += s2[0][k];
-      }
+      add_lanes<A>(s1, s2, &t1, &t2);
     }
   }
   for (; i < n; ++i) {
@@ -302,14 +302,7 @@ void run_sgd_prox(A* w, const A* grad, A* buf, int64_t n, int64_t stride, const 
         s2[u] += y * y;
       }
     }
-    for (int u = 1; u < kUnroll; ++u) {
-      s1[0] += s1[u];
-      s2[0] += s2[u];
-    }
-    for (int k = 0; k < kWidth<A>; ++k) {
-      t1 += s1[0][k];
-      t2 += s2[0][k];
-    }
+    add_lanes<A>(s1, s2, &t1, &t2);
   }
   for (; i < n; ++i) {
     const int64_t at = i * stride;

@@ -506,18 +506,34 @@ def fsdp_mixed_precision(mesh) -> None:
 # --- DDP -------------------------------------------------------------------------------------
 
 
-def _ddp_run(backend, inplace, steps=3):
+def _ddp_runs() -> tuple:
+    """[(DDP module, its module, this rank's batch), (single-process copy, itself, full batch)]."""
     from torch.nn.parallel import DistributedDataParallel
 
-    import fastsparse as fs
-
-    rank = dist.get_rank()
     torch.manual_seed(0)
     ref = TinyMLP()
     model = TinyMLP()
     model.load_state_dict(ref.state_dict())
     ddp = DistributedDataParallel(model)
-    runs = [(ddp, model, data(rank)), (ref, ref, data())]
+    return [(ddp, model, data(dist.get_rank())), (ref, ref, data())]
+
+
+def _assert_ddp_ranks_agree(model, ref, what: str) -> None:
+    """Bitwise identical parameters on every rank, close to the single-process run's."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    for other in gathered[1:]:
+        assert torch.equal(other, gathered[0]), f"{what}: ranks differ"
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        close(p, q, f"{what} {n}", rtol=1e-5, atol=1e-6)
+
+
+def _ddp_run(backend, inplace, steps=3):
+    import fastsparse as fs
+
+    runs = _ddp_runs()
+    model, ref = runs[0][1], runs[1][0]
     for step in range(steps):
         for m, inner, (x, y) in runs:
             opt = torch.optim.SGD(m.parameters(), lr=0.1)  # stateless: fine to recreate
@@ -544,13 +560,7 @@ def ddp_identical_parameters(mesh) -> None:
     the full batch, for the in-place path (after backward) and for the autograd path."""
     for inplace in (True, False):
         model, ref = _ddp_run("native", inplace)
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, flat)
-        for other in gathered[1:]:
-            assert torch.equal(other, gathered[0]), f"inplace={inplace}: ranks differ"
-        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
-            close(p, q, f"inplace={inplace} {n}", rtol=1e-5, atol=1e-6)
+        _assert_ddp_ranks_agree(model, ref, f"inplace={inplace}")
 
 
 # --- SparseOptimizer ----------------------------------------------------------------------
@@ -604,23 +614,9 @@ def fsdp_sparse_optimizer(mesh) -> None:
 def ddp_sparse_optimizer(mesh) -> None:
     """SparseOptimizer (AdamW) under DDP: identical parameters on every rank, equal to the
     single-process run on the full batch."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    ref = TinyMLP()
-    model = TinyMLP()
-    model.load_state_dict(ref.state_dict())
-    ddp = DistributedDataParallel(model)
-    make = lambda ps: torch.optim.AdamW(ps, lr=0.05)  # noqa: E731
-    _sparse_steps([(ddp, model, data(rank)), (ref, ref, data())], make)
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
-    for other in gathered[1:]:
-        assert torch.equal(other, gathered[0]), "ranks differ"
-    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
-        close(p, q, f"ddp {n}", rtol=1e-5, atol=1e-6)
+    runs = _ddp_runs()
+    _sparse_steps(runs, lambda ps: torch.optim.AdamW(ps, lr=0.05))
+    _assert_ddp_ranks_agree(runs[0][1], runs[1][0], "SparseOptimizer")
 
 
 # --- the process entry point ---------------------------------------------------------------
