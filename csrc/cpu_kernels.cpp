@@ -321,18 +321,74 @@ void run_sgd_prox(A* w, const A* grad, A* buf, int64_t n, int64_t stride, const 
   *s2_out += t2;
 }
 
-// One whole group: the step and element step in one pass over memory, then the group factor
-// on the values just written (still in cache). Returns (s1, s2) of the result.
+// Adam's step (torch.optim.Adam / AdamW: decoupled weight decay; bias corrections folded into
+// step_size and bias2_sqrt) followed by the prox element step on one run; adds (s1, s2).
+struct AdamStep {
+  double lr, beta1, beta2, eps, weight_decay;
+  int decoupled;
+  double step_size, bias2_sqrt;
+};
+
 template <typename A>
-void group_sgd_prox(const fs_segment& s, int64_t g, A* buf, const SgdStep& o, int kind,
-                    A t_elem, A t_group, A* s1, A* s2) {
+void run_adam_prox(A* w, const A* grad, A* m, A* v, int64_t n, int64_t stride, const AdamStep& o,
+                   int kind, A t, A* s1_out, A* s2_out) {
+  const A decay = o.decoupled ? (A)(1.0 - o.lr * o.weight_decay) : A(1);
+  const A wd = o.decoupled ? A(0) : (A)o.weight_decay;
+  const A keep1 = (A)(1.0 - o.beta1), b2 = (A)o.beta2, keep2 = (A)(1.0 - o.beta2);
+  const A eps = (A)o.eps, step_size = (A)o.step_size, bias2_sqrt = (A)o.bias2_sqrt;
+  A t1 = 0, t2 = 0;
+  int64_t i = 0;
+  if (stride == 1) {
+    Vector<A> s1 = {}, s2 = {};
+    for (; i + kWidth<A> <= n; i += kWidth<A>) {
+      const Vector<A> x = load_vector<A, A>(w + i) * decay;
+      const Vector<A> g = load_vector<A, A>(grad + i) + wd * x;
+      Vector<A> mi = load_vector<A, A>(m + i);
+      mi = mi + keep1 * (g - mi);  // lerp, as torch's for weights below 0.5
+      const Vector<A> vi = b2 * load_vector<A, A>(v + i) + keep2 * g * g;
+      Vector<A> denom = {};
+      for (int k = 0; k < kWidth<A>; ++k) denom[k] = sqrt(vi[k]) / bias2_sqrt + eps;
+      const Vector<A> y = prox_element_vector<A>(kind, x - step_size * (mi / denom), t);
+      memcpy(m + i, &mi, sizeof(mi));
+      memcpy(v + i, &vi, sizeof(vi));
+      memcpy(w + i, &y, sizeof(y));
+      s1 += abs_vector<A>(y);
+      s2 += y * y;
+    }
+    for (int k = 0; k < kWidth<A>; ++k) {
+      t1 += s1[k];
+      t2 += s2[k];
+    }
+  }
+  for (; i < n; ++i) {
+    const int64_t at = i * stride;
+    const A x = w[at] * decay;
+    const A g = grad[at] + wd * x;
+    const A mi = m[at] + keep1 * (g - m[at]);
+    const A vi = b2 * v[at] + keep2 * g * g;
+    m[at] = mi;
+    v[at] = vi;
+    const A y = prox_element<A>(kind, x - step_size * (mi / (sqrt(vi) / bias2_sqrt + eps)), t);
+    w[at] = y;
+    t1 += y < 0 ? -y : y;
+    t2 += y * y;
+  }
+  *s1_out += t1;
+  *s2_out += t2;
+}
+
+// One whole group: run(offset, count, stride, s1, s2) steps each run of its elements and applies
+// the element step in one pass over memory; then the group factor on the values just written
+// (still in cache). Returns (s1, s2) of the result.
+template <typename A, typename RunStep>
+void group_step_prox(const fs_segment& s, int64_t g, int kind, A t_group, RunStep run, A* s1,
+                     A* s2) {
   A* w = reinterpret_cast<A*>(s.w);
-  const A* grad = reinterpret_cast<const A*>(s.grad);
   const int64_t n = s.rows * s.cols;
   *s1 = 0;
   *s2 = 0;
   for_each_run(s, g, 0, n, [&](int64_t off, int64_t count, int64_t stride) {
-    run_sgd_prox<A>(w + off, grad + off, buf + off, count, stride, o, kind, t_elem, s1, s2);
+    run(off, count, stride, s1, s2);
   });
   if (kind < FS_PROX_GROUP_LASSO) return;
   const A factor = prox_factor<A>(kind, sqrt(*s2), t_group);
@@ -490,6 +546,25 @@ void run_tasks(const fs_segment* segs, int64_t nseg, bool whole_groups, Body bod
   for (int64_t t = 0; t < count; ++t) body(segs[tasks[t].segment], tasks[t]);
 }
 
+// Whole groups of fp32 / fp64 segments whose weight, gradient and state buffers share one layout:
+// body(segment index, group, accumulation-type tag) for each; 1 if a segment does not qualify.
+template <typename Body>
+int for_each_step_group(const fs_segment* segs, int64_t nseg, Body body) {
+  for (int64_t si = 0; si < nseg; ++si) {
+    if (segs[si].chunks != 1 || segs[si].w_dtype != segs[si].grad_dtype ||
+        (segs[si].w_dtype != FS_F32 && segs[si].w_dtype != FS_F64))
+      return 1;
+  }
+  run_tasks(segs, nseg, true, [&](const fs_segment& s, const Task& t) {
+    const int64_t si = &s - segs;
+    for (int64_t g = t.begin; g < t.end; ++g) {
+      if (s.w_dtype == FS_F32) body(si, g, float(0));
+      else body(si, g, double(0));
+    }
+  });
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -542,31 +617,48 @@ int fs_cpu_sgd_prox(const fs_segment* segs, int64_t nseg, const int64_t* bufs, d
                     double momentum, double dampening, double weight_decay, int nesterov,
                     int first, int kind, double t_elem, double t_group, double* after) {
   const SgdStep o{lr, momentum, dampening, weight_decay, nesterov, first};
-  for (int64_t si = 0; si < nseg; ++si) {
-    if (segs[si].chunks != 1 || segs[si].w_dtype != segs[si].grad_dtype ||
-        (segs[si].w_dtype != FS_F32 && segs[si].w_dtype != FS_F64))
-      return 1;
-  }
-  run_tasks(segs, nseg, true, [&](const fs_segment& s, const Task& t) {
-    const int64_t si = &s - segs;
-    for (int64_t g = t.begin; g < t.end; ++g) {
-      double* out = after + 2 * (s.group_offset + g);
-      if (s.w_dtype == FS_F32) {
-        float s1, s2;
-        group_sgd_prox<float>(s, g, reinterpret_cast<float*>(bufs[si]), o, kind, (float)t_elem,
-                              (float)t_group, &s1, &s2);
-        out[0] = s1;
-        out[1] = s2;
-      } else {
-        double s1, s2;
-        group_sgd_prox<double>(s, g, reinterpret_cast<double*>(bufs[si]), o, kind, t_elem,
-                               t_group, &s1, &s2);
-        out[0] = s1;
-        out[1] = s2;
-      }
-    }
+  return for_each_step_group(segs, nseg, [&](int64_t si, int64_t g, auto tag) {
+    using A = decltype(tag);
+    const fs_segment& s = segs[si];
+    A* w = reinterpret_cast<A*>(s.w);
+    const A* grad = reinterpret_cast<const A*>(s.grad);
+    A* buf = reinterpret_cast<A*>(bufs[si]);
+    A s1, s2;
+    group_step_prox<A>(s, g, kind, (A)t_group,
+                       [&](int64_t off, int64_t n, int64_t stride, A* a1, A* a2) {
+                         run_sgd_prox<A>(w + off, grad + off, buf + off, n, stride, o, kind,
+                                         (A)t_elem, a1, a2);
+                       },
+                       &s1, &s2);
+    after[2 * (s.group_offset + g)] = s1;
+    after[2 * (s.group_offset + g) + 1] = s2;
   });
-  return 0;
+}
+
+// One fused Adam / AdamW step and prox, as fs_cpu_sgd_prox; exp_avg and exp_avg_sq addresses in
+// ms[segment] and vs[segment]; step_size = lr / (1 - beta1^t), bias2_sqrt = sqrt(1 - beta2^t).
+int fs_cpu_adam_prox(const fs_segment* segs, int64_t nseg, const int64_t* ms, const int64_t* vs,
+                     double lr, double beta1, double beta2, double eps, double weight_decay,
+                     int decoupled, double step_size, double bias2_sqrt, int kind, double t_elem,
+                     double t_group, double* after) {
+  const AdamStep o{lr, beta1, beta2, eps, weight_decay, decoupled, step_size, bias2_sqrt};
+  return for_each_step_group(segs, nseg, [&](int64_t si, int64_t g, auto tag) {
+    using A = decltype(tag);
+    const fs_segment& s = segs[si];
+    A* w = reinterpret_cast<A*>(s.w);
+    const A* grad = reinterpret_cast<const A*>(s.grad);
+    A* m = reinterpret_cast<A*>(ms[si]);
+    A* v = reinterpret_cast<A*>(vs[si]);
+    A s1, s2;
+    group_step_prox<A>(s, g, kind, (A)t_group,
+                       [&](int64_t off, int64_t n, int64_t stride, A* a1, A* a2) {
+                         run_adam_prox<A>(w + off, grad + off, m + off, v + off, n, stride, o,
+                                          kind, (A)t_elem, a1, a2);
+                       },
+                       &s1, &s2);
+    after[2 * (s.group_offset + g)] = s1;
+    after[2 * (s.group_offset + g) + 1] = s2;
+  });
 }
 
 // values[g], coefs[g] = rule(stats[g], segment_sums[segment_of_group[g]]) for every group.

@@ -47,6 +47,15 @@ PROX_KINDS = ("l1", "group_lasso", "l0", "group_l0", "l0_group_lasso")
 ELEMENT_PROX_KINDS = ("l1", "l0")  # act element by element; the grouping only shapes the masks
 GROUP_PROX_KINDS = ("group_lasso", "group_l0", "l0_group_lasso")
 
+# The optimizer steps fused with the prox (torch.optim.SGD; Adam and AdamW) and the order of
+# their options in the fused op and the native functions.
+STEP_OPTIONS = {
+    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "first"),
+    "adam": (
+        "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "step_size", "bias2_sqrt",
+    ),
+}  # fmt: skip
+
 # --- the other methods' options ------------------------------------------------------------------
 
 FLOW_REDUCTIONS = ("mean", "sum")

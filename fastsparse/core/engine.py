@@ -343,13 +343,16 @@ def coupled_scale_groups_(backend: Backend, tensors, specs, slice_groups, group_
 # --- an optimizer step fused with the prox -----------------------------------------------------
 
 
-def sgd_prox_(backend: Backend, tensors, grads, bufs, specs, options: dict, kind, t_elem, t_group):
-    """torch.optim.SGD's step (`options`: lr, momentum, dampening, weight_decay, nesterov,
-    first) and the prox in one pass over each group; the flat kept mask [groups], or None where
-    the backend has no such pass for these tensors (nothing is then modified)."""
-    step = getattr(backend, "sgd_prox", None)
+def step_prox_(
+    backend: Backend, tensors, grads, states, specs, method, options: dict, kind, t_elem, t_group
+):
+    """An optimizer step (`method`: "sgd" as torch.optim.SGD, "adam" as Adam / AdamW, with
+    `options` and per tensor its state buffers) and the prox in one pass over each group; the
+    flat kept mask [groups], or None where the backend has no such pass for these tensors
+    (nothing is then modified)."""
+    step = getattr(backend, "step_prox", None)
     if step is None:
         return None
     plan = backend.plans.get(tensors, specs)
-    after = step(plan, tensors, grads, bufs, options, kind, t_elem, t_group)
+    after = step(plan, tensors, grads, states, method, options, kind, t_elem, t_group)
     return None if after is None else after[:, 1] > 0

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from fastsparse.core.contract import GROUP_PROX_KINDS, KIND_IDS, PROX_IDS
+from fastsparse.core.contract import GROUP_PROX_KINDS, KIND_IDS, PROX_IDS, STEP_OPTIONS
 from fastsparse.core.layout import SPLIT_BLOCK, Plan, PlanCache, new_empty, selected
 
 # Field order of fs_segment in csrc/fastsparse_native.h.
@@ -161,6 +161,9 @@ def _declare(lib: ctypes.CDLL, device_type: str) -> None:
     }
     if device_type == "cpu":
         signatures["sgd_prox"] = [p, i64, p, f64, f64, f64, f64, i32, i32, i32, f64, f64, p]
+        signatures["adam_prox"] = [
+            p, i64, p, p, f64, f64, f64, f64, f64, i32, f64, f64, i32, f64, f64, p,
+        ]  # fmt: skip
     for name, argtypes in signatures.items():
         fn = getattr(lib, prefix + name)
         fn.argtypes = argtypes
@@ -371,8 +374,9 @@ def prox(plan, tensors, select, kind, t_elem, t_group, factors):
     )
 
 
-def sgd_prox(plan, tensors, grads, bufs, options: dict, kind, t_elem, t_group):
-    """SGD step and prox in one pass per group (CPU, whole groups, fp32 / fp64); returns
+def step_prox(plan, tensors, grads, states, method: str, options: dict, kind, t_elem, t_group):
+    """An optimizer step (`method` "sgd" or "adam", `states`: per tensor its state buffers, laid
+    out like it) and the prox in one pass per group (CPU, whole groups, fp32 / fp64); returns
     [total_groups, 2] (s1, s2) after it, or None where the plan does not qualify."""
     segments = plan.segments
     if plan.device.type != "cpu" or any(s.chunks > 1 for s in segments):
@@ -383,22 +387,24 @@ def sgd_prox(plan, tensors, grads, bufs, options: dict, kind, t_elem, t_group):
     if not segments:
         return after
     table, _ = _table(plan, segments, tensors, grads, False)
-    addresses = torch.tensor([bufs[s.tensor_index].data_ptr() for s in segments], dtype=torch.int64)
-    status = library("cpu").fs_cpu_sgd_prox(
-        table.data_ptr(),
-        len(segments),
-        addresses.data_ptr(),
-        float(options["lr"]),
-        float(options["momentum"]),
-        float(options["dampening"]),
-        float(options["weight_decay"]),
-        int(options["nesterov"]),
-        int(options["first"]),
-        PROX_IDS[kind],
-        float(t_elem),
-        float(t_group),
-        after.data_ptr(),
-    )
+    addresses = [
+        torch.tensor([state[s.tensor_index].data_ptr() for s in segments], dtype=torch.int64)
+        for state in zip(*states)
+    ]
+    values = [float(options[name]) for name in STEP_OPTIONS[method]]
+    lib = library("cpu")
+    if method == "sgd":
+        status = lib.fs_cpu_sgd_prox(
+            table.data_ptr(), len(segments), addresses[0].data_ptr(), *values[:4],
+            int(values[4]), int(values[5]), PROX_IDS[kind], float(t_elem), float(t_group),
+            after.data_ptr(),
+        )  # fmt: skip
+    else:
+        status = lib.fs_cpu_adam_prox(
+            table.data_ptr(), len(segments), addresses[0].data_ptr(), addresses[1].data_ptr(),
+            *values[:5], int(values[5]), values[6], values[7], PROX_IDS[kind], float(t_elem),
+            float(t_group), after.data_ptr(),
+        )  # fmt: skip
     return None if status else after
 
 

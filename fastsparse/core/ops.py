@@ -24,6 +24,7 @@ from torch import Tensor
 from fastsparse.core import engine
 from fastsparse.core.backends import fused_backend as _backend
 from fastsparse.core.backends import op_kernels
+from fastsparse.core.contract import STEP_OPTIONS
 from fastsparse.core.contract import accumulation_dtype_of as _acc_dtype
 from fastsparse.core.layout import decode_specs, group_count
 
@@ -379,52 +380,39 @@ def _(weights, slice_groups, groups, group_counts, factors, backend):
     return None
 
 
-@_op("sgd_prox_", mutates_args=("weights", "bufs"))
-def sgd_prox_op(
+@_op("step_prox_", mutates_args=("weights", "states"))
+def step_prox_op(
     weights: List[Tensor],
     grads: List[Tensor],
-    bufs: List[Tensor],
+    states: List[Tensor],
     groups: str,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    first: bool,
+    method: str,
+    options: List[float],
     kind: str,
     t_elem: float,
     t_group: float,
     backend: str,
 ) -> Tensor:
-    """SGD step and prox in one pass; the flat kept mask, or an empty tensor where the backend
-    has no such pass for these tensors (nothing is then modified)."""
-    options = dict(
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        first=first,
-    )
-    kept = engine.sgd_prox_(
-        _backend(backend),
-        weights,
-        grads,
-        bufs,
-        _specs(weights, groups),
-        options,
-        kind,
-        t_elem,
-        t_group,
-    )
+    """An optimizer step and the prox in one pass; the flat kept mask, or an empty tensor where
+    the backend has no such pass for these tensors (nothing is then modified).
+
+    `states` holds each tensor's state buffers, state by state (SGD: the momentum buffers;
+    Adam: the first moments, then the second); `options` the method's values in the order of
+    `STEP_OPTIONS`."""
+    per_state = len(states) // max(len(weights), 1)
+    by_tensor = [states[i :: len(weights)][:per_state] for i in range(len(weights))]
+    named = dict(zip(STEP_OPTIONS[method], options))
+    kept = engine.step_prox_(
+        _backend(backend), weights, grads, by_tensor, _specs(weights, groups), method, named,
+        kind, t_elem, t_group,
+    )  # fmt: skip
     if kept is None:
         return weights[0].new_zeros((0,), dtype=torch.bool)
     return kept
 
 
-@sgd_prox_op.register_fake
-def _(weights, grads, bufs, groups, lr, momentum, dampening, weight_decay, nesterov, first, kind,
-      t_elem, t_group, backend):  # fmt: skip
+@step_prox_op.register_fake
+def _(weights, grads, states, groups, method, options, kind, t_elem, t_group, backend):
     return weights[0].new_empty((_total_groups(weights, groups),), dtype=torch.bool)
 
 

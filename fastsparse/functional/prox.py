@@ -24,12 +24,12 @@ from fastsparse.core.checks import (
     is_sharded,
     prox_tensor_list,
 )
-from fastsparse.core.contract import PROX_KINDS
+from fastsparse.core.contract import PROX_KINDS, STEP_OPTIONS
 from fastsparse.core.groups import CoupledGroup, coupled_params, is_coupled
 from fastsparse.core.layout import encode_groupings, group_count, segment_geometry
 from fastsparse.functional.penalty import coupled_backend
 
-__all__ = ["PROX_BACKENDS", "PROX_KINDS", "prox_", "scale_groups_", "sgd_prox_"]
+__all__ = ["PROX_BACKENDS", "PROX_KINDS", "adam_prox_", "prox_", "scale_groups_", "sgd_prox_"]
 
 PROX_BACKENDS = BACKENDS
 
@@ -298,9 +298,9 @@ def sgd_prox_(
     The step is SGD's: d = grad + weight_decay * w; with momentum (`bufs`: one buffer per
     parameter, laid out like it), buf = d at the first step (``first=True``: the buffers'
     contents are not read), else momentum * buf + (1 - dampening) * d, and d = buf (Nesterov:
-    d + momentum * buf); w -= lr * d. Then the prox of `kind` with
-    `threshold`, as `prox_`. Each group is read once from memory (weights, gradients, buffers)
-    and written once; the group factor is applied to the values just written, still in cache.
+    d + momentum * buf); w -= lr * d. Then the prox of `kind` with `threshold`, as `prox_`.
+    Each group is read once from memory (weights, gradients, buffers) and written once; the
+    group factor is applied to the values just written, still in cache.
 
     Returns the kept masks as `prox_` does, or None where no fused pass serves these tensors
     (another backend than the native CPU one, fp16 / bf16, groups longer than one chunk,
@@ -316,28 +316,83 @@ def sgd_prox_(
         tensor([[2.9000, 3.9000],
                 [0.0000, 0.0000]])
     """
+    if momentum != 0 and bufs is None:
+        raise ValueError("SGD with momentum needs bufs= (one buffer per parameter)")
+    params = list(params)
+    states = [list(bufs)] if momentum != 0 else [[p.detach() for p in params]]
+    options = dict(
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        first=bool(first) or momentum == 0,
+    )
+    return _step_prox(params, states, "sgd", options, kind, threshold, groups, backend)
+
+
+def adam_prox_(
+    params: Sequence[torch.Tensor],
+    kind: str,
+    threshold: Union[float, Sequence[float]],
+    *,
+    lr: float,
+    step: int,
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    betas: tuple = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = True,
+    groups: Union[str, None] = "filters",
+    backend: str = "auto",
+) -> Optional[list]:
+    """torch.optim.AdamW's step (``decoupled=False``: Adam's) on `params`, then `prox_`, in
+    one fused pass, as `sgd_prox_`.
+
+    `step` is the step number t after this step (1 at the first); `exp_avgs` and `exp_avg_sqs`
+    the moment buffers, updated in place: w *= 1 - lr * weight_decay (AdamW; Adam adds
+    weight_decay * w to the gradient), m = lerp(m, g, 1 - beta1), v = beta2 v + (1 - beta2) g^2,
+    w -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps). Returns the kept masks,
+    or None where no fused pass serves these tensors (nothing modified).
+    """
+    if not (isinstance(step, int) and step >= 1):
+        raise ValueError(f"step must be an integer >= 1 (the step being taken), got {step!r}")
+    beta1, beta2 = (float(b) for b in betas)
+    options = dict(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        step_size=lr / (1 - beta1**step),
+        bias2_sqrt=(1 - beta2**step) ** 0.5,
+    )
+    states = [list(exp_avgs), list(exp_avg_sqs)]
+    return _step_prox(list(params), states, "adam", options, kind, threshold, groups, backend)
+
+
+def _step_prox(params, states, method, options, kind, threshold, groups, backend):
+    """Validate, check that the fused pass serves these tensors (else None), run it."""
     if kind not in PROX_KINDS:
         raise ValueError(f"unknown prox kind {kind!r}; valid kinds: {', '.join(PROX_KINDS)}")
+    if backend not in PROX_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(PROX_BACKENDS)}")
     check_threshold(kind, threshold)
-    params = list(params)
     check_grouping(groups, params)
+    if any(len(state) != len(params) for state in states):
+        raise ValueError("give one state buffer per parameter")
     if not params or is_sharded(params):
         return None
     grads = [p.grad for p in params]
-    if momentum != 0 and bufs is None:
-        raise ValueError("SGD with momentum needs bufs= (one buffer per parameter)")
-    buffers = [p.detach() for p in params] if momentum == 0 else list(bufs)
-    if any(g is None or g.is_sparse for g in grads) or len(buffers) != len(params):
+    if any(g is None or g.is_sparse for g in grads):
         return None
-    for p, g, b in zip(params, grads, buffers):
-        same = (p.dtype, p.shape, p.stride(), p.device)
-        if (g.dtype, g.shape, g.stride(), g.device) != same or (
-            b.dtype,
-            b.shape,
-            b.stride(),
-            b.device,
-        ) != same:
-            return None
+    for i, p in enumerate(params):
+        layout = (p.dtype, p.shape, p.stride(), p.device)
+        for t in [grads[i]] + [state[i] for state in states]:
+            if (t.dtype, t.shape, t.stride(), t.device) != layout:
+                return None
         if p.numel() == 0 or segment_geometry(p.detach(), groups) is None:
             return None
     name = resolve_backend(backend, params[0].device)
@@ -348,22 +403,19 @@ def sgd_prox_(
 
     with torch.no_grad():
         flat = ops.call(
-            ops.sgd_prox_op,
+            ops.step_prox_op,
             [p.detach() for p in params],
             [g.detach() for g in grads],
-            [b.detach() for b in buffers],
+            [t.detach() for state in states for t in state],
             encode_groupings((groups,)),
-            float(lr),
-            float(momentum),
-            float(dampening),
-            float(weight_decay),
-            bool(nesterov),
-            bool(first) or momentum == 0,
+            method,
+            [float(options[n]) for n in STEP_OPTIONS[method]],
             kind,
             t_elem,
             t_group,
             name,
         )
-    if flat.numel() == 0 and sum(group_count(p.shape, groups) for p in params) > 0:
+    counts = [group_count(p.shape, groups) for p in params]
+    if flat.numel() == 0 and sum(counts) > 0:
         return None
-    return list(torch.split(flat, [group_count(p.shape, groups) for p in params]))
+    return list(torch.split(flat, counts))

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from fastsparse.core.contract import ELEMENT_PROX_KINDS
 from fastsparse.optim.rules import Rule
 from fastsparse.optim.sparsifier import Sparsifier
 
@@ -29,10 +30,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         warmup_steps, every, heal_from, heal_elements, example_inputs, backend: as in
             `fastsparse.optim.Sparsifier` (warmup before the rules act, prox every N steps,
             zeros frozen from step `heal_from` on).
-        fuse_step: wrapping ``torch.optim.SGD``, apply a prox rule's step and prox in one
-            pass over each group where the fused kernels serve its tensors (native CPU backend,
-            fp32 / fp64): each weight, gradient and momentum buffer is read once and written
-            once, instead of a step then a prox. The same values up to rounding.
+        fuse_step: wrapping ``torch.optim.SGD``, ``Adam`` or ``AdamW``, apply a prox rule's step
+            and prox in one pass over each group where the fused kernels serve its tensors
+            (native CPU backend, fp32 / fp64): each weight, gradient and state buffer is read
+            once and written once, instead of a step then a prox. The same values up to
+            rounding.
 
     ``state_dict()`` holds the wrapped optimizer's state and the rules' (step count, learning
     rates since the last prox, healing masks): a run resumed from it follows the same
@@ -143,56 +145,106 @@ class SparseOptimizer(torch.optim.Optimizer):
     def _fused_steps(self) -> list:
         """Step and prox the targets that one fused pass serves; their indices.
 
-        torch.optim.SGD only (not maximize, not differentiable): its momentum buffers are
-        read and written in the wrapped optimizer's state, so that its state dict and later
-        unfused steps go on as if it had stepped them itself.
+        torch.optim.SGD, Adam and AdamW (not maximize, differentiable, capturable, fused or
+        amsgrad): their state (momentum buffers; step and moments) is read and written in the
+        wrapped optimizer's own state, so that its state dict and later unfused steps go on as
+        if it had stepped these parameters itself.
         """
-        if type(self.optimizer) is not torch.optim.SGD:
+        kind_of_step = _FUSED_STEPS.get(type(self.optimizer))
+        if kind_of_step is None:
             return []
-        from fastsparse.functional import sgd_prox_
-
         done = []
         for i, target in enumerate(self.sparsifier.targets):
             if not self.sparsifier.fusable(i):
                 continue
             group = self.param_groups[target.group_index]
-            if group.get("maximize") or group.get("differentiable"):
+            if any(group.get(flag) for flag in _UNFUSED_FLAGS):
                 continue
-            params = target.params
-            momentum = group["momentum"]
-            states = [self.state[p] for p in params]
-            old = [st.get("momentum_buffer") for st in states]
-            if momentum != 0 and any(b is None for b in old) and not all(b is None for b in old):
-                continue  # some buffers exist, some not: let the optimizer step them
-            first = momentum != 0 and old[0] is None
-            bufs = None
-            if momentum != 0:
-                bufs = [torch.empty_like(p) for p in params] if first else old
-            t_elem, t_group = self.sparsifier.prox_thresholds(i)
             kind = target.rule.prox
-            masks = sgd_prox_(
-                params,
-                kind,
-                (t_elem, t_group)
-                if kind == "l0_group_lasso"
-                else (t_elem if kind in ("l1", "l0") else t_group),
-                lr=group["lr"],
-                momentum=momentum,
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                bufs=bufs,
-                first=first,
-                groups=target.grouping,
-                backend=self.sparsifier.backend,
-            )
-            if masks is None:
-                continue
-            if first:
-                for st, buf in zip(states, bufs):
-                    st["momentum_buffer"] = buf
-            done.append(i)
+            t_elem, t_group = self.sparsifier.prox_thresholds(i)
+            if kind == "l0_group_lasso":
+                threshold = (t_elem, t_group)
+            else:
+                threshold = t_elem if kind in ELEMENT_PROX_KINDS else t_group
+            step = kind_of_step(self, target, group, kind, threshold)
+            if step:
+                done.append(i)
         return done
+
+    def _fused_sgd(self, target, group, kind, threshold) -> bool:
+        from fastsparse.functional import sgd_prox_
+
+        params, momentum = target.params, group["momentum"]
+        states = [self.state[p] for p in params]
+        old = [st.get("momentum_buffer") for st in states]
+        if momentum != 0 and any(b is None for b in old) and not all(b is None for b in old):
+            return False  # some buffers exist, some not: the optimizer steps them
+        first = momentum != 0 and old[0] is None
+        bufs = None
+        if momentum != 0:
+            bufs = [torch.empty_like(p) for p in params] if first else old
+        masks = sgd_prox_(
+            params,
+            kind,
+            threshold,
+            lr=group["lr"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            bufs=bufs,
+            first=first,
+            groups=target.grouping,
+            backend=self.sparsifier.backend,
+        )
+        if masks is not None and first:
+            for st, buf in zip(states, bufs):
+                st["momentum_buffer"] = buf
+        return masks is not None
+
+    def _fused_adam(self, target, group, kind, threshold) -> bool:
+        from fastsparse.functional import adam_prox_
+
+        params = target.params
+        states = [self.state[p] for p in params]
+        fresh = [len(st) == 0 for st in states]
+        if any(fresh) and not all(fresh):
+            return False
+        if all(fresh):  # as torch's Adam initializes its state
+            steps = [torch.tensor(0.0, dtype=torch.get_default_dtype()) for _ in params]
+            exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+            exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        else:
+            steps = [st["step"] for st in states]
+            exp_avgs = [st["exp_avg"] for st in states]
+            exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        counts = {float(t) for t in steps}
+        if len(counts) != 1:
+            return False
+        decoupled = group.get(
+            "decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW)
+        )
+        masks = adam_prox_(
+            params,
+            kind,
+            threshold,
+            lr=group["lr"],
+            step=int(counts.pop()) + 1,
+            exp_avgs=exp_avgs,
+            exp_avg_sqs=exp_avg_sqs,
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=decoupled,
+            groups=target.grouping,
+            backend=self.sparsifier.backend,
+        )
+        if masks is None:
+            return False
+        for st, step, m, v in zip(states, steps, exp_avgs, exp_avg_sqs):
+            step += 1
+            st.update(step=step, exp_avg=m, exp_avg_sq=v)
+        return True
 
     def sparsity(self) -> dict:
         """Fraction of zero groups per matched parameter and in total (a host sync)."""
@@ -230,3 +282,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         inner = "\n    ".join(repr(self.optimizer).split("\n"))
         rules = "\n    ".join(repr(r) for r in self.rules)
         return f"SparseOptimizer(\n    {inner}\n    rules:\n    {rules}\n)"
+
+
+# The optimizers whose step the fused kernels take over, and the options that keep them out.
+_FUSED_STEPS = {
+    torch.optim.SGD: SparseOptimizer._fused_sgd,
+    torch.optim.Adam: SparseOptimizer._fused_adam,
+    torch.optim.AdamW: SparseOptimizer._fused_adam,
+}
+_UNFUSED_FLAGS = ("maximize", "differentiable", "capturable", "fused", "amsgrad")

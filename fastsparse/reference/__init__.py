@@ -38,7 +38,14 @@ from fastsparse.reference.penalty import (
     rebind,
     tensor_penalty,
 )
-from fastsparse.reference.prox import prox_, prox_thresholds, scale_groups_, sgd_prox_, ungroup
+from fastsparse.reference.prox import (
+    adam_prox_,
+    prox_,
+    prox_thresholds,
+    scale_groups_,
+    sgd_prox_,
+    ungroup,
+)
 from fastsparse.reference.selective_decay import (
     quantile_threshold,
     relevance,
@@ -48,6 +55,7 @@ from fastsparse.reference.selective_decay import (
 )
 
 __all__ = [
+    "adam_prox_",
     "ACROSS_GROUP_KINDS",
     "ELEMENT_PROX_KINDS",
     "FLOW_REDUCTIONS",

@@ -228,3 +228,23 @@ def sgd_prox_(params, bufs, options: dict, kind: str, threshold, groups="filters
                 d = d + mu * buf if options["nesterov"] else buf
             p.add_(d, alpha=-lr)
     return prox_([p.detach() for p in params], kind, threshold, groups), new_bufs
+
+
+def adam_prox_(params, exp_avgs, exp_avg_sqs, options: dict, step: int, kind, threshold, groups):
+    """torch.optim.Adam / AdamW's step (options: lr, betas, eps, weight_decay, decoupled; `step`
+    the step being taken, from 1), then `prox_`, in plain PyTorch; the moments are updated in
+    place. Returns the masks."""
+    lr, (beta1, beta2), eps = options["lr"], options["betas"], options["eps"]
+    wd = options["weight_decay"]
+    with torch.no_grad():
+        for p, m, v in zip(params, exp_avgs, exp_avg_sqs):
+            g = p.grad
+            if options["decoupled"]:
+                p.mul_(1 - lr * wd)
+            else:
+                g = g.add(p, alpha=wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+    return prox_([p.detach() for p in params], kind, threshold, groups)

@@ -151,11 +151,15 @@ def test_opcheck_prox_and_scale_groups(device, backend):
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
 
 
-def test_opcheck_sgd_prox():
+@pytest.mark.parametrize("method", ["sgd", "adam"])
+def test_opcheck_step_prox(method):
     weights = [w.detach().clone() for w in two_weights("cpu")]
     grads = [torch.randn_like(w) for w in weights]
-    bufs = [torch.zeros_like(w) for w in weights]
-    args = (weights, grads, bufs, "filters", 0.1, 0.9, 0.0, 0.0, False, False, "group_lasso",
-            0.0, 0.05, "native")  # fmt: skip
-    result = torch.library.opcheck(torch.ops.fastsparse.sgd_prox_.default, args)
+    states = [torch.zeros_like(w) for _ in range(1 if method == "sgd" else 2) for w in weights]
+    options = [0.1, 0.9, 0.0, 0.0, 0.0, 0.0] if method == "sgd" else [
+        1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 1e-2, 0.03,
+    ]  # fmt: skip
+    args = (weights, grads, states, "filters", method, options, "group_lasso", 0.0, 0.05,
+            "native")  # fmt: skip
+    result = torch.library.opcheck(torch.ops.fastsparse.step_prox_.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result

@@ -381,3 +381,32 @@ def test_sgd_prox_declines_what_it_cannot_fuse():
         assert all(torch.equal(p, b) for p, b in zip(params, before))
     with pytest.raises(ValueError, match="bufs"):
         sgd_prox_([one()], "group_lasso", 0.1, lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("kind,threshold", PROX_CASES, ids=[k for k, _ in PROX_CASES])
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
+def test_adam_prox_matches_the_step_then_the_prox(kind, threshold, decoupled):
+    from fastsparse.functional import adam_prox_
+
+    params = make([(6, 4, 3, 3), (7, 13), (5,)], torch.float64, "cpu", seed=43)
+    expected = [p.clone() for p in params]
+    moments = [[torch.zeros_like(p) for p in params] for _ in range(4)]
+    options = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, decoupled=decoupled)
+    for step in (1, 2, 3):
+        for p, e in zip(params, expected):
+            p.grad = torch.randn_like(p)
+            e.grad = p.grad.clone()
+        masks = adam_prox_(params, kind, threshold, lr=0.01, step=step, exp_avgs=moments[0],
+                           exp_avg_sqs=moments[1], betas=(0.9, 0.99), weight_decay=0.05,
+                           decoupled=decoupled, backend="native")  # fmt: skip
+        expected_masks = ref.adam_prox_(
+            expected, moments[2], moments[3], options, step, kind, threshold, "filters"
+        )
+        for p, e, m, em in zip(params, expected, masks, expected_masks):
+            torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-12)
+            assert torch.equal(m, em)
+    for got, want in zip(moments[0] + moments[1], moments[2] + moments[3]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="step"):
+        adam_prox_(params, kind, threshold, lr=0.01, step=0, exp_avgs=moments[0],
+                   exp_avg_sqs=moments[1])  # fmt: skip

@@ -506,25 +506,31 @@ def test_exported_from_the_package_and_printed():
     assert text.startswith("SparseOptimizer(") and "SGD" in text and "prox='l1'" in text
 
 
+STEPS = {
+    "sgd-momentum-wd": lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9, weight_decay=1e-2),
+    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9, nesterov=True),
+    "sgd-plain": lambda ps: torch.optim.SGD(ps, lr=LR),
+    "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.5, dampening=0.3),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=1e-2),
+    "adam-wd": lambda ps: torch.optim.Adam(ps, lr=LR, weight_decay=1e-2),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize(
-    "options",
-    [dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.9, nesterov=True), dict(),
-     dict(momentum=0.5, dampening=0.3)],
-    ids=["momentum-wd", "nesterov", "plain", "dampening"],
-)  # fmt: skip
+@pytest.mark.parametrize("optimizer", list(STEPS))
 @pytest.mark.parametrize("kind", ["group_lasso", "group_l0", "l1", "l0_group_lasso"])
-def test_fused_step_equals_the_step_then_the_prox(kind, options, dtype, monkeypatch):
+def test_fused_step_equals_the_step_then_the_prox(kind, optimizer, dtype, monkeypatch):
     import fastsparse.functional as functional
 
     calls = []
-    real = functional.sgd_prox_
+    name = "adam_prox_" if optimizer.startswith("adam") else "sgd_prox_"
+    real = getattr(functional, name)
 
     def counted(*args, **kwargs):
         calls.append(real(*args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(functional, "sgd_prox_", counted)
+    monkeypatch.setattr(functional, name, counted)
     x = _batch(dtype)
     runs = []
     for fuse in (True, False):
@@ -536,8 +542,8 @@ def test_fused_step_equals_the_step_then_the_prox(kind, options, dtype, monkeypa
         if kind == "l0_group_lasso":
             strength = (0.002 / LR, strength)
         rule = Rule(names, prox=kind, strength=strength)
-        base = torch.optim.SGD(model.parameters(), lr=LR, **options)
-        opt = SparseOptimizer(base, model, [rule], fuse_step=fuse, every=2)
+        opt = SparseOptimizer(STEPS[optimizer](model.parameters()), model, [rule],
+                              fuse_step=fuse, every=2)  # fmt: skip
         _train(model, opt, x, 5)
         runs.append((model, opt))
     assert len(calls) == 3 and all(c is not None for c in calls)  # steps 0, 2, 4 fused
@@ -545,11 +551,13 @@ def test_fused_step_equals_the_step_then_the_prox(kind, options, dtype, monkeypa
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=name)
-        a = fused_opt.state[p].get("momentum_buffer")
-        b = plain_opt.state[q].get("momentum_buffer")
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+        a, b = fused_opt.state[p], plain_opt.state[q]
+        assert a.keys() == b.keys(), name
+        for key in a:
+            if a[key] is None or b[key] is None:
+                assert a[key] is b[key] is None
+                continue
+            torch.testing.assert_close(a[key], b[key], rtol=tol, atol=tol, msg=f"{name} {key}")
     assert fused_opt.sparsity() == plain_opt.sparsity()
 
 
