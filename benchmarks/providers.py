@@ -7,8 +7,9 @@ Each provider implements up to three operations of the numerical contract (docs/
     group_norms(case, ws)   per tensor, the 1-D tensor of group l2 norms
 
 and, for the optimizer-step mode (prox_step), `sparse_step(case)`: a function that runs one
-optimizer step of SGD with momentum over every parameter, followed by a group-lasso proximal
-step of threshold lr * strength on the regularized weights (the tensors of 2+ dims).
+optimizer step (SGD with momentum, or AdamW: `case.step`) over every parameter, followed by a
+group-lasso proximal step of threshold lr * strength on the regularized weights (the tensors of
+2+ dims).
 
 Providers (role "fastsparse" is measured against every "baseline"; "reference" rows are shown
 but are not baselines):
@@ -25,10 +26,10 @@ but are not baselines):
                           models only; its own penalty: DepGraph's group-norm regularizer)
     copy                  torch._foreach_copy_(grads, weights): the traffic floor of the
                           in-place mode (reference; its bytes are W + G, what it moves)
-    sgd-step              the plain SGD step alone (prox_step's reference: what every sparse
-                          step costs on top of)
+    plain-step            the optimizer's step alone (prox_step's reference: what every
+                          sparse step costs on top of)
     torchao-pat           torchao's PruneOptimizer (pruning-aware training, Meta) around the
-                          same SGD: ProxGroupLasso on Dim0Grouper groups (prox_step only)
+                          same optimizer: ProxGroupLasso on Dim0Grouper groups (prox_step)
 
 A provider that cannot run says why (`unavailable`, `unsupported`); the harness records that as
 "skipped", and an exception while running as "failed", never as a crash.
@@ -47,8 +48,8 @@ from fastsparse import reference
 
 FASTSPARSE, BASELINE, REFERENCE = "fastsparse", "baseline", "reference"
 PENALTY_MODES = ("value", "value_grad", "inplace", "group_norms")
-# The optimizer of the prox_step mode: SGD with momentum, multi-tensor (foreach).
-STEP_LR, STEP_MOMENTUM = 0.1, 0.9
+# The optimizers of the prox_step mode (multi-tensor, foreach) and their learning rates.
+STEP_LRS = {"sgd": 0.1, "adamw": 1e-3}
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Case:
         kind, groups, alpha, strength: the penalty (fastsparse.penalty's arguments).
         device: where the tensors live.
         allow_interpreter: let the Triton provider run on CPU under TRITON_INTERPRET=1.
+        step: the prox_step mode's optimizer, "sgd" or "adamw".
     """
 
     workload: Workload
@@ -73,6 +75,7 @@ class Case:
     strength: float
     device: torch.device
     allow_interpreter: bool = False
+    step: str = "sgd"
     cache: dict = field(default_factory=dict)
 
     @property
@@ -133,8 +136,12 @@ def regularized(case: Case) -> List[torch.Tensor]:
     return [p for p in case.params if p.dim() >= 2]
 
 
-def step_optimizer(params) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=STEP_LR, momentum=STEP_MOMENTUM, foreach=True)
+def step_optimizer(case: Case, params) -> torch.optim.Optimizer:
+    """The prox_step mode's optimizer: SGD with momentum 0.9, or AdamW (``case.step``)."""
+    lr = STEP_LRS[case.step]
+    if case.step == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True)
+    return torch.optim.AdamW(params, lr=lr, foreach=True)
 
 
 # --------------------------------------------------------------------------- fastsparse
@@ -199,7 +206,7 @@ class Fastsparse(Provider):
             groups=case.groups,
         )
         opt = SparseOptimizer(
-            step_optimizer(case.params), list(case.params), [rule], backend=self.backend
+            step_optimizer(case, case.params), list(case.params), [rule], backend=self.backend
         )
         return opt.step
 
@@ -258,9 +265,9 @@ class EagerOracle(Provider):
         return self._norms_fn()(tensors, case.groups)
 
     def sparse_step(self, case):
-        opt = step_optimizer(case.params)
+        opt = step_optimizer(case, case.params)
         weights = [p.detach() for p in regularized(case)]
-        threshold = STEP_LR * case.strength
+        threshold = STEP_LRS[case.step] * case.strength
 
         def step():
             opt.step()
@@ -538,17 +545,17 @@ class Copy(Provider):
         return None
 
 
-class SGDStep(Provider):
+class PlainStep(Provider):
     """The plain optimizer step: the cost every sparse step adds to."""
 
-    name = "sgd-step"
+    name = "plain-step"
     role = REFERENCE
-    description = "torch.optim.SGD(momentum=0.9, foreach=True).step() alone, no sparsity"
+    description = "the optimizer's own step alone (foreach), no sparsity"
     checked = False
     modes = ("prox_step",)
 
     def sparse_step(self, case):
-        return step_optimizer(case.params).step
+        return step_optimizer(case, case.params).step
 
 
 class TorchaoPAT(Provider):
@@ -595,7 +602,7 @@ class TorchaoPAT(Provider):
         ]
         if rest:
             groups.append({"params": rest})
-        return PruneOptimizer(step_optimizer(groups)).step
+        return PruneOptimizer(step_optimizer(case, groups)).step
 
 
 def all_providers() -> List[Provider]:
@@ -610,7 +617,7 @@ def all_providers() -> List[Provider]:
         TorchPruning(),
         TorchaoPAT(),
         Copy(),
-        SGDStep(),
+        PlainStep(),
     ]
 
 

@@ -13,11 +13,12 @@ bytes, G = the gradients' bytes, groups = number of groups):
     value_grad   R(W), then backward() into fresh .grad        W + G
     inplace      add_penalty_grad_: .grad += strength·dR/dW    W + 2G (G read and written)
     group_norms  the group l2 norms                            W + 4·groups (fp32 norms)
-    prox_step    SGD (momentum) step, then a group-lasso prox  4W + G (read W, G, momentum;
-                 on the weights of 2+ dims                     write W, momentum: fused floor)
+    prox_step    an optimizer step, then a group-lasso prox    4W + G with SGD (read W, G, M,
+                 on the weights of 2+ dims                     write W, M), 6W + G with AdamW
 
-prox_step's figure of merit is the cost over the plain step (provider "sgd-step"): the sparse
-step's time minus the plain step's, measured in the same run.
+prox_step's figure of merit is the cost over the plain step (provider "plain-step"): the sparse
+step's time minus the plain step's, measured in the same run. --step-optimizer picks the step:
+SGD with momentum 0.9 (lr 0.1) or AdamW (lr 1e-3).
 
 Timing: on CUDA, CUDA events around each call, after a synchronize and an L2 flush (a 256 MB
 write), so a time covers the host launch overhead and the device work; on CPU, time.perf_counter
@@ -64,11 +65,12 @@ import torch
 from benchmarks import report
 from benchmarks.providers import (
     PROVIDER_NAMES,
-    STEP_LR,
+    STEP_LRS,
     Case,
     CompiledOracle,
     Provider,
     all_providers,
+    step_optimizer,
 )
 from benchmarks.workloads import PROFILES, Workload, profile_workloads, select
 from fastsparse import reference
@@ -207,9 +209,11 @@ MODES = {
         ),
         Mode(
             "prox_step",
-            "an optimizer step with sparsity: SGD (momentum 0.9) over every parameter, then a "
-            "group-lasso prox (threshold lr * strength) on the weights of 2+ dims",
-            "4W + G (the fused floor: read W, G and the momentum, write W and the momentum)",
+            "an optimizer step with sparsity: the optimizer (--step-optimizer) over every "
+            "parameter, then a group-lasso prox (threshold lr * strength) on the weights of "
+            "2+ dims",
+            "4W + G with SGD, 6W + G with AdamW (the fused floor: read W, G and the optimizer's "
+            "state, write W and the state; counted with SGD's)",
             lambda w, groups: 4 * w.weight_bytes + w.grad_bytes,
             _build_prox_step,
         ),
@@ -429,9 +433,12 @@ class OracleCheck:
         if self._stepped_norms is None:
             c = self.case
             start, grads = step_inputs(c)
-            after = [w.add(g, alpha=-STEP_LR) for w, g in zip(start, grads)]
-            weights = [w for w in after if w.dim() >= 2]
-            reference.prox_(weights, "group_lasso", STEP_LR * c.strength, c.groups)
+            after = [w.clone().requires_grad_(True) for w in start]
+            for w, g in zip(after, grads):
+                w.grad = g
+            step_optimizer(c, after).step()  # the first step, as the providers' first call
+            weights = [w.detach() for w in after if w.dim() >= 2]
+            reference.prox_(weights, "group_lasso", STEP_LRS[c.step] * c.strength, c.groups)
             self._stepped_norms = _norms(after)
             del after, weights
         return self._stepped_norms
@@ -622,6 +629,7 @@ def run_benchmarks(args: argparse.Namespace, log=print, checkpoint=None) -> dict
             "groups": _groups_text(args.groups),
             "alpha": args.alpha,
             "strength": args.strength,
+            "step_optimizer": args.step_optimizer,
             "modes": [m.name for m in modes],
             "providers": [p.name for p in providers],
             "settings": settings.__dict__,
@@ -659,6 +667,7 @@ def run_benchmarks(args: argparse.Namespace, log=print, checkpoint=None) -> dict
             args.strength,
             device,
             allow_interpreter=args.allow_interpreter,
+            step=args.step_optimizer,
         )
         oracle = OracleCheck(case)
         oracle.prepare([m.name for m in modes])
@@ -850,6 +859,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="sparse_group_lasso's alpha")
     p.add_argument("--strength", type=float, default=1e-4, help="in-place gradient scale")
     p.add_argument("--llama-layers", type=int, help="Llama-7B layers (default: what fits)")
+    p.add_argument(
+        "--step-optimizer",
+        choices=tuple(STEP_LRS),
+        default="sgd",
+        help="the prox_step mode's optimizer (SGD with momentum, or AdamW)",
+    )
     p.add_argument(
         "--llama-dtype",
         choices=("bf16", "fp32"),
