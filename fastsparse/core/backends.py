@@ -138,7 +138,7 @@ def fused_backend(name: str) -> Backend:
     backend = _FUSED.get(name)
     if backend is None:
         if name == "triton":
-            from fastsparse.kernels import penalty, prox
+            from fastsparse.kernels import penalty, prox, step_prox
 
             backend = SimpleNamespace(
                 plans=penalty.plans,
@@ -147,6 +147,7 @@ def fused_backend(name: str) -> Backend:
                 apply=penalty.apply,
                 fused=penalty.fused,
                 prox=prox.prox,
+                step_prox=step_prox.step_prox,
             )
         elif name == "native":
             from fastsparse.core import native as backend

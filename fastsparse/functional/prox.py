@@ -303,9 +303,9 @@ def sgd_prox_(
     group factor is applied to the values just written, still in cache.
 
     Returns the kept masks as `prox_` does, or None where no fused pass serves these tensors
-    (another backend than the native CPU one, fp16 / bf16, groups longer than one chunk,
-    weights, gradients and buffers of different layouts): nothing is modified then, and the
-    caller runs the step and the prox separately.
+    (the oracle backend, CUDA tensors on the native backend, fp16 / bf16 on the native one,
+    groups longer than one block, weights, gradients and buffers of different layouts):
+    nothing is modified then, and the caller runs the step and the prox separately.
 
     Example::
 
@@ -396,8 +396,8 @@ def _step_prox(params, states, method, options, kind, threshold, groups, backend
         if p.numel() == 0 or segment_geometry(p.detach(), groups) is None:
             return None
     name = resolve_backend(backend, params[0].device)
-    if name != "native" or params[0].device.type != "cpu":
-        return None
+    if name not in ("native", "triton") or (name == "native" and params[0].device.type != "cpu"):
+        return None  # the native pass is CPU code; the Triton one runs where Triton does
     t_elem, t_group = reference.prox_thresholds(kind, threshold)
     from fastsparse.core import ops
 

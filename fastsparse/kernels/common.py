@@ -157,15 +157,16 @@ def address_table(plan: Plan, cls, tensors) -> torch.Tensor:
     return tables["table"]
 
 
-def grad_addresses(plan: Plan, cls, grads) -> torch.Tensor:
-    """Per segment of the class, the address of the gradient it writes."""
+def grad_addresses(plan: Plan, cls, grads, name: str = "grad") -> torch.Tensor:
+    """Per segment of the class, the address of the gradient it writes (or of another tensor
+    laid out like the weight: `name` keeps one cached table per role, e.g. optimizer states)."""
     tables = class_tables(plan, cls)
     addresses = tuple(grads[s.tensor_index].data_ptr() for s in cls.segments)
-    if tables.get("grad_addresses_key") != addresses:
+    if tables.get(f"{name}_addresses_key") != addresses:
         tensor = torch.tensor(addresses, dtype=torch.int64)
-        tables["grad_addresses"] = tensor.to(plan.device, non_blocking=True)
-        tables["grad_addresses_key"] = addresses
-    return tables["grad_addresses"]
+        tables[f"{name}_addresses"] = tensor.to(plan.device, non_blocking=True)
+        tables[f"{name}_addresses_key"] = addresses
+    return tables[f"{name}_addresses"]
 
 
 def launch_reduction(plan: Plan, cls, out: torch.Tensor, launch) -> None:

@@ -36,7 +36,17 @@ from fastsparse.kernels.common import (
 
 
 @triton.jit
-def _prox_factor(n, t, KIND: tl.constexpr):
+def element_step(x, t, KIND: tl.constexpr):
+    """The element stage of a prox kind: soft (l1) or hard (l0, l0_group_lasso) threshold."""
+    if KIND == 0:
+        x = tl.where(x > 0, 1.0, -1.0) * tl.maximum(tl.abs(x) - t, 0.0)
+    if KIND == 1 or KIND == 4:
+        x = tl.where(tl.abs(x) > t, x, 0.0)
+    return x
+
+
+@triton.jit
+def prox_factor(n, t, KIND: tl.constexpr):
     """Per-group multiplier of the group kinds; 0 for dead groups (n <= t)."""
     alive = n > t
     if KIND == 3:  # group_l0
@@ -65,14 +75,10 @@ def _prox_kernel(
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
     g, chunk, offsets, group_mask, mask = tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
-    x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    if KIND == 0:
-        x = tl.where(x > 0, 1.0, -1.0) * tl.maximum(tl.abs(x) - t_elem, 0.0)
-    if KIND == 1 or KIND == 4:
-        x = tl.where(tl.abs(x) > t_elem, x, 0.0)
+    x = element_step(tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE), t_elem, KIND)
     if KIND >= 2:
         if FUSED:
-            factor = _prox_factor(tl.sqrt(tl.sum(x * x, axis=1)), t_group, KIND)
+            factor = prox_factor(tl.sqrt(tl.sum(x * x, axis=1)), t_group, KIND)
         else:
             global_g = table_field(table_ptr, segment, F_GROUP_OFFSET) + g
             factor = tl.load(factors_ptr + global_g, mask=group_mask, other=0.0).to(ACC_DTYPE)

@@ -152,14 +152,14 @@ def test_opcheck_prox_and_scale_groups(device, backend):
 
 
 @pytest.mark.parametrize("method", ["sgd", "adam"])
-def test_opcheck_step_prox(method):
-    weights = [w.detach().clone() for w in two_weights("cpu")]
+def test_opcheck_step_prox(method, device, backend):
+    weights = [w.detach().clone() for w in two_weights(device)]
     grads = [torch.randn_like(w) for w in weights]
     states = [torch.zeros_like(w) for _ in range(1 if method == "sgd" else 2) for w in weights]
     options = [0.1, 0.9, 0.0, 0.0, 0.0, 0.0] if method == "sgd" else [
         1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 1e-2, 0.03,
     ]  # fmt: skip
     args = (weights, grads, states, "filters", method, options, "group_lasso", 0.0, 0.05,
-            "native")  # fmt: skip
+            backend)  # fmt: skip
     result = torch.library.opcheck(torch.ops.fastsparse.step_prox_.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result

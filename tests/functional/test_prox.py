@@ -329,7 +329,7 @@ def test_coupled_prox_zeroes_whole_groups_and_prune_removes_them(kind, backend, 
 
 @pytest.mark.parametrize("kind,threshold", PROX_CASES, ids=[k for k, _ in PROX_CASES])
 @pytest.mark.parametrize("grouping", ["filters", "channels", "kernels", None], ids=grouping_id)
-def test_sgd_prox_matches_the_step_then_the_prox(kind, threshold, grouping):
+def test_sgd_prox_matches_the_step_then_the_prox(kind, threshold, grouping, backend, device):
     from fastsparse.core.layout import SPLIT_BLOCK, group_count
     from fastsparse.functional import sgd_prox_
 
@@ -337,7 +337,7 @@ def test_sgd_prox_matches_the_step_then_the_prox(kind, threshold, grouping):
     shapes = [
         s for s in shapes_for(grouping) if math.prod(s) // group_count(s, grouping) <= SPLIT_BLOCK
     ]
-    params = make(shapes, torch.float64, "cpu", seed=41)
+    params = make(shapes, torch.float64, device, seed=41)
     expected = [p.clone() for p in params]
     for p, e in zip(params, expected):
         p.grad = torch.randn_like(p)
