@@ -335,7 +335,7 @@ def test_sgd_prox_matches_the_step_then_the_prox(kind, threshold, grouping, back
 
     if backend == "native" and device != "cpu":
         pytest.skip("the native fused step is CPU code (CUDA tensors take the Triton one)")
-        # Groups that fit one chunk: longer ones are declined (tested below).
+    # Groups that fit one chunk: longer ones are declined (tested below).
     shapes = [
         s for s in shapes_for(grouping) if math.prod(s) // group_count(s, grouping) <= SPLIT_BLOCK
     ]
@@ -387,12 +387,12 @@ def test_sgd_prox_declines_what_it_cannot_fuse():
 
 @pytest.mark.parametrize("kind,threshold", PROX_CASES, ids=[k for k, _ in PROX_CASES])
 @pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
-def test_adam_prox_matches_the_step_then_the_prox(kind, threshold, decoupled):
+def test_adam_prox_matches_the_step_then_the_prox(kind, threshold, decoupled, backend, device):
     from fastsparse.functional import adam_prox_
 
     if backend == "native" and device != "cpu":
         pytest.skip("the native fused step is CPU code (CUDA tensors take the Triton one)")
-        params = make([(6, 4, 3, 3), (7, 13), (5,)], torch.float64, "cpu", seed=43)
+    params = make([(6, 4, 3, 3), (7, 13), (5,)], torch.float64, device, seed=43)
     expected = [p.clone() for p in params]
     moments = [[torch.zeros_like(p) for p in params] for _ in range(4)]
     options = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, decoupled=decoupled)
@@ -402,7 +402,7 @@ def test_adam_prox_matches_the_step_then_the_prox(kind, threshold, decoupled):
             e.grad = p.grad.clone()
         masks = adam_prox_(params, kind, threshold, lr=0.01, step=step, exp_avgs=moments[0],
                            exp_avg_sqs=moments[1], betas=(0.9, 0.99), weight_decay=0.05,
-                           decoupled=decoupled, backend="native")  # fmt: skip
+                           decoupled=decoupled, backend=backend)  # fmt: skip
         expected_masks = ref.adam_prox_(
             expected, moments[2], moments[3], options, step, kind, threshold, "filters"
         )
