@@ -16,6 +16,8 @@ but are not baselines):
 
     fastsparse-triton     fastsparse's fused Triton kernels (backend="triton"; CUDA)
     fastsparse-native     fastsparse's C++ kernels (backend="native"; skipped where absent)
+    fastsparse-native-unfused  prox_step only: the optimizer's step, then one fused prox (the
+                          path of optimizers whose step fastsparse does not fuse)
     eager-oracle          fastsparse.reference, called as is (never copied)
     compile-default       torch.compile(fastsparse.reference.penalty / group_norms)
     compile-max-autotune  the same with mode="max-autotune-no-cudagraphs"
@@ -153,12 +155,19 @@ class Fastsparse(Provider):
     role = FASTSPARSE
     modes = PENALTY_MODES + ("prox_step",)
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, fuse_step: bool = True):
         self.backend = backend
-        self.name = f"fastsparse-{backend}"
+        self.fuse_step = fuse_step
+        self.name = f"fastsparse-{backend}" + ("" if fuse_step else "-unfused")
         self.description = (
             f'fastsparse.penalty / add_penalty_grad_ / group_norms(backend="{backend}")'
         )
+        if not fuse_step:  # the path of optimizers without a fused step: step, then one prox
+            self.modes = ("prox_step",)
+            self.description = (
+                f'SparseOptimizer(fuse_step=False, backend="{backend}"): the optimizer\'s step, '
+                "then one fused prox"
+            )
 
     def unavailable(self, case: Case) -> Optional[str]:
         from fastsparse.core import backends
@@ -206,7 +215,11 @@ class Fastsparse(Provider):
             groups=case.groups,
         )
         opt = SparseOptimizer(
-            step_optimizer(case, case.params), list(case.params), [rule], backend=self.backend
+            step_optimizer(case, case.params),
+            list(case.params),
+            [rule],
+            backend=self.backend,
+            fuse_step=self.fuse_step,
         )
         return opt.step
 
@@ -610,6 +623,7 @@ def all_providers() -> List[Provider]:
     return [
         Fastsparse("triton"),
         Fastsparse("native"),
+        Fastsparse("native", fuse_step=False),
         EagerOracle(),
         CompiledOracle("default"),
         CompiledOracle("max-autotune-no-cudagraphs"),

@@ -259,7 +259,9 @@ def targets(run: dict) -> List[dict]:
 
     step_provider = "fastsparse-triton" if run["device"]["type"] == "cuda" else "fastsparse-native"
     for name in ("resnet50", "llama7b"):
-        _step_cost_target(run, step_provider, name, out)
+        for provider in (step_provider, "fastsparse-native-unfused"):
+            if provider in run["providers"]:
+                _step_cost_target(run, provider, name, out)
     if run["device"]["type"] == "cuda":
         compiled = ["compile-default", "compile-max-autotune"]
         for p in fused:
