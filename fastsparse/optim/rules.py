@@ -118,8 +118,6 @@ class Rule:
         if self.groups == "blocks":
             if not isinstance(self.block_size, int) or self.block_size < 1:
                 raise ValueError(f"groups='blocks' needs block_size >= 1, got {self.block_size!r}")
-            if self.penalty is not None:
-                raise ValueError("groups='blocks' takes a prox or a target, not a penalty")
         elif self.block_size is not None:
             raise ValueError("block_size is only for groups='blocks'")
 

@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastsparse.core.contract import ELEMENT_PROX_KINDS, PROX_KINDS
+from fastsparse.core.contract import ELEMENT_PROX_KINDS, PROX_KINDS, grad_dtype
 from fastsparse.functional import add_penalty_grad_, group_norms, prox_, scale_groups_
 from fastsparse.optim.rules import Rule, Target, resolve
 
@@ -104,14 +104,27 @@ class Sparsifier:
         if not self.acting:
             return
         for target in self.targets:
-            if target.rule.penalty is not None:
+            if target.rule.penalty is None:
+                continue
+            if target.tensors is not target.params:  # blocks: through views of the gradients
+                spills = _bind_block_grads(target)
                 add_penalty_grad_(
-                    target.params if target.coupled is None else None,
+                    target.tensors,
                     target.rule.penalty,
                     float(target.rule.strength),
-                    groups=_groups(target),
+                    groups=target.grouping,
                     backend=self.backend,
                 )
+                for grad, spill in spills:
+                    grad.add_(spill.view(grad.shape))
+                continue
+            add_penalty_grad_(
+                target.params if target.coupled is None else None,
+                target.rule.penalty,
+                float(target.rule.strength),
+                groups=_groups(target),
+                backend=self.backend,
+            )
 
     @property
     def proxing(self) -> bool:
@@ -267,6 +280,21 @@ class Sparsifier:
                 dead, total = dead + zero, total + n.numel()
         out["total"] = dead / max(total, 1)
         return out
+
+
+def _bind_block_grads(target: Target) -> list:
+    """Give each block view the matching view of its parameter's gradient (zeros if none);
+    a gradient that has no such view gets a buffer, to add back: [(gradient, buffer)]."""
+    spills = []
+    for p, view in zip(target.params, target.tensors):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p, dtype=grad_dtype(p))
+        if p.grad.is_contiguous():
+            view.grad = p.grad.view(view.shape)
+        else:
+            view.grad = torch.zeros(view.shape, dtype=p.grad.dtype, device=p.device)
+            spills.append((p.grad, view.grad))
+    return spills
 
 
 def _groups(target: Target):

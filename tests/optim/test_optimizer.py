@@ -130,6 +130,28 @@ def test_penalty_rule_adds_the_gradient_before_the_step(backend):
         torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-12)
 
 
+def test_penalty_on_blocks_goes_through_the_gradients_views(backend):
+    model, x = _net(), _batch()
+    expected = copy.deepcopy(model)
+    rule = Rule(["0.weight", "5.weight"], penalty="group_lasso", strength=0.1, groups="blocks",
+                block_size=3)  # fmt: skip
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, [rule],
+                          backend=backend)  # fmt: skip
+    _backward(model, x)
+    model[5].weight.grad = model[5].weight.grad.t().contiguous().t()  # no block view of this one
+    opt.step()
+    _backward(expected, x)
+    with torch.no_grad():
+        weights = [expected[0].weight, expected[5].weight]
+        views = [w.view(-1, 3) for w in weights]
+        for w, g in zip(weights, ref.penalty_grad(views, "group_lasso", ("filters",))):
+            w.grad += 0.1 * g.view(w.shape)
+        for p in expected.parameters():
+            p -= LR * p.grad
+    for p, e in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_target_keeps_the_largest_groups(scope, backend):
     model, x = _net(), _batch()

@@ -42,7 +42,6 @@ def _names(rule_list, model=None):
         (dict(target=0.5, scope="model"), "unknown scope"),
         (dict(target=0.5, ramp_steps=-1), "ramp_steps"),
         (dict(prox="l1", groups="blocks"), "block_size"),
-        (dict(penalty="l1", groups="blocks", block_size=4), "not a penalty"),
         (dict(prox="l1", block_size=4), "only for groups='blocks'"),
     ],
 )
