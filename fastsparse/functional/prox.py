@@ -318,6 +318,8 @@ def sgd_prox_(
     """
     if momentum != 0 and bufs is None:
         raise ValueError("SGD with momentum needs bufs= (one buffer per parameter)")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     params = list(params)
     states = [list(bufs)] if momentum != 0 else [[p.detach() for p in params]]
     options = dict(
@@ -359,6 +361,8 @@ def adam_prox_(
     if not (isinstance(step, int) and step >= 1):
         raise ValueError(f"step must be an integer >= 1 (the step being taken), got {step!r}")
     beta1, beta2 = (float(b) for b in betas)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got {tuple(betas)!r}")
     options = dict(
         lr=lr,
         beta1=beta1,

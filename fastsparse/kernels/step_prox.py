@@ -48,6 +48,7 @@ def _step_prox_kernel(
     o2,
     o3,
     o4,
+    o5,
     step_size,
     bias2_sqrt,
     t_elem,
@@ -69,7 +70,7 @@ def _step_prox_kernel(
     grad_ptr = tl.load(grad_addresses_ptr + segment).to(tl.pointer_type(W_DTYPE))
     x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     d = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    if METHOD == 0:  # SGD: o1 momentum, o2 dampening, o3 weight decay
+    if METHOD == 0:  # SGD: o1 momentum, o2 1 - dampening, o3 weight decay
         d = d + o3 * x
         if HAS_STATE:
             buf_ptr = tl.load(first_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
@@ -77,27 +78,27 @@ def _step_prox_kernel(
                 b = d
             else:
                 b = o1 * tl.load(buf_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-                b = b + (1.0 - o2) * d
+                b = b + o2 * d
             tl.store(buf_ptr + offsets, b.to(W_DTYPE), mask=mask)
             if NESTEROV:
                 d = d + o1 * b
             else:
                 d = b
         y = x - lr * d
-    else:  # Adam: o1 beta1, o2 beta2, o3 eps, o4 weight decay (decoupled: AdamW)
+    else:  # Adam: o1 1 - beta1, o2 beta2, o3 1 - beta2, o4 eps, o5 weight decay (AdamW: decoupled)
         if DECOUPLED:
-            x = x * (1.0 - lr * o4)
+            x = x * (1.0 - lr * o5)
         else:
-            d = d + o4 * x
+            d = d + o5 * x
         m_ptr = tl.load(first_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
         v_ptr = tl.load(second_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
         m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        m = m + (1.0 - o1) * (d - m)  # lerp, as torch's for weights below 0.5
-        v = o2 * v + (1.0 - o2) * d * d
+        m = m + o1 * (d - m)  # lerp, as torch's for weights below 0.5
+        v = o2 * v + o3 * d * d
         tl.store(m_ptr + offsets, m.to(W_DTYPE), mask=mask)
         tl.store(v_ptr + offsets, v.to(W_DTYPE), mask=mask)
-        y = x - step_size * (m / (tl.sqrt(v) / bias2_sqrt + o3))
+        y = x - step_size * (m / (tl.sqrt(v) / bias2_sqrt + o4))
     y = element_step(y, t_elem, KIND)
     if KIND >= 2:
         factor = prox_factor(tl.sqrt(tl.sum(y * y, axis=1)), t_group, KIND)
@@ -118,13 +119,16 @@ def step_prox(
     after = torch.zeros((plan.total_groups, 2), dtype=torch.float64, device=plan.device)
     roles = [list(r) for r in zip(*states)] if states and states[0] else []  # state by state
     o = options
+    # One minus a coefficient is computed here, in double: the kernel's float arguments are
+    # fp32, and 1 - 0.999 in fp32 is 1.3e-5 off.
     if method == "sgd":
-        values = (o["lr"], o["momentum"], o["dampening"], o["weight_decay"], 0.0, 0.0, 1.0)
+        values = (o["lr"], o["momentum"], 1.0 - o["dampening"], o["weight_decay"], 0.0, 0.0, 0.0,
+                  1.0)  # fmt: skip
         flags = dict(HAS_STATE=o["momentum"] != 0, FIRST=bool(o["first"]),
                      NESTEROV=bool(o["nesterov"]), DECOUPLED=False)  # fmt: skip
     else:
-        values = (o["lr"], o["beta1"], o["beta2"], o["eps"], o["weight_decay"], o["step_size"],
-                  o["bias2_sqrt"])  # fmt: skip
+        values = (o["lr"], 1.0 - o["beta1"], o["beta2"], 1.0 - o["beta2"], o["eps"],
+                  o["weight_decay"], o["step_size"], o["bias2_sqrt"])  # fmt: skip
         flags = dict(HAS_STATE=True, FIRST=False, NESTEROV=False, DECOUPLED=bool(o["decoupled"]))
     for cls in plan.classes:
         tables = class_tables(plan, cls)

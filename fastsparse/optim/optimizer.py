@@ -175,14 +175,18 @@ class SparseOptimizer(torch.optim.Optimizer):
         from fastsparse.functional import sgd_prox_
 
         params, momentum = target.params, group["momentum"]
+        if momentum == 0:  # no state at all, as torch's SGD keeps none
+            masks = sgd_prox_(
+                params, kind, threshold, lr=group["lr"], weight_decay=group["weight_decay"],
+                groups=target.grouping, backend=self.sparsifier.backend,
+            )  # fmt: skip
+            return masks is not None
         states = [self.state[p] for p in params]
         old = [st.get("momentum_buffer") for st in states]
         if momentum != 0 and any(b is None for b in old) and not all(b is None for b in old):
             return False  # some buffers exist, some not: the optimizer steps them
-        first = momentum != 0 and old[0] is None
-        bufs = None
-        if momentum != 0:
-            bufs = [torch.empty_like(p) for p in params] if first else old
+        first = old[0] is None
+        bufs = [torch.empty_like(p) for p in params] if first else old
         masks = sgd_prox_(
             params,
             kind,
@@ -210,8 +214,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         fresh = [len(st) == 0 for st in states]
         if any(fresh) and not all(fresh):
             return False
-        if all(fresh):  # as torch's Adam initializes its state
-            steps = [torch.tensor(0.0, dtype=torch.get_default_dtype()) for _ in params]
+        if all(fresh):  # as torch's Adam initializes its state (a CPU step counter)
+            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            steps = [torch.tensor(0.0, dtype=scalar, device="cpu") for _ in params]
             exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
             exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         else:
@@ -249,6 +254,14 @@ class SparseOptimizer(torch.optim.Optimizer):
     def sparsity(self) -> dict:
         """Fraction of zero groups per matched parameter and in total (a host sync)."""
         return self.sparsifier.sparsity()
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer keeps only its defaults, state and param groups; the wrapper is
+        # its wrapped optimizer and rules.
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -108,11 +108,10 @@ class Rule:
         for s in strengths:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0:
                 raise ValueError(f"strength must be a number >= 0, got {self.strength!r}")
-        if self.target is not None:
-            if not 0 <= self.target < 1:
-                raise ValueError(f"target sparsity must be in [0, 1), got {self.target!r}")
-            if self.scope not in SCOPES:
-                raise ValueError(f"unknown scope {self.scope!r}; valid: {', '.join(SCOPES)}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; valid: {', '.join(SCOPES)}")
+        if self.target is not None and not 0 <= self.target < 1:
+            raise ValueError(f"target sparsity must be in [0, 1), got {self.target!r}")
         if int(self.ramp_steps) != self.ramp_steps or self.ramp_steps < 0:
             raise ValueError(f"ramp_steps must be an integer >= 0, got {self.ramp_steps!r}")
         if self.groups == "blocks":

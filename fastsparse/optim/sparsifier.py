@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastsparse.core.contract import ELEMENT_PROX_KINDS, PROX_KINDS, grad_dtype
+from fastsparse.core.layout import group_count
 from fastsparse.functional import add_penalty_grad_, group_norms, prox_, scale_groups_
 from fastsparse.optim.rules import Rule, Target, resolve
 
@@ -32,10 +33,14 @@ class Sparsifier:
             parameters, and their ``"lr"``, read at every step, scales the proximal steps.
         warmup_steps: steps with the plain optimizer before any rule acts.
         every: run the proximal steps and target constraints every `every` steps after the
-            warmup (their thresholds use the learning rates summed since the last run).
-        heal_from: from this step on the zeros are frozen: the rules stop, and after each
-            step one fused pass re-zeroes the groups that were zero when healing began (and
-            their gradients, for plain groupings), so fine-tuning cannot revive them.
+            warmup. Their thresholds use the learning rates summed since the last run: right for
+            the soft thresholds (l1, group_lasso), a larger cut for the hard ones (l0, group_l0)
+            than `every=1` with the same strength.
+        heal_from: from this step on the zeros are frozen: the rules stop; before each step
+            one fused pass zeroes the gradients of the groups that were zero when healing began
+            (so the optimizer's state takes nothing from them), and after it another re-zeroes
+            those groups (which momentum or weight decay may have moved): fine-tuning cannot
+            revive them.
         heal_elements: freeze zero elements rather than zero groups while healing (a bool
             mask of each parameter's size is kept).
         example_inputs: a batch to trace the model with, for rules with ``groups="coupled"``.
@@ -82,6 +87,7 @@ class Sparsifier:
         self.backend = backend
         self.steps = 0  # completed steps
         self._lr_since_prox = [0.0] * len(self.targets)
+        self._step_lrs: Optional[List[float]] = None
         self._frozen: Optional[List[List[torch.Tensor]]] = None
 
     @property
@@ -99,8 +105,14 @@ class Sparsifier:
     def before_step(self) -> None:
         """Add the penalty rules' gradients (to be called after unscaling and clipping); at the
         first healing step, record what is zero before the update moves it."""
-        if self.healing and self._frozen is None:
-            self._frozen = [[_full(m) for m in self._zero_pattern(t)] for t in self.targets]
+        # The learning rates of this step, read before any scheduler in the loop changes them
+        # (Lightning steps its schedulers before the hook that ends a step).
+        self._step_lrs = [self.optimizer.param_groups[t.group_index]["lr"] for t in self.targets]
+        if self.healing:
+            if self._frozen is None:
+                self._frozen = [[_full(m) for m in self._zero_pattern(t)] for t in self.targets]
+            for target, frozen in zip(self.targets, self._frozen):
+                self._mask_grads(target, frozen)
         if not self.acting:
             return
         for target in self.targets:
@@ -117,6 +129,8 @@ class Sparsifier:
                 )
                 for grad, spill in spills:
                     grad.add_(spill.view(grad.shape))
+                for view in target.tensors:
+                    view.grad = None
                 continue
             add_penalty_grad_(
                 target.params if target.coupled is None else None,
@@ -148,7 +162,7 @@ class Sparsifier:
         target = self.targets[index]
         lr = self._lr_since_prox[index]
         if self.acting:
-            lr += self.optimizer.param_groups[target.group_index]["lr"]
+            lr += self._lr(index)
         rule = target.rule
         strengths = rule.strength if isinstance(rule.strength, tuple) else (rule.strength,) * 2
         return strengths[0] * lr, strengths[1] * lr
@@ -170,8 +184,15 @@ class Sparsifier:
                 if proxing:
                     self._lr_since_prox[i] = 0.0
                 else:
-                    self._lr_since_prox[i] += self.optimizer.param_groups[target.group_index]["lr"]
+                    self._lr_since_prox[i] += self._lr(i)
         self.steps += 1
+        self._step_lrs = None
+
+    def _lr(self, index: int) -> float:
+        """This step's learning rate of target `index` (as `before_step` read it)."""
+        if self._step_lrs is not None:
+            return self._step_lrs[index]
+        return self.optimizer.param_groups[self.targets[index].group_index]["lr"]
 
     def _after_step(self, target: Target, t_elem: float, t_group: float) -> None:
         rule, tensors, groups = target.rule, _tensors(target), _groups(target)
@@ -208,17 +229,23 @@ class Sparsifier:
         norms = group_norms(_tensors(target), groups=_groups(target), backend=self.backend)
         return [n > 0 for n in norms]
 
-    def _refreeze(self, target: Target, frozen: List[torch.Tensor]) -> None:
+    def _mask_grads(self, target: Target, frozen: List[torch.Tensor]) -> None:
+        """Zero the gradients of the frozen groups (elements) before the update: the optimizer's
+        state (momentum, moments) then takes nothing from them."""
         if self.heal_elements:
             for p, alive in zip(target.params, frozen):
-                p.masked_fill_(~alive, 0)
                 if p.grad is not None:
                     p.grad.masked_fill_(~alive, 0)
             return
         if target.coupled is not None:
-            scale_groups_(None, frozen, groups=target.coupled, backend=self.backend)
+            grads = {id(p): p.grad for p in target.params}
+            if any(g is None or g.shape != p.shape for p, g in zip(target.params, grads.values())):
+                return
+            from fastsparse.reference import rebind
+
+            scale_groups_(None, frozen, groups=rebind(target.coupled, grads), backend=self.backend)
             return
-        tensors, masks = list(target.tensors), list(frozen)
+        grads, masks = [], []
         for p, view, alive in zip(target.params, target.tensors, frozen):
             grad = p.grad
             if grad is None or grad.shape != p.shape:
@@ -227,9 +254,19 @@ class Sparsifier:
                 if not grad.is_contiguous():
                     continue
                 grad = grad.view(view.shape)
-            tensors.append(grad)
+            grads.append(grad)
             masks.append(alive)
-        scale_groups_(tensors, masks, groups=target.grouping, backend=self.backend)
+        if grads:
+            scale_groups_(grads, masks, groups=target.grouping, backend=self.backend)
+
+    def _refreeze(self, target: Target, frozen: List[torch.Tensor]) -> None:
+        """Re-zero the frozen groups (elements) that the update moved, in one fused pass."""
+        if self.heal_elements:
+            for p, alive in zip(target.params, frozen):
+                p.masked_fill_(~alive, 0)
+            return
+        groups = target.coupled if target.coupled is not None else target.grouping
+        scale_groups_(_tensors(target), frozen, groups=groups, backend=self.backend)
 
     # --- state and reporting -------------------------------------------------------------------
 
@@ -250,11 +287,25 @@ class Sparsifier:
         self._lr_since_prox = [float(v) for v in state["lr_since_prox"]]
         frozen = state["frozen"]
         if frozen is not None:
+            for masks, target in zip(frozen, self.targets):
+                expected = self._mask_shapes(target)
+                if [tuple(m.shape) for m in masks] != expected:
+                    raise ValueError(
+                        f"the state's healing masks have shapes {[tuple(m.shape) for m in masks]}"
+                        f", these rules' {expected}: saved with other rules or heal_elements"
+                    )
             frozen = [
                 [m.to(target.params[0].device) for m in masks]
                 for masks, target in zip(frozen, self.targets)
             ]
         self._frozen = frozen
+
+    def _mask_shapes(self, target: Target) -> list:
+        if self.heal_elements:
+            return [tuple(p.shape) for p in target.params]
+        if target.coupled is not None:
+            return [(cg.num_groups,) for cg in target.coupled]
+        return [(group_count(t.shape, target.grouping),) for t in target.tensors]
 
     def sparsity(self) -> dict:
         """Per matched parameter (or coupled group root), the fraction of its groups that are

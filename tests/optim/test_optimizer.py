@@ -602,3 +602,43 @@ def test_fused_step_falls_back_where_no_kernel_serves():
             opt.zero_grad()
     for p, q in zip(model.parameters(), expected.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-6)
+
+
+def test_deepcopy_and_pickle_keep_the_rules_and_state(tmp_path):
+    model, x = _net(), _batch()
+    rule = Rule(["0.weight", "2.weight"], prox="group_lasso", strength=0.1)
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), model, [rule])
+    _train(model, opt, x, 2)
+    twin = copy.deepcopy(opt)
+    assert twin.steps == 2 and twin.rules == opt.rules
+    assert twin.optimizer is not opt.optimizer and len(twin.state) == len(opt.state)
+    torch.save(opt, tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=False)
+    assert loaded.steps == 2 and len(loaded.param_groups[0]["params"]) == len(
+        opt.param_groups[0]["params"]
+    )
+
+
+def test_fused_steps_refuse_what_torch_refuses():
+    from fastsparse.functional import adam_prox_, sgd_prox_
+
+    w = torch.randn(4, 3, requires_grad=True)
+    w.grad = torch.ones_like(w)
+    with pytest.raises(ValueError, match="Nesterov"):
+        sgd_prox_([w], "group_lasso", 0.1, lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="betas"):
+        adam_prox_([w], "group_lasso", 0.1, lr=0.1, step=1, exp_avgs=[w], exp_avg_sqs=[w],
+                   betas=(0.9, 1.5))  # fmt: skip
+    with pytest.raises(ValueError, match="scope"):
+        Rule(prox="l1", scope="model")
+
+
+def test_healing_masks_of_other_rules_are_refused():
+    model, x = _net(), _batch()
+    rule = Rule(["0.weight", "2.weight"], prox="group_lasso", strength=1.0)
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, [rule], heal_from=1)
+    _train(model, opt, x, 2)
+    other = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, [rule],
+                            heal_from=1, heal_elements=True)  # fmt: skip
+    with pytest.raises(ValueError, match="healing masks"):
+        other.load_state_dict(opt.state_dict())
