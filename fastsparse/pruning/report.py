@@ -11,11 +11,11 @@ from torch import nn
 
 from fastsparse.core.checks import check_real
 from fastsparse.core.groups import CoupledGroup
-from fastsparse.pruning.common import CONV, PruningError, eval_forward
+from fastsparse.pruning.common import CONV, eval_forward
 from fastsparse.pruning.graph import trace
 from fastsparse.pruning.importance import producer_norms
 from fastsparse.pruning.prune import prune_traced
-from fastsparse.pruning.transformer import decoder_blocks
+from fastsparse.pruning.transformer import decoder_blocks, prune_transformer, transformer_groups
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> Dict[str, int]:
@@ -148,7 +148,9 @@ def sparsity_report(
     """Filters total/alive, parameters and multiply-adds per conv/linear layer, before and after.
 
     "After" is measured on the model `prune(model, example_inputs, threshold)` returns, so the
-    numbers are exact. `model` is not modified.
+    numbers are exact. `model` is not modified. For a decoder transformer (Llama family) the
+    groups are its attention key/value groups and MLP neurons: the alive rows of q/k/v and
+    gate/up are those of the live groups; o/down/lm_head rows are fixed.
 
     Example::
 
@@ -160,12 +162,14 @@ def sparsity_report(
     """
     threshold = check_real("threshold", threshold)
     work = copy.deepcopy(model)
-    if decoder_blocks(model):
-        raise PruningError(
-            f"sparsity_report does not cover decoder transformers ({type(model).__name__}) yet; "
-            "fastsparse.prune removes their dead heads and neurons (compare parameter counts)"
-        )
-    traced = trace(work, example_inputs)  # first: a model that cannot be traced fails here
+    if decoder_blocks(work):  # heads and neurons, as fastsparse.prune removes them
+        transformer = transformer_groups(work)
+        groups, skipped = transformer["heads"] + transformer["neurons"], []
+        prune_work = lambda: prune_transformer(work, example_inputs, threshold)  # noqa: E731
+    else:
+        traced = trace(work, example_inputs)  # first: a model that cannot be traced fails here
+        groups, skipped = traced.groups, list(traced.skipped)
+        prune_work = lambda: prune_traced(traced, example_inputs, threshold, verify=True)  # noqa: E731
     macs = count_macs(work, example_inputs)
     params = {
         name: sum(p.numel() for p in m.parameters(recurse=False))
@@ -177,20 +181,20 @@ def sparsity_report(
         for name, m in work.named_modules()
         if isinstance(m, (CONV, nn.Linear))
     }
-    alive = _alive_per_layer(traced.groups, threshold)
+    alive = _alive_per_layer(groups, threshold)
     for name, (module, _, _) in layers.items():
         if name not in alive:
             rows = module.weight.detach().flatten(1).float().square().sum(1)
             if module.bias is not None:
                 rows = rows + module.bias.detach().float().square()
             alive[name] = (int((rows.sqrt() > threshold).sum()), False)
-    pruned = prune_traced(traced, example_inputs, threshold, verify=True)
+    pruned = prune_work()
     modules_after = dict(pruned.named_modules())
     macs_after = count_macs(pruned, example_inputs)
     report = SparsityReport(threshold, params=total_params, macs=sum(macs.values()))
     report.params_after = sum(p.numel() for p in pruned.parameters())
     report.macs_after = sum(macs_after.values())
-    report.skipped = list(traced.skipped)
+    report.skipped = skipped
     for name, (_, type_name, filters) in layers.items():
         after = modules_after[name]
         report.layers.append(

@@ -91,3 +91,25 @@ def test_penalty_groups_are_the_removal_groups():
     reg().backward()
     assert model.model.layers[0].self_attn.v_proj.weight.grad is not None
     assert [name for name, _, _ in decoder_blocks(model)] == ["model.layers.0", "model.layers.1"]
+
+
+def test_sparsity_report_counts_heads_and_neurons_as_prune_removes_them():
+    model = _llama()
+    groups = transformer_groups(model)
+    _zero_producers(groups["heads"], [torch.tensor([1]), torch.tensor([0])])
+    _zero_producers(
+        groups["neurons"], [torch.tensor([0, 5, 7]), torch.tensor([], dtype=torch.long)]
+    )
+    report = fs.sparsity_report(model, IDS)
+    rows = {layer.name: layer for layer in report.layers}
+    q, k = rows["model.layers.0.self_attn.q_proj"], rows["model.layers.0.self_attn.k_proj"]
+    assert (q.filters, q.alive, q.filters_after, q.prunable) == (32, 16, 16, True)
+    assert (k.filters, k.alive, k.filters_after) == (16, 8, 8)
+    gate = rows["model.layers.0.mlp.gate_proj"]
+    assert (gate.filters, gate.alive, gate.filters_after) == (48, 45, 45)
+    assert rows["model.layers.1.mlp.up_proj"].filters_after == 48
+    assert not rows["model.layers.0.self_attn.o_proj"].prunable
+    pruned = fs.prune(model, IDS)
+    assert report.params_after == sum(p.numel() for p in pruned.parameters()) < report.params
+    assert report.macs_after < report.macs
+    assert "q_proj" in str(report)
