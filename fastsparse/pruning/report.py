@@ -15,7 +15,12 @@ from fastsparse.pruning.common import CONV, eval_forward
 from fastsparse.pruning.graph import trace
 from fastsparse.pruning.importance import producer_norms
 from fastsparse.pruning.prune import prune_traced
-from fastsparse.pruning.transformer import decoder_blocks, prune_transformer, transformer_groups
+from fastsparse.pruning.transformer import (
+    decoder_blocks,
+    neuron_norms,
+    prune_transformer,
+    transformer_groups,
+)
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> Dict[str, int]:
@@ -165,10 +170,12 @@ def sparsity_report(
     if decoder_blocks(work):  # heads and neurons, as fastsparse.prune removes them
         transformer = transformer_groups(work)
         groups, skipped = transformer["heads"] + transformer["neurons"], []
+        norms = producer_norms(transformer["heads"]) + neuron_norms(transformer["neurons"])
         prune_work = lambda: prune_transformer(work, example_inputs, threshold)  # noqa: E731
     else:
         traced = trace(work, example_inputs)  # first: a model that cannot be traced fails here
         groups, skipped = traced.groups, list(traced.skipped)
+        norms = producer_norms(groups)
         prune_work = lambda: prune_traced(traced, example_inputs, threshold, verify=True)  # noqa: E731
     macs = count_macs(work, example_inputs)
     params = {
@@ -181,7 +188,7 @@ def sparsity_report(
         for name, m in work.named_modules()
         if isinstance(m, (CONV, nn.Linear))
     }
-    alive = _alive_per_layer(groups, threshold)
+    alive = _alive_per_layer(groups, norms, threshold)
     for name, (module, _, _) in layers.items():
         if name not in alive:
             rows = module.weight.detach().flatten(1).float().square().sum(1)
@@ -218,13 +225,16 @@ def _out_channels(module: nn.Module) -> int:
     return module.out_channels if isinstance(module, CONV) else module.out_features
 
 
-def _alive_per_layer(groups: List[CoupledGroup], threshold: float) -> Dict[str, Tuple[int, bool]]:
-    """Layer name -> (alive filters, True) for every layer whose out-rows are in a coupled group."""
+def _alive_per_layer(
+    groups: List[CoupledGroup], norms: List, threshold: float
+) -> Dict[str, Tuple[int, bool]]:
+    """Layer name -> (alive filters, True) for every layer whose out-rows are in a coupled group;
+    `norms`: per group, the [G] norms that decide whether a channel is dead."""
     alive = {}
-    for group, norms in zip(groups, producer_norms(groups)):
+    for group, group_norms in zip(groups, norms):
         for m in group.members:
             module_name, _, attr = m.name.rpartition(".")
             if attr == "weight" and m.dim == 0 and module_name not in alive:
-                kept = norms[m.group] > threshold
+                kept = group_norms[m.group] > threshold
                 alive[module_name] = (int(kept.sum()), True)
     return alive

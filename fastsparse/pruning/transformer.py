@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
+from fastsparse import reference
 from fastsparse.core.checks import check_real
 from fastsparse.core.groups import (
     CoupledGroup,
@@ -93,6 +94,23 @@ def transformer_groups(model: nn.Module) -> Dict[str, List[CoupledGroup]]:
     return {"heads": heads, "neurons": neurons}
 
 
+def neuron_norms(groups: List[CoupledGroup]) -> List[torch.Tensor]:
+    """Per MLP neuron group, the [G] norms that say whether a neuron is dead: the smaller of its
+    gate and up rows' l2 norms. A neuron outputs silu(gate x) * (up x): zero when either row is
+    zero (silu(0) = 0), whatever the other row and its down_proj column hold."""
+    out = []
+    for cg in groups:
+        rows = [m for m in cg.members if m.dim == 0]
+        if len(rows) != 2:  # not a gated MLP: its producers together
+            out.append(producer_norms([cg])[0])
+            continue
+        gate, up = reference.coupled_group_norms(
+            [CoupledGroup(cg.root, cg.num_groups, (m,)) for m in rows]
+        )
+        out.append(torch.minimum(gate, up))
+    return out
+
+
 def _sliced(layer: nn.Linear, rows=None, columns=None) -> nn.Linear:
     weight = layer.weight.detach()
     bias = None if layer.bias is None else layer.bias.detach()
@@ -124,8 +142,9 @@ def prune_transformer(
 ) -> nn.Module:
     """A copy of a decoder transformer without its dead attention groups and MLP neurons.
 
-    Each block's key/value groups (GQA: whole groups, so the query-per-key ratio holds) and
-    neurons whose producers' l2 norm is <= `threshold` are removed: q/k/v rows and o_proj
+    Each block's key/value groups (GQA: whole groups, so the query-per-key ratio holds) whose
+    q/k/v rows' l2 norm is <= `threshold`, and neurons whose gate or up row's norm is (see
+    `neuron_norms`), are removed: q/k/v rows and o_proj
     columns, gate/up rows and down_proj columns, the per-module head and size attributes updated.
     Every block keeps at least one of each. `model` is not modified; `forward` and `generate`
     work on the result. With `example_inputs`, the outputs are checked (eval mode) before it is
@@ -138,13 +157,13 @@ def prune_transformer(
     work = copy.deepcopy(model)
     groups = transformer_groups(work)
     head_norms = producer_norms(groups["heads"])
-    neuron_norms = producer_norms(groups["neurons"])
+    mlp_norms = neuron_norms(groups["neurons"])
     expected = None
     if verify and example_inputs is not None:
         # What the pruned model must compute: the model with its dead groups zeroed.
         thresholded = copy.deepcopy(model)
         reference_groups = transformer_groups(thresholded)
-        for kind, norms in (("heads", head_norms), ("neurons", neuron_norms)):
+        for kind, norms in (("heads", head_norms), ("neurons", mlp_norms)):
             dead = []
             for n in norms:
                 mask = torch.ones_like(n, dtype=torch.bool)
@@ -153,7 +172,7 @@ def prune_transformer(
             zero_channels_(reference_groups[kind], dead)
         expected = output_tensors(eval_forward(thresholded, example_inputs))
     with torch.no_grad():
-        for (_, attn, mlp), heads, neurons in zip(decoder_blocks(work), head_norms, neuron_norms):
+        for (_, attn, mlp), heads, neurons in zip(decoder_blocks(work), head_norms, mlp_norms):
             d = attn.head_dim
             num_heads, num_kv = _heads(attn)
             per_kv = num_heads // num_kv

@@ -113,3 +113,18 @@ def test_sparsity_report_counts_heads_and_neurons_as_prune_removes_them():
     assert report.params_after == sum(p.numel() for p in pruned.parameters()) < report.params
     assert report.macs_after < report.macs
     assert "q_proj" in str(report)
+
+
+def test_a_neuron_with_only_its_up_row_zero_is_dead():
+    model = _llama()
+    (layer0, layer1) = transformer_groups(model)["neurons"]
+    with torch.no_grad():
+        for group, ids in ((layer0, [2, 9]), (layer1, [4])):
+            up = next(m for m in group.members if m.name.endswith("up_proj.weight"))
+            up.param.index_fill_(0, torch.tensor(ids), 0.0)  # gate rows and down columns intact
+    pruned = fs.prune(model, IDS)
+    assert [b.mlp.down_proj.in_features for b in pruned.model.layers] == [46, 47]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+    report = fs.sparsity_report(model, IDS)
+    assert {layer.name: layer.alive for layer in report.layers}["model.layers.0.mlp.up_proj"] == 46
