@@ -1,0 +1,47 @@
+"""The ahead-of-time GPU compile check (benchmarks/gpu_static.py) on its bounded subset: every
+path launches, every specialization compiles for sm_80 and sm_90, and the table reports the
+registers, spills and code features of each."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("triton")
+
+
+def test_quick_subset_compiles_for_sm80_and_sm90(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT kernels
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_static", "--quick", "--out-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr  # no compile error
+    (path,) = tmp_path.glob("gpu-static-*-quick.json")
+    run = json.loads(path.read_text())
+    kernels = {r["kernel"] for r in run["rows"]}
+    assert {"_group_stats_kernel", "_penalty_grad_kernel", "_prox_kernel",
+            "_step_prox_kernel"} <= kernels  # fmt: skip
+    for row in run["rows"]:
+        assert [c["arch"] for c in row["compiled"]] == [80, 90]
+        for c in row["compiled"]:
+            assert c["registers"] and 0 < c["registers"] <= 255, row
+            assert c["spills"] == bool(c["stack_bytes"] or c["local_bytes"])
+    assert run["summary"]["compiled"] == 2 * len(run["rows"])
+    text = next(tmp_path.glob("gpu-static-*-quick.md")).read_text()
+    assert "| _prox_kernel |" in text and "Summary:" in text
+
+
+def test_refuses_the_interpreter(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_static", "--quick", "--out-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "TRITON_INTERPRET" in result.stderr
