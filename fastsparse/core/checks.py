@@ -11,7 +11,14 @@ from typing import Sequence, Union
 
 import torch
 
-from fastsparse.core.contract import GROUPINGS, KINDS, MIN_DIMS, Grouping, as_groupings
+from fastsparse.core.contract import (
+    GROUPINGS,
+    KINDS,
+    MIN_DIMS,
+    PROX_KINDS,
+    Grouping,
+    as_groupings,
+)
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -160,6 +167,11 @@ def check_grads(tensors: list[torch.Tensor]) -> None:
                 )
             if not g.is_floating_point():
                 raise TypeError(f"tensors[{i}].grad has dtype {g.dtype}; expected floating point")
+
+
+def check_prox_kind(kind: str) -> None:
+    if kind not in PROX_KINDS:
+        raise ValueError(f"unknown prox kind {kind!r}; valid kinds: {', '.join(PROX_KINDS)}")
 
 
 def check_threshold(kind: str, threshold) -> None:

@@ -74,13 +74,18 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from fastsparse import reference
 from fastsparse.core.backends import resolve_backend
-from fastsparse.core.checks import check_grads, check_grouping, check_threshold, prox_tensor_list
+from fastsparse.core.checks import (
+    check_grads,
+    check_grouping,
+    check_prox_kind,
+    check_threshold,
+    prox_tensor_list,
+)
 from fastsparse.core.contract import (
     ACROSS_GROUP_KINDS,
     ELEMENT_PROX_KINDS,
     GROUP_DIMS,
     GROUPING_OF_DIM,
-    PROX_KINDS,
     accumulation_dtype_of,
     grad_dtype,
 )
@@ -163,7 +168,7 @@ def prox_(tensors, kind, threshold, grouping, backend) -> list:
         >>> masks = fastsparse.distributed.prox_(params, "group_lasso", 1e-3, "filters", "auto")
     """
     tensors = prox_tensor_list(tensors)
-    _check_prox_kind(kind)
+    check_prox_kind(kind)
     check_threshold(kind, threshold)
     check_grouping(grouping, tensors)
     t_elem, t_group = reference.prox_thresholds(kind, threshold)
@@ -192,7 +197,7 @@ def coupled_prox_(coupled, kind, threshold, backend) -> list:
     element is multiplied by the factor of each group that contains it, and the element kinds
     apply once to every element some group covers. Returns replicated DTensor masks [G].
     """
-    _check_prox_kind(kind)
+    check_prox_kind(kind)
     check_threshold(kind, threshold)
     t_elem, t_group = reference.prox_thresholds(kind, threshold)
     problem = _Coupled(as_coupled_list(coupled), "l2", 0.5, backend)
@@ -248,11 +253,6 @@ def coupled_scale_groups_(coupled, factors, backend) -> None:
     full = [f.full_tensor() if isinstance(f, DTensor) else f for f in factors]
     with torch.no_grad():
         problem.scale_groups_(torch.cat([f.to(problem._device(), problem.acc) for f in full]))
-
-
-def _check_prox_kind(kind: str) -> None:
-    if kind not in PROX_KINDS:
-        raise ValueError(f"unknown prox kind {kind!r}; valid kinds: {', '.join(PROX_KINDS)}")
 
 
 def _local_element_prox_(shards, kind, threshold, grouping, backend) -> None:

@@ -20,6 +20,7 @@ from fastsparse.core.backends import BACKENDS, resolve_backend
 from fastsparse.core.checks import (
     check_coupled,
     check_grouping,
+    check_prox_kind,
     check_threshold,
     is_sharded,
     prox_tensor_list,
@@ -85,10 +86,8 @@ def prox_(
         tensor([[3., 4.],
                 [0., 0.]])
     """
-    if kind not in PROX_KINDS:
-        raise ValueError(f"unknown prox kind {kind!r}; valid kinds: {', '.join(PROX_KINDS)}")
-    if backend not in PROX_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(PROX_BACKENDS)}")
+    check_prox_kind(kind)
+    _check_backend(backend)
     check_threshold(kind, threshold)
     if is_coupled(groups):
         coupled = [groups] if isinstance(groups, CoupledGroup) else list(groups)
@@ -196,8 +195,7 @@ def scale_groups_(
         tensor([[0.0000, 0.0000],
                 [0.3000, 0.4000]])
     """
-    if backend not in PROX_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(PROX_BACKENDS)}")
+    _check_backend(backend)
     factors = [factors] if isinstance(factors, torch.Tensor) else list(factors)
     if is_coupled(groups):
         coupled = [groups] if isinstance(groups, CoupledGroup) else list(groups)
@@ -255,6 +253,11 @@ def scale_groups_(
             if w.data_ptr() != t.data_ptr():
                 t.copy_(w)
     return None
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in PROX_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(PROX_BACKENDS)}")
 
 
 def _check_factors(factors, counts, owners) -> None:
@@ -379,10 +382,8 @@ def adam_prox_(
 
 def _step_prox(params, states, method, options, kind, threshold, groups, backend):
     """Validate, check that the fused pass serves these tensors (else None), run it."""
-    if kind not in PROX_KINDS:
-        raise ValueError(f"unknown prox kind {kind!r}; valid kinds: {', '.join(PROX_KINDS)}")
-    if backend not in PROX_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(PROX_BACKENDS)}")
+    check_prox_kind(kind)
+    _check_backend(backend)
     check_threshold(kind, threshold)
     check_grouping(groups, params)
     if any(len(state) != len(params) for state in states):
