@@ -546,21 +546,32 @@ void run_tasks(const fs_segment* segs, int64_t nseg, bool whole_groups, Body bod
   for (int64_t t = 0; t < count; ++t) body(segs[tasks[t].segment], tasks[t]);
 }
 
-// Whole groups of fp32 / fp64 segments whose weight, gradient and state buffers share one layout:
-// body(segment index, group, accumulation-type tag) for each; 1 if a segment does not qualify.
-template <typename Body>
-int for_each_step_group(const fs_segment* segs, int64_t nseg, Body body) {
+// The fused optimizer step and prox over whole groups of fp32 / fp64 segments whose weight,
+// gradient and state buffers share one layout; after[group] = (s1, s2) once thresholded.
+// make_run(segment index, accumulation-type tag) gives that segment's
+// run(offset, count, stride, s1, s2), which steps one run of a group's elements. 1 if a segment
+// does not qualify (nothing is then written).
+template <typename MakeRun>
+int step_prox_groups(const fs_segment* segs, int64_t nseg, int kind, double t_group,
+                     double* after, MakeRun make_run) {
   for (int64_t si = 0; si < nseg; ++si) {
     if (segs[si].chunks != 1 || segs[si].w_dtype != segs[si].grad_dtype ||
         (segs[si].w_dtype != FS_F32 && segs[si].w_dtype != FS_F64))
       return 1;
   }
   run_tasks(segs, nseg, true, [&](const fs_segment& s, const Task& t) {
-    const int64_t si = &s - segs;
-    for (int64_t g = t.begin; g < t.end; ++g) {
-      if (s.w_dtype == FS_F32) body(si, g, float(0));
-      else body(si, g, double(0));
-    }
+    auto groups = [&](auto tag) {
+      using A = decltype(tag);
+      const auto run = make_run(&s - segs, tag);
+      for (int64_t g = t.begin; g < t.end; ++g) {
+        A s1, s2;
+        group_step_prox<A>(s, g, kind, (A)t_group, run, &s1, &s2);
+        after[2 * (s.group_offset + g)] = s1;
+        after[2 * (s.group_offset + g) + 1] = s2;
+      }
+    };
+    if (s.w_dtype == FS_F32) groups(float(0));
+    else groups(double(0));
   });
   return 0;
 }
@@ -617,21 +628,14 @@ int fs_cpu_sgd_prox(const fs_segment* segs, int64_t nseg, const int64_t* bufs, d
                     double momentum, double dampening, double weight_decay, int nesterov,
                     int first, int kind, double t_elem, double t_group, double* after) {
   const SgdStep o{lr, momentum, dampening, weight_decay, nesterov, first};
-  return for_each_step_group(segs, nseg, [&](int64_t si, int64_t g, auto tag) {
+  return step_prox_groups(segs, nseg, kind, t_group, after, [&](int64_t si, auto tag) {
     using A = decltype(tag);
-    const fs_segment& s = segs[si];
-    A* w = reinterpret_cast<A*>(s.w);
-    const A* grad = reinterpret_cast<const A*>(s.grad);
+    A* w = reinterpret_cast<A*>(segs[si].w);
+    const A* grad = reinterpret_cast<const A*>(segs[si].grad);
     A* buf = reinterpret_cast<A*>(bufs[si]);
-    A s1, s2;
-    group_step_prox<A>(s, g, kind, (A)t_group,
-                       [&](int64_t off, int64_t n, int64_t stride, A* a1, A* a2) {
-                         run_sgd_prox<A>(w + off, grad + off, buf + off, n, stride, o, kind,
-                                         (A)t_elem, a1, a2);
-                       },
-                       &s1, &s2);
-    after[2 * (s.group_offset + g)] = s1;
-    after[2 * (s.group_offset + g) + 1] = s2;
+    return [=, &o](int64_t off, int64_t n, int64_t stride, A* s1, A* s2) {
+      run_sgd_prox<A>(w + off, grad + off, buf + off, n, stride, o, kind, (A)t_elem, s1, s2);
+    };
   });
 }
 
@@ -642,22 +646,16 @@ int fs_cpu_adam_prox(const fs_segment* segs, int64_t nseg, const int64_t* ms, co
                      int decoupled, double step_size, double bias2_sqrt, int kind, double t_elem,
                      double t_group, double* after) {
   const AdamStep o{lr, beta1, beta2, eps, weight_decay, decoupled, step_size, bias2_sqrt};
-  return for_each_step_group(segs, nseg, [&](int64_t si, int64_t g, auto tag) {
+  return step_prox_groups(segs, nseg, kind, t_group, after, [&](int64_t si, auto tag) {
     using A = decltype(tag);
-    const fs_segment& s = segs[si];
-    A* w = reinterpret_cast<A*>(s.w);
-    const A* grad = reinterpret_cast<const A*>(s.grad);
+    A* w = reinterpret_cast<A*>(segs[si].w);
+    const A* grad = reinterpret_cast<const A*>(segs[si].grad);
     A* m = reinterpret_cast<A*>(ms[si]);
     A* v = reinterpret_cast<A*>(vs[si]);
-    A s1, s2;
-    group_step_prox<A>(s, g, kind, (A)t_group,
-                       [&](int64_t off, int64_t n, int64_t stride, A* a1, A* a2) {
-                         run_adam_prox<A>(w + off, grad + off, m + off, v + off, n, stride, o,
-                                          kind, (A)t_elem, a1, a2);
-                       },
-                       &s1, &s2);
-    after[2 * (s.group_offset + g)] = s1;
-    after[2 * (s.group_offset + g) + 1] = s2;
+    return [=, &o](int64_t off, int64_t n, int64_t stride, A* s1, A* s2) {
+      run_adam_prox<A>(w + off, grad + off, m + off, v + off, n, stride, o, kind, (A)t_elem, s1,
+                       s2);
+    };
   });
 }
 
