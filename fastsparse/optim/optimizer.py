@@ -7,7 +7,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastsparse.core.contract import ELEMENT_PROX_KINDS
 from fastsparse.optim.rules import Rule
 from fastsparse.optim.sparsifier import Sparsifier
 
@@ -160,14 +159,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             group = self.param_groups[target.group_index]
             if any(group.get(flag) for flag in _UNFUSED_FLAGS):
                 continue
-            kind = target.rule.prox
-            t_elem, t_group = self.sparsifier.prox_thresholds(i)
-            if kind == "l0_group_lasso":
-                threshold = (t_elem, t_group)
-            else:
-                threshold = t_elem if kind in ELEMENT_PROX_KINDS else t_group
-            step = kind_of_step(self, target, group, kind, threshold)
-            if step:
+            threshold = self.sparsifier.prox_threshold(i)
+            if kind_of_step(self, target, group, target.rule.prox, threshold):
                 done.append(i)
         return done
 
@@ -175,18 +168,14 @@ class SparseOptimizer(torch.optim.Optimizer):
         from fastsparse.functional import sgd_prox_
 
         params, momentum = target.params, group["momentum"]
-        if momentum == 0:  # no state at all, as torch's SGD keeps none
-            masks = sgd_prox_(
-                params, kind, threshold, lr=group["lr"], weight_decay=group["weight_decay"],
-                groups=target.grouping, backend=self.sparsifier.backend,
-            )  # fmt: skip
-            return masks is not None
-        states = [self.state[p] for p in params]
-        old = [st.get("momentum_buffer") for st in states]
-        if momentum != 0 and any(b is None for b in old) and not all(b is None for b in old):
-            return False  # some buffers exist, some not: the optimizer steps them
-        first = old[0] is None
-        bufs = [torch.empty_like(p) for p in params] if first else old
+        states, bufs, first = [], None, True
+        if momentum != 0:  # torch's SGD keeps no state without momentum
+            states = [self.state[p] for p in params]
+            old = [st.get("momentum_buffer") for st in states]
+            if any(b is None for b in old) and not all(b is None for b in old):
+                return False  # some buffers exist, some not: the optimizer steps them
+            first = old[0] is None
+            bufs = [torch.empty_like(p) for p in params] if first else old
         masks = sgd_prox_(
             params,
             kind,
@@ -201,7 +190,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             groups=target.grouping,
             backend=self.sparsifier.backend,
         )
-        if masks is not None and first:
+        if masks is not None and first and momentum != 0:
             for st, buf in zip(states, bufs):
                 st["momentum_buffer"] = buf
         return masks is not None

@@ -24,7 +24,7 @@ from fastsparse.core.groups import CoupledGroup, default_parameters
 RULE_PROX_KINDS = PROX_KINDS + ("sparse_group_lasso",)
 # Groupings of a rule beyond the contract's: coupled channels traced from example inputs, a
 # decoder's attention heads (key/value groups) and MLP neurons, k consecutive elements.
-RULE_GROUPINGS = tuple(g for g in GROUPINGS) + ("coupled", "heads", "neurons", "blocks")
+RULE_GROUPINGS = GROUPINGS + ("coupled", "heads", "neurons", "blocks")
 SCOPES = ("layer", "global")
 
 Match = Union[

@@ -118,27 +118,20 @@ class Sparsifier:
         for target in self.targets:
             if target.rule.penalty is None:
                 continue
-            if target.tensors is not target.params:  # blocks: through views of the gradients
-                spills = _bind_block_grads(target)
-                add_penalty_grad_(
-                    target.tensors,
-                    target.rule.penalty,
-                    float(target.rule.strength),
-                    groups=target.grouping,
-                    backend=self.backend,
-                )
-                for grad, spill in spills:
-                    grad.add_(spill.view(grad.shape))
-                for view in target.tensors:
-                    view.grad = None
-                continue
+            blocks = target.tensors is not target.params  # through views of the gradients
+            spills = _bind_block_grads(target) if blocks else []
             add_penalty_grad_(
-                target.params if target.coupled is None else None,
+                _tensors(target),
                 target.rule.penalty,
                 float(target.rule.strength),
                 groups=_groups(target),
                 backend=self.backend,
             )
+            for grad, spill in spills:
+                grad.add_(spill.view(grad.shape))
+            if blocks:
+                for view in target.tensors:
+                    view.grad = None
 
     @property
     def proxing(self) -> bool:
@@ -147,7 +140,7 @@ class Sparsifier:
 
     def fusable(self, index: int) -> bool:
         """True when target `index` takes a plain prox this step, which an optimizer step may
-        apply in the same pass (`prox_thresholds` gives its thresholds)."""
+        apply in the same pass (`prox_threshold` gives its threshold)."""
         target = self.targets[index]
         return (
             self.proxing
@@ -156,16 +149,20 @@ class Sparsifier:
             and target.tensors is target.params
         )
 
-    def prox_thresholds(self, index: int) -> tuple:
-        """(t_elem, t_group) of target `index`'s prox at this step: strength times the learning
-        rates since its last prox, this step's included."""
+    def prox_threshold(self, index: int):
+        """The threshold of target `index`'s prox at this step, as `prox_` takes it for its kind
+        (a pair (element, group) for the two-stage kinds): strength times the learning rates
+        since its last prox, this step's included."""
         target = self.targets[index]
         lr = self._lr_since_prox[index]
         if self.acting:
             lr += self._lr(index)
         rule = target.rule
         strengths = rule.strength if isinstance(rule.strength, tuple) else (rule.strength,) * 2
-        return strengths[0] * lr, strengths[1] * lr
+        t_elem, t_group = strengths[0] * lr, strengths[1] * lr
+        if rule.prox in ("l0_group_lasso", "sparse_group_lasso"):
+            return t_elem, t_group
+        return t_elem if rule.prox in ELEMENT_PROX_KINDS else t_group
 
     @torch.no_grad()
     def after_step(self, done: Sequence[int] = ()) -> None:
@@ -180,7 +177,7 @@ class Sparsifier:
             proxing = self.proxing
             for i, target in enumerate(self.targets):
                 if proxing and target.rule.penalty is None and i not in done:
-                    self._after_step(target, *self.prox_thresholds(i))
+                    self._after_step(i)
                 if proxing:
                     self._lr_since_prox[i] = 0.0
                 else:
@@ -194,19 +191,18 @@ class Sparsifier:
             return self._step_lrs[index]
         return self.optimizer.param_groups[self.targets[index].group_index]["lr"]
 
-    def _after_step(self, target: Target, t_elem: float, t_group: float) -> None:
+    def _after_step(self, index: int) -> None:
+        target = self.targets[index]
         rule, tensors, groups = target.rule, _tensors(target), _groups(target)
         if rule.target is not None:
             self._keep_largest(target, rule.sparsity(self.steps - self.warmup_steps))
             return
+        threshold = self.prox_threshold(index)
         if rule.prox == "sparse_group_lasso":  # the exact prox of l1 + group lasso
-            prox_(tensors, "l1", t_elem, groups=groups, backend=self.backend)
-            prox_(tensors, "group_lasso", t_group, groups=groups, backend=self.backend)
-        elif rule.prox == "l0_group_lasso":
-            prox_(tensors, rule.prox, (t_elem, t_group), groups=groups, backend=self.backend)
+            prox_(tensors, "l1", threshold[0], groups=groups, backend=self.backend)
+            prox_(tensors, "group_lasso", threshold[1], groups=groups, backend=self.backend)
         else:
-            t = t_elem if rule.prox in ELEMENT_PROX_KINDS else t_group
-            prox_(tensors, rule.prox, t, groups=groups, backend=self.backend)
+            prox_(tensors, rule.prox, threshold, groups=groups, backend=self.backend)
 
     def _keep_largest(self, target: Target, sparsity: float) -> None:
         """Zero all but the ceil((1 - s) * G) groups of largest norm (per tensor or global)."""
@@ -320,7 +316,7 @@ class Sparsifier:
         """
         out, dead, total = {}, 0, 0
         for target in self.targets:
-            norms = group_norms(_tensors(target), groups=_groups(target))
+            norms = group_norms(_tensors(target), groups=_groups(target), backend=self.backend)
             if target.coupled is not None:
                 names = [cg.root for cg in target.coupled]
             else:
