@@ -154,7 +154,7 @@ template <typename A> inline Vector<A> sign_vector(Vector<A> x) {
 }
 
 template <typename W, typename G, typename A, bool kAccumulate>
-inline void run_update_loop(const W* p, G* q, int64_t n, int64_t stride, A a, A b) {
+inline void run_update_loop(const W* p, G* q, int64_t n, int64_t stride, A a, A b, A pre) {
   int64_t i = 0;
   // Same arithmetic as the scalar loop below, in vector lanes (the int conversions of
   // sign_of otherwise keep the loop at about one element per cycle).
@@ -164,7 +164,7 @@ inline void run_update_loop(const W* p, G* q, int64_t n, int64_t stride, A a, A 
     if (stride == 1) {
       for (; i + kWidth<A> <= n; i += kWidth<A>) {
         const Vector<A> x = load_vector<W, A>(p + i);
-        Vector<A> update = a * sign_vector<A>(x) + b * x;
+        Vector<A> update = a * sign_vector<A>(x) + b * (x * pre);
         if (kAccumulate) update += load_vector<G, A>(q + i);
         memcpy(q + i, &update, sizeof(update));
       }
@@ -172,23 +172,21 @@ inline void run_update_loop(const W* p, G* q, int64_t n, int64_t stride, A a, A 
   }
   for (; i < n; ++i) {
     const A x = load<A>(p + i * stride);
-    A update = a * sign_of(x) + b * x;
+    A update = a * sign_of(x) + b * (x * pre);
     if (kAccumulate) update += load<A>(q + i * stride);
     store<A>(q + i * stride, update);
   }
 }
 
-// q [+]= scale * (a * sign(p) + b * p); unit stride gets its own loops so they vectorize.
+// q [+]= a * sign(p) + b * (p * pre); unit stride gets its own loops so they vectorize.
 template <typename W, typename G, typename A>
-void run_update(const W* p, G* q, int64_t n, int64_t stride, A a, A b, A scale, bool accumulate) {
-  a *= scale;
-  b *= scale;
+void run_update(const W* p, G* q, int64_t n, int64_t stride, A a, A b, A pre, bool accumulate) {
   if (stride == 1) {
-    if (accumulate) run_update_loop<W, G, A, true>(p, q, n, 1, a, b);
-    else run_update_loop<W, G, A, false>(p, q, n, 1, a, b);
+    if (accumulate) run_update_loop<W, G, A, true>(p, q, n, 1, a, b, pre);
+    else run_update_loop<W, G, A, false>(p, q, n, 1, a, b, pre);
   } else {
-    if (accumulate) run_update_loop<W, G, A, true>(p, q, n, stride, a, b);
-    else run_update_loop<W, G, A, false>(p, q, n, stride, a, b);
+    if (accumulate) run_update_loop<W, G, A, true>(p, q, n, stride, a, b, pre);
+    else run_update_loop<W, G, A, false>(p, q, n, stride, a, b, pre);
   }
 }
 
@@ -202,6 +200,45 @@ void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, A* s1, A* s2, A 
   for_each_run(s, g, begin, end, [&](int64_t off, int64_t n, int64_t stride) {
     run_stats<W, A>(w + off, n, stride, hard, s1, s2);
   });
+}
+
+// fp32 squares of elements below 1e-19 are subnormal, below 1e-23 they vanish, above 1e19 they
+// overflow. A chunk whose fp32 sums show it (s2 below 2^-100 while s1 > 0, or s2 infinite while
+// s1 is finite) is summed again in double from memory: exact, and rare enough to cost nothing.
+constexpr double kTinySquares = 0x1p-100;
+
+// (s1, s2) in double of the chunk whose sums in A are (a1, a2); hard as in chunk_stats.
+template <typename W, typename A>
+void exact_sums(const fs_segment& s, int64_t g, int64_t chunk, A hard, A a1, A a2, double* s1,
+                double* s2) {
+  *s1 = a1;
+  *s2 = a2;
+  const bool tiny = a1 > 0 && !(a2 >= (A)kTinySquares);
+  const bool huge = std::isinf(a2) && std::isfinite(a1);
+  if (std::is_same<A, double>::value || !(tiny || huge)) return;
+  const W* w = reinterpret_cast<const W*>(s.w);
+  const int64_t begin = chunk * s.chunk_len;
+  const int64_t end = std::min(begin + s.chunk_len, s.rows * s.cols);
+  double t1 = 0, t2 = 0;
+  for_each_run(s, g, begin, end, [&](int64_t off, int64_t n, int64_t stride) {
+    for (int64_t i = 0; i < n; ++i) {
+      double x = load<double>(w + off + i * stride);
+      if (hard >= 0 && !((x < 0 ? -x : x) > hard)) x = 0;
+      t1 += x < 0 ? -x : x;
+      t2 += x * x;
+    }
+  });
+  *s1 = t1;
+  *s2 = t2;
+}
+
+// chunk_stats in double, exact for tiny and huge chunks.
+template <typename W, typename A>
+void exact_chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, double* s1, double* s2,
+                       A hard = -1) {
+  A a1, a2;
+  chunk_stats<W, A>(s, g, chunk, &a1, &a2, hard);
+  exact_sums<W, A>(s, g, chunk, hard, a1, a2, s1, s2);
 }
 
 // The prox element step in vector lanes, as prox_element: soft threshold (l1), hard threshold
@@ -381,32 +418,36 @@ void run_adam_prox(A* w, const A* grad, A* m, A* v, int64_t n, int64_t stride, c
 // the element step in one pass over memory; then the group factor on the values just written
 // (still in cache). Returns (s1, s2) of the result.
 template <typename A, typename RunStep>
-void group_step_prox(const fs_segment& s, int64_t g, int kind, A t_group, RunStep run, A* s1,
-                     A* s2) {
+void group_step_prox(const fs_segment& s, int64_t g, int kind, double t_group, RunStep run,
+                     double* s1, double* s2) {
   A* w = reinterpret_cast<A*>(s.w);
   const int64_t n = s.rows * s.cols;
-  *s1 = 0;
-  *s2 = 0;
+  A a1 = 0, a2 = 0;
   for_each_run(s, g, 0, n, [&](int64_t off, int64_t count, int64_t stride) {
-    run(off, count, stride, s1, s2);
+    run(off, count, stride, &a1, &a2);
   });
+  exact_sums<A, A>(s, g, 0, A(-1), a1, a2, s1, s2);
   if (kind < FS_PROX_GROUP_LASSO) return;
-  const A factor = prox_factor<A>(kind, sqrt(*s2), t_group);
-  *s1 = 0;
-  *s2 = 0;
+  const A factor = (A)prox_factor<double>(kind, sqrt(*s2), t_group);
+  a1 = 0;
+  a2 = 0;
   for_each_run(s, g, 0, n, [&](int64_t off, int64_t count, int64_t stride) {
-    run_prox<A, A>(w + off, count, stride, FS_PROX_SCALE, A(0), factor, s1, s2);
+    run_prox<A, A>(w + off, count, stride, FS_PROX_SCALE, A(0), factor, &a1, &a2);
   });
+  exact_sums<A, A>(s, g, 0, A(-1), a1, a2, s1, s2);
 }
 
+// grad [+]= a * sign(w) + b * w on one chunk, with fp64 coefficients (scale folded in).
 template <typename W, typename G, typename A>
-void chunk_update(const fs_segment& s, int64_t g, int64_t chunk, A a, A b, A scale) {
+void chunk_update(const fs_segment& s, int64_t g, int64_t chunk, double a, double b) {
+  A hi, pre;
+  fs_split_coefficient<A>(b, &hi, &pre);
   const W* w = reinterpret_cast<const W*>(s.w);
   G* grad = reinterpret_cast<G*>(s.grad);
   const int64_t begin = chunk * s.chunk_len;
   const int64_t end = std::min(begin + s.chunk_len, s.rows * s.cols);
   for_each_run(s, g, begin, end, [&](int64_t off, int64_t n, int64_t stride) {
-    run_update<W, G, A>(w + off, grad + off, n, stride, a, b, scale, s.accumulate != 0);
+    run_update<W, G, A>(w + off, grad + off, n, stride, (A)a, hi, pre, s.accumulate != 0);
   });
 }
 
@@ -437,10 +478,8 @@ struct StatsOp {
   static void run(const fs_segment& s, int64_t begin, int64_t end, double hard,
                   double* partials) {
     for (int64_t item = begin; item < end; ++item) {
-      A s1, s2;
-      chunk_stats<W, A>(s, item / s.chunks, item % s.chunks, &s1, &s2, (A)hard);
-      partials[2 * item] = (double)s1;
-      partials[2 * item + 1] = (double)s2;
+      exact_chunk_stats<W, A>(s, item / s.chunks, item % s.chunks, partials + 2 * item,
+                              partials + 2 * item + 1, (A)hard);
     }
   }
 };
@@ -458,16 +497,15 @@ struct ProxOp {
         if (factors && (s.chunks > 1 || kind == FS_PROX_SCALE)) {
           factor = (A)factors[s.group_offset + g];
         } else {
-          A s1, s2;
-          chunk_stats<W, A>(s, g, chunk, &s1, &s2,
-                            kind == FS_PROX_L0_GROUP_LASSO ? (A)t_elem : A(-1));
-          factor = prox_factor<A>(kind, sqrt(s2), (A)t_group);
+          double s1, s2;
+          exact_chunk_stats<W, A>(s, g, chunk, &s1, &s2,
+                                  kind == FS_PROX_L0_GROUP_LASSO ? (A)t_elem : A(-1));
+          factor = (A)prox_factor<double>(kind, sqrt(s2), t_group);
         }
       }
       A s1, s2;
       chunk_prox<W, A>(s, g, chunk, kind, (A)t_elem, factor, &s1, &s2);
-      partials[2 * item] = (double)s1;
-      partials[2 * item + 1] = (double)s2;
+      exact_sums<W, A>(s, g, chunk, A(-1), s1, s2, partials + 2 * item, partials + 2 * item + 1);
     }
   }
 };
@@ -479,7 +517,7 @@ struct UpdateOp {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / s.chunks;
       const double* coef = coefs + 2 * (s.group_offset + g);
-      chunk_update<W, G, A>(s, g, item % s.chunks, (A)coef[0], (A)coef[1], (A)scale);
+      chunk_update<W, G, A>(s, g, item % s.chunks, scale * coef[0], scale * coef[1]);
     }
   }
 };
@@ -490,17 +528,17 @@ struct FusedOp {
   static void run(const fs_segment& s, int64_t begin, int64_t end, int kind, double alpha,
                   double scale, double* values) {
     for (int64_t g = begin; g < end; ++g) {
-      A s1 = 0, s2 = 0, v, a, b;
+      double s1 = 0, s2 = 0, v, a, b;
       for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
-        A c1, c2;
-        chunk_stats<W, A>(s, g, chunk, &c1, &c2);
+        double c1, c2;
+        exact_chunk_stats<W, A>(s, g, chunk, &c1, &c2);
         s1 += c1;
         s2 += c2;
       }
-      penalty_rule<A>(kind, s1, s2, A(0), A(0), (A)alpha, &v, &a, &b);
-      values[s.group_offset + g] = (double)v;
+      penalty_rule<double>(kind, s1, s2, 0.0, 0.0, alpha, &v, &a, &b);
+      values[s.group_offset + g] = v;
       for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
-        chunk_update<W, G, A>(s, g, chunk, a, b, (A)scale);
+        chunk_update<W, G, A>(s, g, chunk, scale * a, scale * b);
       }
     }
   }
@@ -564,10 +602,8 @@ int step_prox_groups(const fs_segment* segs, int64_t nseg, int kind, double t_gr
       using A = decltype(tag);
       const auto run = make_run(&s - segs, tag);
       for (int64_t g = t.begin; g < t.end; ++g) {
-        A s1, s2;
-        group_step_prox<A>(s, g, kind, (A)t_group, run, &s1, &s2);
-        after[2 * (s.group_offset + g)] = s1;
-        after[2 * (s.group_offset + g) + 1] = s2;
+        group_step_prox<A>(s, g, kind, t_group, run, after + 2 * (s.group_offset + g),
+                           after + 2 * (s.group_offset + g) + 1);
       }
     };
     if (s.w_dtype == FS_F32) groups(float(0));

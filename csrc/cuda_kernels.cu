@@ -66,19 +66,21 @@ __device__ void block_sum2(A* x, A* y) {
   __syncthreads();
 }
 
-// hard >= 0: only elements with |x| > hard count (l0 + group prox).
+// hard >= 0: only elements with |x| > hard count (l0 + group prox). The sums run in double:
+// fp32 squares of elements below 1e-19 are subnormal and below 1e-23 vanish (exact on tiny
+// groups, fastsparse_native.h).
 template <typename W, typename A>
-__device__ void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, A* s1, A* s2,
-                            A hard = -1) {
+__device__ void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, double* s1,
+                            double* s2, A hard = -1) {
   const W* w = reinterpret_cast<const W*>(s.w);
   const int64_t begin = chunk * s.chunk_len;
   const int64_t end = min(begin + s.chunk_len, s.rows * s.cols);
-  A a1 = 0, a2 = 0;
+  double a1 = 0, a2 = 0;
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
     A x = load<A>(w + element_offset(s, g, j));
     if (hard >= 0 && !(fabs(x) > hard)) x = 0;
-    a1 += fabs(x);
-    a2 += x * x;
+    a1 += fabs((double)x);
+    a2 += (double)x * x;
   }
   block_sum2(&a1, &a2);
   *s1 = a1;
@@ -88,25 +90,30 @@ __device__ void chunk_stats(const fs_segment& s, int64_t g, int64_t chunk, A* s1
 // Prox step on one chunk in place; (s1, s2) after it, summed over the block.
 template <typename W, typename A>
 __device__ void chunk_prox(const fs_segment& s, int64_t g, int64_t chunk, int kind, A t_elem,
-                           A factor, A* s1, A* s2) {
+                           A factor, double* s1, double* s2) {
   W* w = reinterpret_cast<W*>(s.w);
   const int64_t begin = chunk * s.chunk_len;
   const int64_t end = min(begin + s.chunk_len, s.rows * s.cols);
-  A a1 = 0, a2 = 0;
+  double a1 = 0, a2 = 0;
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
     const int64_t off = element_offset(s, g, j);
     const A x = prox_element<A>(kind, load<A>(w + off), t_elem) * factor;
     store<A>(w + off, x);
-    a1 += fabs(x);
-    a2 += x * x;
+    a1 += fabs((double)x);
+    a2 += (double)x * x;
   }
   block_sum2(&a1, &a2);
   *s1 = a1;
   *s2 = a2;
 }
 
+// grad [+]= a * sign(w) + b * w with fp64 coefficients (scale folded in), b * w applied as
+// hi * (w * pre) (fs_split_coefficient).
 template <typename W, typename G, typename A>
-__device__ void chunk_update(const fs_segment& s, int64_t g, int64_t chunk, A a, A b, A scale) {
+__device__ void chunk_update(const fs_segment& s, int64_t g, int64_t chunk, double a_, double b) {
+  A hi, pre;
+  fs_split_coefficient<A>(b, &hi, &pre);
+  const A a = (A)a_;
   const W* w = reinterpret_cast<const W*>(s.w);
   G* grad = reinterpret_cast<G*>(s.grad);
   const int64_t begin = chunk * s.chunk_len;
@@ -115,7 +122,7 @@ __device__ void chunk_update(const fs_segment& s, int64_t g, int64_t chunk, A a,
     const int64_t off = element_offset(s, g, j);
     const A x = load<A>(w + off);
     const A sign = (A)((x > 0) - (x < 0));
-    A update = scale * (a * sign + b * x);
+    A update = a * sign + hi * (x * pre);
     if (s.accumulate) update += load<A>(grad + off);
     store<A>(grad + off, update);
   }
@@ -125,11 +132,11 @@ template <typename W, typename G, typename A>
 struct StatsOp {
   static __device__ void run(const fs_segment& s, int64_t g, int64_t chunk, double hard,
                              double* partial) {
-    A s1, s2;
+    double s1, s2;
     chunk_stats<W, A>(s, g, chunk, &s1, &s2, (A)hard);
     if (threadIdx.x == 0) {
-      partial[0] = (double)s1;
-      partial[1] = (double)s2;
+      partial[0] = s1;
+      partial[1] = s2;
     }
   }
 };
@@ -145,18 +152,18 @@ struct ProxOp {
       if (factors && (s.chunks > 1 || kind == FS_PROX_SCALE)) {
         factor = (A)factors[s.group_offset + g];
       } else {
-        A s1, s2;
+        double s1, s2;
         chunk_stats<W, A>(s, g, chunk, &s1, &s2,
                           kind == FS_PROX_L0_GROUP_LASSO ? (A)t_elem : A(-1));
-        factor = prox_factor<A>(kind, sqrt(s2), (A)t_group);
+        factor = (A)prox_factor<double>(kind, sqrt(s2), t_group);
       }
     }
     __syncthreads();  // every thread has read the group before anyone writes it
-    A s1, s2;
+    double s1, s2;
     chunk_prox<W, A>(s, g, chunk, kind, (A)t_elem, factor, &s1, &s2);
     if (threadIdx.x == 0) {
-      partial[0] = (double)s1;
-      partial[1] = (double)s2;
+      partial[0] = s1;
+      partial[1] = s2;
     }
   }
 };
@@ -165,7 +172,7 @@ template <typename W, typename G, typename A>
 struct UpdateOp {
   static __device__ void run(const fs_segment& s, int64_t g, int64_t chunk, const double* coef,
                              double scale) {
-    chunk_update<W, G, A>(s, g, chunk, (A)coef[0], (A)coef[1], (A)scale);
+    chunk_update<W, G, A>(s, g, chunk, scale * coef[0], scale * coef[1]);
   }
 };
 
@@ -174,18 +181,18 @@ struct FusedOp {
   // A whole group per block: statistics, rule, gradient; the second pass mostly hits L1/L2.
   static __device__ void run(const fs_segment& s, int64_t g, int kind, double alpha,
                              double scale, double* value) {
-    A s1 = 0, s2 = 0;
+    double s1 = 0, s2 = 0;
     for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
-      A c1, c2;
+      double c1, c2;
       chunk_stats<W, A>(s, g, chunk, &c1, &c2);
       s1 += c1;
       s2 += c2;
     }
-    A v, a, b;
-    penalty_rule<A>(kind, s1, s2, A(0), A(0), (A)alpha, &v, &a, &b);
-    if (threadIdx.x == 0) *value = (double)v;
+    double v, a, b;
+    penalty_rule<double>(kind, s1, s2, 0.0, 0.0, alpha, &v, &a, &b);
+    if (threadIdx.x == 0) *value = v;
     for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
-      chunk_update<W, G, A>(s, g, chunk, a, b, (A)scale);
+      chunk_update<W, G, A>(s, g, chunk, scale * a, scale * b);
     }
   }
 };

@@ -46,6 +46,7 @@ enum {
 };
 
 // The coefficient rule of the contract: value term and (a, b) with dR/dw = a*sign(w) + b*w.
+// Every backend runs it in double (A = double), on exact statistics.
 // total_l, total_f2: the segment's L = sum of group norms and F^2 (across-group kinds only).
 // Zero groups give zeros, never NaN.
 template <typename A>
@@ -91,6 +92,40 @@ FS_HD void penalty_rule(int kind, A s1, A s2, A total_l, A total_f2, A alpha, A*
     }
     default: break;
   }
+}
+
+// --- exact on tiny groups ------------------------------------------------------------------
+// A group of fp32 weights with norm 1e-30 has s2 = 1e-60 (0 in fp32) and coefficients up to
+// 1/n^3 = 1e90: statistics, the rule and the factors are therefore computed in double, and b*x
+// is applied as hi * (x * pre) with pre a power of two near sqrt|b|, each factor within fp32.
+
+// 2^k, exact, for k in [-1022, 1023].
+FS_HD double fs_pow2(int k) {
+  union { uint64_t u; double d; } v;
+  v.u = (uint64_t)(k + 1023) << 52;
+  return v.d;
+}
+
+// The exponent field of x, unbiased: floor(log2 |x|) for normal x, -1023 for 0.
+FS_HD int fs_exponent(double x) {
+  union { uint64_t u; double d; } v;
+  v.d = x;
+  return (int)((v.u >> 52) & 0x7ff) - 1023;
+}
+
+// (hi, pre) in the accumulation type A with b*x == hi * (x*pre) (exact scaling by powers of 2).
+template <typename A>
+FS_HD void fs_split_coefficient(double b, A* hi, A* pre) {
+  if (sizeof(A) == sizeof(double)) {
+    *hi = (A)b;
+    *pre = A(1);
+    return;
+  }
+  int half = fs_exponent(b) / 2;
+  half = half < -126 ? -126 : (half > 126 ? 126 : half);
+  const double p = fs_pow2(half);
+  *hi = (A)(b / p);
+  *pre = (A)p;
 }
 
 // Prox kinds, as in fastsparse/core/contract.py PROX_IDS; "scale" multiplies groups by given factors.

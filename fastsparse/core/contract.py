@@ -80,6 +80,12 @@ PROX_IDS = {"l1": 0, "l0": 1, "group_lasso": 2, "group_l0": 3, "l0_group_lasso":
 # --- dtypes --------------------------------------------------------------------------------------
 
 
+# Group statistics, coefficients (a_g, b_g) and prox factors between kernels, whatever the
+# weights' dtype: a group of fp32 weights with norm 1e-30 has s2 = 1e-60 and coefficients up to
+# 1/n^3 = 1e90, which only fp64 holds. The kernels take them in [groups, 2] fp64 buffers.
+COEFFICIENT_DTYPE = torch.float64
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics accumulate in: fp64 for fp64 input, fp32 for every other dtype.
 

@@ -16,6 +16,7 @@ import torch
 
 from fastsparse.core.contract import (
     ACROSS_GROUP_KINDS,
+    COEFFICIENT_DTYPE,
     GROUP_PROX_KINDS,
     accumulation_dtype,
     accumulation_dtype_of,
@@ -35,8 +36,9 @@ from fastsparse.core.layout import (
 class Backend(Protocol):
     """The primitives a fused backend gives; every op of fastsparse/core/ops.py is built from them.
 
-    All tensors are on the plan's device; statistics and coefficients are in the accumulation
-    dtype of the contract.
+    All tensors are on the plan's device; statistics, coefficients and factors are fp64
+    (COEFFICIENT_DTYPE), computed exactly for tiny groups too (docs/design.md, "Exact on tiny
+    norms").
     """
 
     plans: PlanCache
@@ -113,8 +115,7 @@ def penalty_forward(backend: Backend, tensors, kind, specs, alpha):
     """Value (0-dim, accumulation dtype) and per-group coefficients for the backward."""
     plan = backend.plans.get(tensors, specs)
     values, coefs = _plan_rule(backend, plan, backend.stats(plan, tensors, ALL), kind, alpha)
-    acc = accumulation_dtype_of(tensors)
-    return values.sum().to(acc), coefs.to(acc)
+    return values.sum().to(accumulation_dtype_of(tensors)), coefs.to(COEFFICIENT_DTYPE)
 
 
 def penalty_backward(backend: Backend, tensors, coefs, grad_value, specs):
@@ -268,7 +269,7 @@ def coupled_penalty_forward(
         backend, plan, tensors, slice_groups, group_counts, kind, alpha
     )
     acc = accumulation_dtype_of(tensors)
-    return values.sum().to(acc), slice_coefs.to(acc)
+    return values.sum().to(acc), slice_coefs.to(COEFFICIENT_DTYPE)
 
 
 def add_coupled_penalty_grad(

@@ -29,13 +29,16 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-# A group of at most this many elements is reduced by one program in registers: weights are read
-# once. Longer groups are split into chunks of SPLIT_BLOCK elements whose partial sums are added.
-MAX_FUSED_GROUP = 16384
-SPLIT_BLOCK = 8192
-MIN_BLOCK = 16
-# Target elements per program for short groups: several groups share one program.
+# A program holds at most TILE_ELEMENTS elements in registers at once (larger tiles spill at any
+# warp count); several short groups share a tile. A group of at most MAX_FUSED_GROUP elements is
+# one program's: it walks the group in `loops` tiles to reduce it, then again to apply the rule,
+# the second walk reading from cache (one tile: straight from registers), so weights are read
+# from memory once. Longer groups are split into chunks of SPLIT_BLOCK elements, one program
+# each, whose partial sums are added.
 TILE_ELEMENTS = 4096
+MAX_FUSED_GROUP = 16384
+SPLIT_BLOCK = MAX_FUSED_GROUP
+MIN_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,8 @@ class LaunchClass:
     dtype: torch.dtype
     grad_dtype: torch.dtype
     block_groups: int
-    block_size: int
+    block_size: int  # elements of a group per tile
+    loops: int  # tiles per program: a program covers block_size * loops elements of a group
     chunks_padded: int  # 1 for fused classes; rows of the partial-sum buffer otherwise
     segments: list[Segment] = field(default_factory=list)
     device_tables: dict = field(default_factory=dict)  # filled lazily by a backend
@@ -194,14 +198,14 @@ class Plan:
     cache: dict = field(default_factory=dict)  # backend-owned device tensors
 
 
-def _block_shape(geometry: SegmentGeometry) -> tuple[int, int, int]:
-    """(block_groups, block_size, chunks) for a segment."""
+def _block_shape(geometry: SegmentGeometry) -> tuple[int, int, int, int]:
+    """(block_groups, block_size, loops, chunks) for a segment."""
     size = geometry.group_size
     if size <= MAX_FUSED_GROUP:
-        block_size = max(MIN_BLOCK, next_power_of_2(size))
+        block_size = min(max(MIN_BLOCK, next_power_of_2(size)), TILE_ELEMENTS)
         block_groups = max(1, min(TILE_ELEMENTS // block_size, next_power_of_2(geometry.groups)))
-        return block_groups, block_size, 1
-    return 1, SPLIT_BLOCK, -(-size // SPLIT_BLOCK)
+        return block_groups, block_size, -(-size // block_size), 1
+    return 1, TILE_ELEMENTS, SPLIT_BLOCK // TILE_ELEMENTS, -(-size // SPLIT_BLOCK)
 
 
 Spec = tuple  # (tensor index, grouping, pass index)
@@ -232,12 +236,13 @@ def build_plan(
         geometry = segment_geometry(t, grouping)
         if geometry is None:
             raise ValueError(f"tensor {ti} has a layout the fused kernels cannot address")
-        block_groups, block_size, chunks = _block_shape(geometry)
+        block_groups, block_size, loops, chunks = _block_shape(geometry)
         segment = Segment(ti, pass_index, geometry, offset, len(segments), chunks)
         segments.append(segment)
         offset += geometry.groups
         grad_dtype = t.dtype if grad_dtypes is None else grad_dtypes[ti]
-        key = (pass_index, t.dtype, grad_dtype, block_groups, block_size, next_power_of_2(chunks))
+        key = (pass_index, t.dtype, grad_dtype, block_groups, block_size, loops)
+        key += (next_power_of_2(chunks),)
         if key not in classes:
             classes[key] = LaunchClass(*key)
         classes[key].segments.append(segment)

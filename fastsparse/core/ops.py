@@ -24,7 +24,7 @@ from torch import Tensor
 from fastsparse.core import engine
 from fastsparse.core.backends import fused_backend as _backend
 from fastsparse.core.backends import op_kernels
-from fastsparse.core.contract import STEP_OPTIONS
+from fastsparse.core.contract import COEFFICIENT_DTYPE, STEP_OPTIONS
 from fastsparse.core.contract import accumulation_dtype_of as _acc_dtype
 from fastsparse.core.layout import decode_specs, group_count
 
@@ -113,7 +113,7 @@ def penalty_op(
 
 @penalty_op.register_fake
 def _(weights, kind, groups, alpha, backend):
-    coefs = weights[0].new_empty((_total_groups(weights, groups), 2), dtype=_acc_dtype(weights))
+    coefs = weights[0].new_empty((_total_groups(weights, groups), 2), dtype=COEFFICIENT_DTYPE)
     return _scalar(weights), coefs
 
 
@@ -251,7 +251,7 @@ def coupled_penalty_op(
 
 @coupled_penalty_op.register_fake
 def _(weights, slice_groups, groups, group_counts, kind, alpha, backend):
-    coefs = weights[0].new_empty((_total_groups(weights, groups), 2), dtype=_acc_dtype(weights))
+    coefs = weights[0].new_empty((_total_groups(weights, groups), 2), dtype=COEFFICIENT_DTYPE)
     return _scalar(weights), coefs
 
 

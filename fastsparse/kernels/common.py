@@ -1,19 +1,21 @@
 """What every Triton kernel of fastsparse shares: segment lookup, tiles, class tables.
 
-A program handles a tile of [BLOCK_G groups, BLOCK_K elements] of one segment (see
-fastsparse/core/layout.py); it finds its segment by binary search in its launch class's
+A program handles LOOPS tiles of [BLOCK_G groups, BLOCK_K elements] of one segment, one after the
+other (see fastsparse/core/layout.py); it finds its segment by binary search in its launch class's
 `item_starts`, then reads the segment's row of the class table (int64 fields below, addresses
 included: pointer tables, so one launch serves tensors of any shapes).
 """
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
+from fastsparse.core.contract import accumulation_dtype
 from fastsparse.core.layout import Plan
 
 # Fields of a segment's row in a class table (int64), in order; kernels read a field at
@@ -67,8 +69,17 @@ def locate(item_starts_ptr, num_segments, search_steps):
 
 
 @triton.jit
-def tile(table_ptr, segment, local_item, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Group ids, chunk, element offsets and masks of this program's [BLOCK_G, BLOCK_K] tile."""
+def tile(
+    table_ptr,
+    segment,
+    local_item,
+    step,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    LOOPS: tl.constexpr,
+):
+    """Group ids, chunk, element offsets and masks of tile `step` (< LOOPS) of this program:
+    [BLOCK_G groups, BLOCK_K elements] from element (chunk * LOOPS + step) * BLOCK_K on."""
     row = table_ptr + segment * NUM_FIELDS
     groups = tl.load(row + F_GROUPS)
     rows = tl.load(row + F_ROWS)
@@ -80,7 +91,7 @@ def tile(table_ptr, segment, local_item, BLOCK_G: tl.constexpr, BLOCK_K: tl.cons
     tile_index = local_item // chunks
     chunk = local_item % chunks
     g = tile_index * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
-    j = chunk * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    j = (chunk * LOOPS + step) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     if rows == 1:  # the common case: no division per element
         element = j * stride_col
     else:
@@ -89,6 +100,109 @@ def tile(table_ptr, segment, local_item, BLOCK_G: tl.constexpr, BLOCK_K: tl.cons
     group_mask = g < groups
     mask = group_mask[:, None] & (j < rows * cols)[None, :]
     return g, chunk, offsets, group_mask, mask
+
+
+@triton.jit
+def tile_offsets(
+    table_ptr,
+    segment,
+    local_item,
+    step,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    LOOPS: tl.constexpr,
+):
+    """(offsets, mask) of tile `step`: what a loop over tiles needs of `tile`."""
+    _, _, offsets, _, mask = tile(table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS)
+    return offsets, mask
+
+
+@triton.jit
+def load_tile(
+    table_ptr,
+    segment,
+    local_item,
+    step,
+    ptr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    LOOPS: tl.constexpr,
+):
+    """(values in ACC_DTYPE, offsets, mask) of tile `step` of the tensor at `ptr`."""
+    offsets, mask = tile_offsets(table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS)
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE), offsets, mask
+
+
+@triton.jit
+def group_sums(
+    table_ptr,
+    segment,
+    local_item,
+    ptr,
+    threshold,
+    HARD_THRESHOLD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    LOOPS: tl.constexpr,
+):
+    """fp64 (s1, s2) per group over the program's LOOPS tiles (`exact_stats`); with
+    HARD_THRESHOLD, of the elements with |w| > threshold only."""
+    s1 = tl.zeros([BLOCK_G], dtype=tl.float64)
+    s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
+    for step in range(LOOPS):
+        x, _, _ = load_tile(
+            table_ptr, segment, local_item, step, ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS
+        )
+        if HARD_THRESHOLD:
+            x = tl.where(tl.abs(x) > threshold, x, 0.0)
+        c1, c2 = exact_stats(x, ACC_DTYPE)
+        s1 += c1
+        s2 += c2
+    return s1, s2
+
+
+@triton.jit
+def exact_stats(x, ACC_DTYPE: tl.constexpr):
+    """(s1, s2) per row of x [BLOCK_G, BLOCK_K] in fp64, exact for tiny rows as well.
+
+    fp32 squares of elements below 1e-19 are subnormal and below 1e-23 vanish: each row is
+    scaled by the power of two that brings its largest |x| into [1, 2) (exact), summed in fp32,
+    and the sums are unscaled in fp64. fp64 rows are summed as they are."""
+    ax = tl.abs(x)
+    s1 = tl.sum(ax, axis=1).to(tl.float64)
+    if ACC_DTYPE == tl.float64:
+        return s1, tl.sum(x * x, axis=1)
+    exponent = ((tl.max(ax, axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    shift = tl.minimum(tl.maximum(-exponent, -126), 127)
+    scale = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+    u = x * scale[:, None]
+    scale64 = scale.to(tl.float64)
+    return s1, tl.sum(u * u, axis=1).to(tl.float64) / (scale64 * scale64)
+
+
+@triton.jit
+def split_coefficient(b, ACC_DTYPE: tl.constexpr):
+    """(hi, pre) in ACC_DTYPE with b * x == hi * (x * pre) for fp64 coefficients b.
+
+    pre is a power of two near sqrt(|b|): the b = 1/n^3 of a group of norm 1e-30 (1e90) does
+    not fit fp32, but b * x of its elements does."""
+    if ACC_DTYPE == tl.float64:
+        return b, b * 0.0 + 1.0
+    exponent = ((b.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
+    half = tl.minimum(tl.maximum(exponent >> 1, -126), 126)
+    pre = ((half + 1023) << 52).to(tl.float64, bitcast=True)
+    return (b / pre).to(ACC_DTYPE), pre.to(ACC_DTYPE)
+
+
+@triton.jit
+def scalar(x, ACC_DTYPE: tl.constexpr):
+    """A float argument in ACC_DTYPE. Triton passes Python floats as fp32, so fp64 kernels get
+    the double's bits as an int64 (see `scalar_arg`)."""
+    if ACC_DTYPE == tl.float64:
+        return tl.cast(tl.cast(x, tl.int64), tl.float64, bitcast=True)
+    return tl.cast(x, ACC_DTYPE)
 
 
 @triton.jit
@@ -102,9 +216,19 @@ def table_field(table_ptr, segment, FIELD: tl.constexpr):
     return tl.load(table_ptr + segment * NUM_FIELDS + FIELD)
 
 
+def scalar_arg(x: float, dtype: torch.dtype):
+    """A float kernel argument read by `scalar` for accumulation dtype `dtype`: the value (fp32
+    in the kernel), or for fp64 the bits of the double as an int."""
+    if accumulation_dtype(dtype) == torch.float64:
+        return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+    return float(x)
+
+
 def num_warps(cls) -> int:
     elements = cls.block_groups * cls.block_size
-    return 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
+    # 16 warps for 4096-element tiles: 8 elements a thread; at 8 warps ptxas caps some kernels
+    # at 128 registers and spills (sm_80).
+    return 4 if elements <= 2048 else 16
 
 
 def class_tables(plan: Plan, cls) -> dict:

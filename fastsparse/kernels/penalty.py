@@ -7,9 +7,13 @@ kinds, two per-segment sums (L, F^2). So three kernels serve every kind and grou
 - `_group_stats_kernel`: per group (or per chunk of a long group) s1 = sum|w|, s2 = sum w^2.
 - `_group_rule_kernel`: per group, the value term and (a_g, b_g) from the statistics.
 - `_penalty_grad_kernel`: grad = scale * (a_g * sign(w) + b_g * w), optionally added to the old
-  gradient. In FUSED mode it first reduces the group held in registers and applies the rule
-  itself, so a whole penalty step reads the weights once (within-group kinds, groups that fit
-  one block).
+  gradient. In FUSED mode it first reduces the program's whole groups (over its tiles) and
+  applies the rule itself, so a whole penalty step reads the weights from memory once
+  (within-group kinds, groups that are not split).
+
+Statistics, the rule and the coefficients are fp64 (COEFFICIENT_DTYPE) from exactly scaled sums
+(common.exact_stats), and b_g * w is applied as hi * (w * pre) (common.split_coefficient): groups
+of norm 1e-30 get the float64 result, not zeros, infinities or NaN.
 
 The launchers below are the Triton backend's primitives (stats, rule, apply, fused), which
 fastsparse/core/engine.py composes into the ops. One launch per launch class (common.py).
@@ -25,9 +29,9 @@ import triton.language as tl
 
 from fastsparse.core.contract import (
     ACROSS_GROUP_KINDS,
+    COEFFICIENT_DTYPE,
     KIND_IDS,
     accumulation_dtype,
-    accumulation_dtype_of,
 )
 from fastsparse.core.layout import Plan, PlanCache, new_empty, selected
 from fastsparse.kernels.common import (
@@ -36,10 +40,16 @@ from fastsparse.kernels.common import (
     TL_DTYPES,
     address_table,
     class_tables,
+    exact_stats,
     grad_addresses,
+    group_sums,
     launch_reduction,
+    load_tile,
     locate,
     num_warps,
+    scalar,
+    scalar_arg,
+    split_coefficient,
     table_field,
     tile,
     weight_pointer,
@@ -106,16 +116,24 @@ def _group_stats_kernel(
     CHUNKS_PADDED: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LOOPS: tl.constexpr,
 ):
-    """(s1, s2) per group and chunk; with HARD_THRESHOLD, of w where |w| > threshold only."""
+    """fp64 (s1, s2) per group and chunk; with HARD_THRESHOLD, of w where |w| > threshold only."""
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
-    g, chunk, offsets, group_mask, mask = tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
+    g, chunk, _, group_mask, _ = tile(table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS)
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
-    x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    if HARD_THRESHOLD:
-        x = tl.where(tl.abs(x) > threshold, x, 0.0)
-    s1 = tl.sum(tl.abs(x), axis=1)
-    s2 = tl.sum(x * x, axis=1)
+    s1, s2 = group_sums(
+        table_ptr,
+        segment,
+        local_item,
+        w_ptr,
+        scalar(threshold, ACC_DTYPE),
+        HARD_THRESHOLD,
+        ACC_DTYPE,
+        BLOCK_G,
+        BLOCK_K,
+        LOOPS,
+    )
     out_row = table_field(table_ptr, segment, F_OUT_ROW) + g
     out = out_ptr + (out_row * CHUNKS_PADDED + chunk) * 2
     tl.store(out, s1, mask=group_mask)
@@ -146,10 +164,31 @@ def _group_rule_kernel(
     else:
         total_l = s1 * 0.0
         total_f2 = total_l
-    value, a, b = _penalty_rule(s1, s2, total_l, total_f2, KIND, alpha)
+    value, a, b = _penalty_rule(s1, s2, total_l, total_f2, KIND, scalar(alpha, tl.float64))
     tl.store(values_ptr + g, value, mask=mask)
     tl.store(coef_ptr + 2 * g, a, mask=mask)
     tl.store(coef_ptr + 2 * g + 1, b, mask=mask)
+
+
+@triton.jit
+def _store_grad(
+    g_ptr,
+    x,
+    offsets,
+    mask,
+    a,
+    hi,
+    pre,
+    ACCUMULATE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+):
+    """grad [+]= a * sign(x) + hi * (x * pre) on one tile (per-group a, hi, pre)."""
+    sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+    update = a[:, None] * sign + hi[:, None] * (x * pre[:, None])
+    if ACCUMULATE:
+        update += tl.load(g_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(g_ptr + offsets, update.to(G_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -173,29 +212,51 @@ def _penalty_grad_kernel(
     HAS_SCALE_PTR: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LOOPS: tl.constexpr,
 ):
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
-    g, chunk, offsets, group_mask, mask = tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
+    g, _, offsets, group_mask, mask = tile(
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS
+    )
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
     global_g = table_field(table_ptr, segment, F_GROUP_OFFSET) + g
     x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    if FUSED:  # the whole group is in registers: reduce, then apply the rule here
-        s1 = tl.sum(tl.abs(x), axis=1)
-        s2 = tl.sum(x * x, axis=1)
-        value, a, b = _penalty_rule(s1, s2, s1 * 0.0, s1 * 0.0, KIND, alpha)
+    if FUSED:  # the program holds whole groups: reduce, then apply the rule here
+        if LOOPS == 1:
+            s1, s2 = exact_stats(x, ACC_DTYPE)
+        else:
+            s1, s2 = group_sums(
+                table_ptr,
+                segment,
+                local_item,
+                w_ptr,
+                0.0,
+                False,
+                ACC_DTYPE,
+                BLOCK_G,
+                BLOCK_K,
+                LOOPS,
+            )
+        value, a, b = _penalty_rule(s1, s2, s1 * 0.0, s1 * 0.0, KIND, scalar(alpha, tl.float64))
         tl.store(values_ptr + global_g, value, mask=group_mask)
     else:
         a = tl.load(coef_ptr + 2 * global_g, mask=group_mask, other=0.0)
         b = tl.load(coef_ptr + 2 * global_g + 1, mask=group_mask, other=0.0)
-    sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-    factor = scale
+    # The scale folds into the fp64 coefficients; b * w is applied as hi * (w * pre).
+    factor = scalar(scale, tl.float64)
     if HAS_SCALE_PTR:
-        factor = factor * tl.load(scale_ptr).to(ACC_DTYPE)
-    update = (a[:, None] * sign + b[:, None] * x) * factor
+        factor = factor * tl.load(scale_ptr).to(tl.float64)
+    hi, pre = split_coefficient(b * factor, ACC_DTYPE)
+    a = (a * factor).to(ACC_DTYPE)
     g_ptr = tl.load(grad_addrs_ptr + segment).to(tl.pointer_type(G_DTYPE))
-    if ACCUMULATE:
-        update += tl.load(g_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    tl.store(g_ptr + offsets, update.to(G_DTYPE), mask=mask)
+    if LOOPS == 1:  # the tile is still in registers
+        _store_grad(g_ptr, x, offsets, mask, a, hi, pre, ACCUMULATE, ACC_DTYPE, G_DTYPE)
+    else:
+        for step in range(LOOPS):
+            x, offsets, mask = load_tile(
+                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS
+            )
+            _store_grad(g_ptr, x, offsets, mask, a, hi, pre, ACCUMULATE, ACC_DTYPE, G_DTYPE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,16 +266,12 @@ def _penalty_grad_kernel(
 plans = PlanCache()
 
 
-def _stats_dtype(plan: Plan) -> torch.dtype:
-    return accumulation_dtype_of(plan.classes)
-
-
 def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
     """[total_groups, 2] = (s1, s2) of the selected classes' groups (others stay 0).
 
     With `element_threshold`, only elements with |w| > threshold count (for l0 + group prox).
     """
-    out = torch.zeros((plan.total_groups, 2), dtype=_stats_dtype(plan), device=plan.device)
+    out = torch.zeros((plan.total_groups, 2), dtype=COEFFICIENT_DTYPE, device=plan.device)
     for cls in selected(plan.classes, select):
         tables = class_tables(plan, cls)
 
@@ -225,13 +282,14 @@ def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
                 len(cls.segments),
                 tables["search_steps"],
                 buffer,
-                0.0 if element_threshold is None else float(element_threshold),
+                scalar_arg(element_threshold or 0.0, cls.dtype),
                 W_DTYPE=TL_DTYPES[cls.dtype],
                 ACC_DTYPE=TL_DTYPES[accumulation_dtype(cls.dtype)],
                 HARD_THRESHOLD=element_threshold is not None,
                 CHUNKS_PADDED=cls.chunks_padded,
                 BLOCK_G=cls.block_groups,
                 BLOCK_K=cls.block_size,
+                LOOPS=cls.loops,
                 num_warps=num_warps(cls),
             )
 
@@ -253,7 +311,7 @@ def rule(stats_, segment_of_group, segment_sums_, kind: str, alpha: float):
             coefs,
             values,
             groups,
-            float(alpha),
+            scalar_arg(alpha, torch.float64),
             KIND=kind_id,
             ACROSS=kind_id in ACROSS_KIND_IDS,
             BLOCK=RULE_BLOCK,
@@ -273,9 +331,9 @@ def _launch_grad(
         grad_addresses(plan, cls, grads),
         coefs,
         values,
-        float(scale),
+        scalar_arg(scale, torch.float64),
         values if scale_tensor is None else scale_tensor,
-        float(alpha),
+        scalar_arg(alpha, torch.float64),
         W_DTYPE=TL_DTYPES[cls.dtype],
         G_DTYPE=TL_DTYPES[cls.grad_dtype],
         ACC_DTYPE=TL_DTYPES[accumulation_dtype(cls.dtype)],
@@ -285,27 +343,16 @@ def _launch_grad(
         HAS_SCALE_PTR=scale_tensor is not None,
         BLOCK_G=cls.block_groups,
         BLOCK_K=cls.block_size,
+        LOOPS=cls.loops,
         num_warps=num_warps(cls),
     )
 
 
-def _exact_scale(plan: Plan, scale: float, scale_tensor):
-    """(float, tensor) scale arguments; a float kernel argument is fp32, so fp64 plans take the
-    whole scale from an fp64 tensor."""
-    if _stats_dtype(plan) != torch.float64:
-        return scale, scale_tensor
-    exact = torch.tensor([scale], dtype=torch.float64).to(plan.device, non_blocking=True)
-    if scale_tensor is not None:
-        exact = exact * scale_tensor.reshape(1).to(torch.float64)
-    return 1.0, exact
-
-
 def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tensor=None):
     """grads [+]= scale * scale_tensor * (a_g sign(w) + b_g w) on the selected classes."""
-    scale, scale_tensor = _exact_scale(plan, scale, scale_tensor)
     if scale_tensor is not None:
         scale_tensor = scale_tensor.reshape(1)
-    coefs = coefs.to(_stats_dtype(plan))
+    coefs = coefs.to(COEFFICIENT_DTYPE)
     for cls in selected(plan.classes, select):
         # KIND only matters in FUSED mode: a fixed one avoids a compilation per kind here.
         _launch_grad(
@@ -326,8 +373,7 @@ def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tenso
 
 def fused(plan, tensors, grads, select, kind, alpha, scale, values):
     """One pass per group for within-group kinds: values[g] and grads += scale * dR/dw."""
-    scale, scale_tensor = _exact_scale(plan, scale, None)
     for cls in selected(plan.classes, select):
         _launch_grad(
-            plan, cls, tensors, grads, values, values, kind, alpha, True, True, scale, scale_tensor
+            plan, cls, tensors, grads, values, values, kind, alpha, True, True, scale, None
         )

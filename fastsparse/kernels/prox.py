@@ -7,9 +7,12 @@ norm n <= t):
 - "l0_group_lasso": hard threshold the elements (t_elem), then group shrink (t_group) with the
   norm of what survived (Bui et al.'s l0 + l2,1 step).
 
-A group that fits one block is thresholded in registers (FUSED); a longer one takes its norm from
-a stats pass first and its factor from `factors`. Every program also writes the group's
-sum of squares after the step, from which the engine derives the masks of kept groups.
+A program that holds whole groups (FUSED) takes their norms over its tiles, then thresholds them
+(one tile: in registers; several: re-read from cache); a group split over programs takes its
+norm from a stats pass first and its factor from `factors`. Norms and factors are fp64 from
+exactly scaled sums (common.exact_stats), so tiny groups are thresholded as in float64. Every
+program also writes the group's (s1, s2) after the step, from which the engine derives the masks
+of kept groups.
 """
 
 from __future__ import annotations
@@ -26,9 +29,14 @@ from fastsparse.kernels.common import (
     TL_DTYPES,
     address_table,
     class_tables,
+    exact_stats,
+    group_sums,
     launch_reduction,
+    load_tile,
     locate,
     num_warps,
+    scalar,
+    scalar_arg,
     table_field,
     tile,
     weight_pointer,
@@ -47,11 +55,29 @@ def element_step(x, t, KIND: tl.constexpr):
 
 @triton.jit
 def prox_factor(n, t, KIND: tl.constexpr):
-    """Per-group multiplier of the group kinds; 0 for dead groups (n <= t)."""
+    """Per-group multiplier of the group kinds (fp64 n and t); 0 for dead groups (n <= t)."""
     alive = n > t
     if KIND == 3:  # group_l0
         return tl.where(alive, 1.0, 0.0)
     return tl.where(alive, 1.0 - t / tl.where(alive, n, 1.0), 0.0)  # group_lasso, l0_group_lasso
+
+
+@triton.jit
+def _store_prox(
+    w_ptr,
+    x,
+    offsets,
+    mask,
+    factor,
+    KIND: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Store x (after the element step) times the group factor; fp64 (s1, s2) of the result."""
+    if KIND >= 2:
+        x = x * factor[:, None]
+    tl.store(w_ptr + offsets, x.to(W_DTYPE), mask=mask)
+    return exact_stats(x, ACC_DTYPE)
 
 
 @triton.jit
@@ -71,23 +97,47 @@ def _prox_kernel(
     CHUNKS_PADDED: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LOOPS: tl.constexpr,
 ):
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
-    g, chunk, offsets, group_mask, mask = tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
+    g, chunk, offsets, group_mask, mask = tile(
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS
+    )
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
-    x = element_step(tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE), t_elem, KIND)
+    t = scalar(t_elem, ACC_DTYPE)
+    x = element_step(tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE), t, KIND)
+    factor = tl.full([BLOCK_G], 1.0, tl.float64)
     if KIND >= 2:
-        if FUSED:
-            factor = prox_factor(tl.sqrt(tl.sum(x * x, axis=1)), t_group, KIND)
+        if FUSED:  # the group's norm after the element step, then its factor
+            if LOOPS == 1:
+                s2 = exact_stats(x, ACC_DTYPE)[1]
+            else:
+                _, s2 = group_sums(
+                    table_ptr, segment, local_item, w_ptr, t, KIND == 4, ACC_DTYPE, BLOCK_G,
+                    BLOCK_K, LOOPS,
+                )  # fmt: skip
+            factor = prox_factor(tl.sqrt(s2), scalar(t_group, tl.float64), KIND)
         else:
             global_g = table_field(table_ptr, segment, F_GROUP_OFFSET) + g
-            factor = tl.load(factors_ptr + global_g, mask=group_mask, other=0.0).to(ACC_DTYPE)
-        x = x * factor[:, None]
-    tl.store(w_ptr + offsets, x.to(W_DTYPE), mask=mask)
+            factor = tl.load(factors_ptr + global_g, mask=group_mask, other=0.0)
+    factor = factor.to(ACC_DTYPE)
+    if LOOPS == 1:  # the tile is still in registers
+        s1, s2 = _store_prox(w_ptr, x, offsets, mask, factor, KIND, W_DTYPE, ACC_DTYPE)
+    else:
+        s1 = tl.zeros([BLOCK_G], dtype=tl.float64)
+        s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
+        for step in range(LOOPS):
+            x, offsets, mask = load_tile(
+                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS
+            )
+            x = element_step(x, t, KIND)
+            c1, c2 = _store_prox(w_ptr, x, offsets, mask, factor, KIND, W_DTYPE, ACC_DTYPE)
+            s1 += c1
+            s2 += c2
     out_row = table_field(table_ptr, segment, F_OUT_ROW) + g
     out = kept_ptr + (out_row * CHUNKS_PADDED + chunk) * 2
-    tl.store(out, tl.sum(tl.abs(x), axis=1), mask=group_mask)
-    tl.store(out + 1, tl.sum(x * x, axis=1), mask=group_mask)
+    tl.store(out, s1, mask=group_mask)
+    tl.store(out + 1, s2, mask=group_mask)
 
 
 def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, factors):
@@ -113,8 +163,8 @@ def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, 
                 tables["search_steps"],
                 after if factors is None else factors,
                 buffer,
-                float(t_elem),
-                float(t_group),
+                scalar_arg(t_elem, cls.dtype),
+                scalar_arg(t_group, torch.float64),
                 W_DTYPE=TL_DTYPES[cls.dtype],
                 ACC_DTYPE=TL_DTYPES[accumulation_dtype(cls.dtype)],
                 KIND=PROX_IDS[kind],
@@ -122,6 +172,7 @@ def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, 
                 CHUNKS_PADDED=cls.chunks_padded,
                 BLOCK_G=cls.block_groups,
                 BLOCK_K=cls.block_size,
+                LOOPS=cls.loops,
                 num_warps=num_warps(cls),
             )
 

@@ -1,11 +1,13 @@
 """Fused Triton optimizer step and prox: one read and one write of each weight, gradient and
 optimizer state, per group.
 
-A program takes whole groups (classes whose groups fit one block): it loads the weights, the
-gradients and the state (SGD's momentum buffer; Adam's two moments), computes the optimizer's
-update in the accumulation dtype as torch.optim.SGD / Adam / AdamW do, applies the prox's
-element stage, takes the group norm of the result in registers, multiplies by the group factor
-and stores. Split classes are not served: the engine then runs the step and the prox apart.
+A program takes whole groups (classes whose groups are not split): tile by tile it loads the
+weights, the gradients and the state (SGD's momentum buffer; Adam's two moments), computes the
+optimizer's update in the accumulation dtype as torch.optim.SGD / Adam / AdamW do, applies the
+prox's element stage and sums the group's squares; then it multiplies by the group factor (fp64,
+from exactly scaled sums) and stores: in registers for a one-tile group, else re-reading the
+new weights from cache. Split classes are not served: the engine then runs the step and the prox
+apart.
 """
 
 from __future__ import annotations
@@ -21,16 +23,85 @@ from fastsparse.kernels.common import (
     TL_DTYPES,
     address_table,
     class_tables,
+    exact_stats,
     grad_addresses,
+    load_tile,
     locate,
     num_warps,
+    scalar,
+    scalar_arg,
     table_field,
     tile,
+    tile_offsets,
     weight_pointer,
 )
 from fastsparse.kernels.prox import element_step, prox_factor
 
 _METHODS = {"sgd": 0, "adam": 1}
+
+
+@triton.jit
+def _step_tile(
+    w_ptr,
+    grad_ptr,
+    first_ptr,
+    second_ptr,
+    offsets,
+    mask,
+    lr,
+    o1,
+    o2,
+    o3,
+    o4,
+    o5,
+    step_size,
+    bias2_sqrt,
+    t,
+    W_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    METHOD: tl.constexpr,
+    KIND: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    FIRST: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+):
+    """One tile's optimizer step (its state stored) and the prox's element step: the new weights
+    before the group factor, in ACC_DTYPE."""
+    x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    d = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    if METHOD == 0:  # SGD: o1 momentum, o2 1 - dampening, o3 weight decay; first: the buffer
+        d = d + o3 * x
+        if HAS_STATE:
+            if FIRST:
+                b = d
+            else:
+                b = o1 * tl.load(first_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+                b = b + o2 * d
+            tl.store(first_ptr + offsets, b.to(W_DTYPE), mask=mask)
+            if NESTEROV:
+                d = d + o1 * b
+            else:
+                d = b
+        y = x - lr * d
+    else:  # Adam: o1 1 - beta1, o2 beta2, o3 1 - beta2, o4 eps, o5 weight decay; first m, second v
+        if DECOUPLED:
+            x = x * (1.0 - lr * o5)
+        else:
+            d = d + o5 * x
+        m = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        v = tl.load(second_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        m = m + o1 * (d - m)  # lerp, as torch's for weights below 0.5
+        v = o2 * v + o3 * d * d
+        tl.store(first_ptr + offsets, m.to(W_DTYPE), mask=mask)
+        tl.store(second_ptr + offsets, v.to(W_DTYPE), mask=mask)
+        # IEEE square root and division, as torch's step (fp32 tl.sqrt and / are approximate)
+        if ACC_DTYPE == tl.float32:
+            denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + o4
+            y = x - step_size * tl.div_rn(m, denom)
+        else:
+            y = x - step_size * (m / (tl.sqrt(v) / bias2_sqrt + o4))
+    return element_step(y, t, KIND)
 
 
 @triton.jit
@@ -63,50 +134,69 @@ def _step_prox_kernel(
     DECOUPLED: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LOOPS: tl.constexpr,
 ):
+    lr = scalar(lr, ACC_DTYPE)
+    o1 = scalar(o1, ACC_DTYPE)
+    o2 = scalar(o2, ACC_DTYPE)
+    o3 = scalar(o3, ACC_DTYPE)
+    o4 = scalar(o4, ACC_DTYPE)
+    o5 = scalar(o5, ACC_DTYPE)
+    step_size = scalar(step_size, ACC_DTYPE)
+    bias2_sqrt = scalar(bias2_sqrt, ACC_DTYPE)
+    t = scalar(t_elem, ACC_DTYPE)
+    t_group = scalar(t_group, tl.float64)
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
-    g, _, offsets, group_mask, mask = tile(table_ptr, segment, local_item, BLOCK_G, BLOCK_K)
+    g, _, offsets, group_mask, mask = tile(
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS
+    )
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
     grad_ptr = tl.load(grad_addresses_ptr + segment).to(tl.pointer_type(W_DTYPE))
-    x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    d = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    if METHOD == 0:  # SGD: o1 momentum, o2 1 - dampening, o3 weight decay
-        d = d + o3 * x
-        if HAS_STATE:
-            buf_ptr = tl.load(first_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
-            if FIRST:
-                b = d
-            else:
-                b = o1 * tl.load(buf_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-                b = b + o2 * d
-            tl.store(buf_ptr + offsets, b.to(W_DTYPE), mask=mask)
-            if NESTEROV:
-                d = d + o1 * b
-            else:
-                d = b
-        y = x - lr * d
-    else:  # Adam: o1 1 - beta1, o2 beta2, o3 1 - beta2, o4 eps, o5 weight decay (AdamW: decoupled)
-        if DECOUPLED:
-            x = x * (1.0 - lr * o5)
-        else:
-            d = d + o5 * x
-        m_ptr = tl.load(first_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
-        v_ptr = tl.load(second_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
-        m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        m = m + o1 * (d - m)  # lerp, as torch's for weights below 0.5
-        v = o2 * v + o3 * d * d
-        tl.store(m_ptr + offsets, m.to(W_DTYPE), mask=mask)
-        tl.store(v_ptr + offsets, v.to(W_DTYPE), mask=mask)
-        y = x - step_size * (m / (tl.sqrt(v) / bias2_sqrt + o4))
-    y = element_step(y, t_elem, KIND)
-    if KIND >= 2:
-        factor = prox_factor(tl.sqrt(tl.sum(y * y, axis=1)), t_group, KIND)
-        y = y * factor[:, None]
-    tl.store(w_ptr + offsets, y.to(W_DTYPE), mask=mask)
+    first_ptr = tl.load(first_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
+    second_ptr = tl.load(second_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
+    if LOOPS == 1:  # the whole tile stays in registers
+        y = _step_tile(
+            w_ptr, grad_ptr, first_ptr, second_ptr, offsets, mask, lr, o1, o2, o3, o4, o5,
+            step_size, bias2_sqrt, t, W_DTYPE, ACC_DTYPE, METHOD, KIND, HAS_STATE, FIRST,
+            NESTEROV, DECOUPLED,
+        )  # fmt: skip
+        if KIND >= 2:
+            factor = prox_factor(tl.sqrt(exact_stats(y, ACC_DTYPE)[1]), t_group, KIND)
+            y = y * factor.to(ACC_DTYPE)[:, None]
+        tl.store(w_ptr + offsets, y.to(W_DTYPE), mask=mask)
+        s1, s2 = exact_stats(y, ACC_DTYPE)
+    else:  # step every tile, then (group kinds) scale the group's new weights, read from cache
+        s1 = tl.zeros([BLOCK_G], dtype=tl.float64)
+        s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
+        for step in range(LOOPS):
+            offsets, mask = tile_offsets(
+                table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS
+            )
+            y = _step_tile(
+                w_ptr, grad_ptr, first_ptr, second_ptr, offsets, mask, lr, o1, o2, o3, o4, o5,
+                step_size, bias2_sqrt, t, W_DTYPE, ACC_DTYPE, METHOD, KIND, HAS_STATE, FIRST,
+                NESTEROV, DECOUPLED,
+            )  # fmt: skip
+            tl.store(w_ptr + offsets, y.to(W_DTYPE), mask=mask)
+            c1, c2 = exact_stats(y, ACC_DTYPE)
+            s1 += c1
+            s2 += c2
+        if KIND >= 2:
+            factor = prox_factor(tl.sqrt(s2), t_group, KIND).to(ACC_DTYPE)
+            s1 = tl.zeros([BLOCK_G], dtype=tl.float64)
+            s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
+            for step in range(LOOPS):
+                y, offsets, mask = load_tile(
+                    table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS
+                )
+                y = y * factor[:, None]
+                tl.store(w_ptr + offsets, y.to(W_DTYPE), mask=mask)
+                c1, c2 = exact_stats(y, ACC_DTYPE)
+                s1 += c1
+                s2 += c2
     out = out_ptr + (table_field(table_ptr, segment, F_OUT_ROW) + g) * 2
-    tl.store(out, tl.sum(tl.abs(y), axis=1), mask=group_mask)
-    tl.store(out + 1, tl.sum(y * y, axis=1), mask=group_mask)
+    tl.store(out, s1, mask=group_mask)
+    tl.store(out + 1, s2, mask=group_mask)
 
 
 def step_prox(
@@ -119,8 +209,8 @@ def step_prox(
     after = torch.zeros((plan.total_groups, 2), dtype=torch.float64, device=plan.device)
     roles = [list(r) for r in zip(*states)] if states and states[0] else []  # state by state
     o = options
-    # One minus a coefficient is computed here, in double: the kernel's float arguments are
-    # fp32, and 1 - 0.999 in fp32 is 1.3e-5 off.
+    # One minus a coefficient is computed here, in double (1 - 0.999 in fp32 is 1.3e-5 off);
+    # fp64 kernels get every float argument as a double (scalar_arg).
     if method == "sgd":
         values = (o["lr"], o["momentum"], 1.0 - o["dampening"], o["weight_decay"], 0.0, 0.0, 0.0,
                   1.0)  # fmt: skip
@@ -144,9 +234,9 @@ def step_prox(
             first,
             second,
             after,
-            *(float(v) for v in values),
-            float(t_elem),
-            float(t_group),
+            *(scalar_arg(v, cls.dtype) for v in values),
+            scalar_arg(t_elem, cls.dtype),
+            scalar_arg(t_group, torch.float64),
             W_DTYPE=TL_DTYPES[cls.dtype],
             ACC_DTYPE=TL_DTYPES[accumulation_dtype(cls.dtype)],
             METHOD=_METHODS[method],
@@ -154,6 +244,7 @@ def step_prox(
             **flags,
             BLOCK_G=cls.block_groups,
             BLOCK_K=cls.block_size,
+            LOOPS=cls.loops,
             num_warps=num_warps(cls),
         )
     return after

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastsparse.core.contract import as_groupings
-from fastsparse.core.layout import MAX_FUSED_GROUP, build_plan
+from fastsparse.core.layout import MAX_FUSED_GROUP, SPLIT_BLOCK, TILE_ELEMENTS, build_plan
 from tests.helpers import GROUPINGS, ODD_SHAPES, applies, shapes_for
 
 
@@ -56,7 +56,7 @@ def strided_channels_and_split(shape):
     assert not segment.split
     segment, launch = plan_of(shape, None)  # 25000 elements: partial sums per chunk
     assert segment.geometry.group_size == 25000 > MAX_FUSED_GROUP
-    assert segment.split and launch.split and segment.chunks == 4
+    assert segment.split and launch.split and segment.chunks == -(-25000 // SPLIT_BLOCK)
     for grouping in ("filters", "kernels"):
         assert not plan_of(shape, grouping)[0].split, grouping
 
@@ -124,3 +124,20 @@ def test_odd_shapes_cover_every_layout_path():
     # Groupings that need more dims leave the small shapes out, and only those.
     assert shapes_for("channels") == [s for s in ODD_SHAPES if len(s) >= 2]
     assert shapes_for("kernels") == [(3, 5, 3, 3), (20, 1, 5, 5), (50, 20, 5, 5)]
+
+
+@pytest.mark.parametrize("cols", [9, 4096, 4097, 11008, 14336, 16384, 16385, 40000])
+def test_no_tile_holds_more_than_tile_elements(cols):
+    # Long groups are walked in tiles (loops) instead of held in one register tile.
+    plan = build_plan([torch.zeros(3, cols)], [(0, "filters", 0)])
+    (launch,) = plan.classes
+    assert launch.block_groups * launch.block_size <= TILE_ELEMENTS
+    per_program = launch.block_size * launch.loops
+    if cols <= MAX_FUSED_GROUP:  # one program per group, in ceil(cols / block) tiles
+        assert (
+            not launch.split
+            and per_program >= cols
+            and launch.loops == -(-cols // launch.block_size)
+        )
+    else:  # chunks of SPLIT_BLOCK elements, one program each
+        assert launch.split and per_program == SPLIT_BLOCK
