@@ -49,7 +49,10 @@ SHAPES = {
     "llm.mlp_up": [(11008, 4096)],
     "llm.mlp_down": [(4096, 11008)],
     "llm.mlp_14336": [(14336, 4096)],
+    "llm.70b_mlp": [(8192, 28672)],
     "conv.512x512x3x3": [(512, 512, 3, 3)],
+    "resnet50": "resnet50",  # every tensor of the model (benchmarks.workloads)
+    "vgg16": "vgg16",
 }
 QUICK_SHAPES = {"llm.mlp_down": [(4096, 11008)], "conv.512x512x3x3": [(512, 512, 3, 3)]}
 
@@ -88,14 +91,28 @@ def _paths(tensors: List[torch.Tensor], grouping: str) -> List[tuple]:
     def penalty(kind):
         return lambda: ops.call(ops.penalty_op, tensors, kind, groups, 0.5, "triton")
 
+    def backward():  # the autograd path: coefficients from the forward, then the gradient
+        _, coefs = ops.call(ops.penalty_op, tensors, "l1l2", groups, 0.5, "triton")
+        ops.call(ops.penalty_backward_op, tensors, coefs, torch.ones(()), groups, "triton")
+
+    def selective_decay():
+        thresholds = torch.zeros(1, dtype=torch.float32)
+        ops.call(ops.selective_decay_op, grads, tensors, thresholds, [0] * len(tensors), 1e-4,
+                 "taylor", True, "triton")  # fmt: skip
+
     return [
         ("penalty group_lasso", penalty("group_lasso")),
+        ("penalty backward l1l2", backward),
         ("penalty group_l1l2 (across groups)", penalty("group_l1l2")),
         ("in place l1l2", lambda: ops.call(
             ops.add_penalty_grad_op, grads, tensors, "l1l2", groups, 0.5, 1e-4, "triton")),
         ("group norms", lambda: ops.call(ops.group_norms_op, tensors, groups, "triton")),
         ("prox group_lasso", lambda: ops.call(
             ops.prox_op, tensors, groups, "group_lasso", 0.0, 1e-3, "triton")),
+        ("prox l0_group_lasso", lambda: ops.call(
+            ops.prox_op, tensors, groups, "l0_group_lasso", 1e-4, 1e-3, "triton")),
+        ("prox l1", lambda: ops.call(ops.prox_op, tensors, groups, "l1", 1e-4, 1e-4, "triton")),
+        ("selective decay", selective_decay),
         ("scale groups", lambda: ops.call(ops.scale_groups_op, tensors, groups, factors, "triton")),
         ("sgd step + prox", lambda: ops.call(
             ops.step_prox_op, tensors, grads, [torch.zeros_like(t) for t in tensors], groups,
@@ -110,11 +127,17 @@ def capture(shapes: dict, dtypes, groupings) -> List[dict]:
     """The launches of every path, shape set, dtype and grouping, without duplicates."""
     seen, out = set(), []
     for name, shape_list in shapes.items():
+        if isinstance(shape_list, str):
+            from benchmarks.workloads import model_workload
+
+            shape_list = model_workload(shape_list).shapes
         for dtype in dtypes:
             for grouping in groupings:
                 if grouping == "kernels" and any(len(s) < 3 for s in shape_list):
                     continue
-                tensors = [torch.zeros(s, dtype=dtype) for s in shape_list]
+                # "channels" needs dim >= 2: a model's biases and norm scales go without it
+                kept = [s for s in shape_list if grouping != "channels" or len(s) >= 2]
+                tensors = [torch.zeros(s, dtype=dtype) for s in kept]
                 for path, run in _paths(tensors, grouping):
                     launches: list = []
                     with recorded_launches(launches):
@@ -270,7 +293,8 @@ def markdown(run: dict) -> str:
     s = run["summary"]
     out += ["", f"Summary: {s['compiled']} compiles, {s['errors']} errors, {s['spilling']} spill, "
             f"{s['with_vector_loads']} with vector loads, {s['with_div64']} with 64-bit "
-            "divisions.", ""]  # fmt: skip
+            f"divisions, {s.get('with_approx', 0)} with approximate sqrt or division.",
+            ""]  # fmt: skip
     return "\n".join(out)
 
 
@@ -279,6 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a bounded subset (CI)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--fail-on-spill", action="store_true", help="exit 1 if any spills")
+    parser.add_argument("--tag", default="", help="suffix of the table's file names")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         print("run without TRITON_INTERPRET: the kernels must be JIT functions", file=sys.stderr)
@@ -314,10 +339,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             "spilling": sum(bool(c.get("spills")) for c in compiled),
             "with_vector_loads": sum(bool(c.get("vector_loads")) for c in compiled),
             "with_div64": sum(bool(c.get("div64")) for c in compiled),
+            "with_approx": sum(bool(c.get("approx_sqrt") or c.get("approx_div")) for c in compiled),
         },
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"gpu-static-{run['date']}" + ("-quick" if args.quick else "")
+    stem += f"-{args.tag}" if args.tag else ""
     (args.out_dir / f"{stem}.json").write_text(json.dumps(run, indent=1, default=str))
     (args.out_dir / f"{stem}.md").write_text(markdown(run))
     print(json.dumps(run["summary"]))
