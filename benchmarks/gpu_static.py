@@ -54,7 +54,13 @@ SHAPES = {
     "resnet50": "resnet50",  # every tensor of the model (benchmarks.workloads)
     "vgg16": "vgg16",
 }
-QUICK_SHAPES = {"llm.mlp_down": [(4096, 11008)], "conv.512x512x3x3": [(512, 512, 3, 3)]}
+# One of each tile shape: a group in several tiles (11008, 4608), groups sharing a tile (1x1 convs,
+# norm scales).
+QUICK_SHAPES = {
+    "llm.mlp_down": [(4096, 11008)],
+    "conv.512x512x3x3": [(512, 512, 3, 3)],
+    "conv.1x1 + norm": [(256, 64, 1, 1), (256,)],
+}
 
 
 @contextmanager
@@ -228,7 +234,8 @@ def compile_one(spec: dict, arch: int, workdir: Path) -> dict:
             source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]}
         )
     except Exception as error:
-        return {"arch": arch, "error": f"{type(error).__name__}: {error}"[:300]}
+        message = f"{type(error).__name__}: {error}"
+        return {"arch": arch, "error": message if len(message) <= 1200 else message[-1200:]}
     cubin = workdir / f"{spec['kernel']}-{arch}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     usage = subprocess.run(

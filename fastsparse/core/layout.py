@@ -174,6 +174,7 @@ class LaunchClass:
     block_groups: int
     block_size: int  # elements of a group per tile
     loops: int  # tiles per program: a program covers block_size * loops elements of a group
+    vector: int  # elements per 16 bytes if every group is 16-byte aligned and contiguous, else 0
     chunks_padded: int  # 1 for fused classes; rows of the partial-sum buffer otherwise
     segments: list[Segment] = field(default_factory=list)
     device_tables: dict = field(default_factory=dict)  # filled lazily by a backend
@@ -206,6 +207,18 @@ def _block_shape(geometry: SegmentGeometry) -> tuple[int, int, int, int]:
         block_groups = max(1, min(TILE_ELEMENTS // block_size, next_power_of_2(geometry.groups)))
         return block_groups, block_size, -(-size // block_size), 1
     return 1, TILE_ELEMENTS, SPLIT_BLOCK // TILE_ELEMENTS, -(-size // SPLIT_BLOCK)
+
+
+def vector_width(geometry: SegmentGeometry, dtype: torch.dtype) -> int:
+    """Elements per 16 bytes when each group is one contiguous run whose start and length are
+    multiples of that (from a 16-byte aligned base: checked per call), else 0. Such segments
+    take 16-byte loads and stores in the Triton kernels."""
+    width = 16 // dtype.itemsize
+    contiguous = geometry.rows == 1 and geometry.stride_col == 1 and geometry.cols < 2**31
+    aligned = geometry.cols % width == 0 and (
+        geometry.groups == 1 or geometry.stride_group % width == 0
+    )
+    return width if contiguous and aligned else 0
 
 
 Spec = tuple  # (tensor index, grouping, pass index)
@@ -242,7 +255,7 @@ def build_plan(
         offset += geometry.groups
         grad_dtype = t.dtype if grad_dtypes is None else grad_dtypes[ti]
         key = (pass_index, t.dtype, grad_dtype, block_groups, block_size, loops)
-        key += (next_power_of_2(chunks),)
+        key += (vector_width(geometry, t.dtype), next_power_of_2(chunks))
         if key not in classes:
             classes[key] = LaunchClass(*key)
         classes[key].segments.append(segment)

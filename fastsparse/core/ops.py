@@ -16,7 +16,8 @@ used for coupled groups, with `slice_groups` and `group_counts`: see fastsparse/
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,11 +39,36 @@ def _op(name: str, mutates_args=()):
     """Register the decorated function as the op fastsparse::<name>, and keep it for eager calls."""
 
     def register(fn):
+        fn = _on_tensor_device(fn)
         op = torch.library.custom_op(f"fastsparse::{name}", fn, mutates_args=mutates_args)
         _IMPLEMENTATIONS[id(op)] = fn
         return op
 
     return register
+
+
+def _on_tensor_device(fn):
+    """fn run with its tensors' CUDA device current: kernels launch on the current device, so
+    tensors on cuda:1 while cuda:0 is current would be read by the wrong GPU."""
+
+    @functools.wraps(fn)
+    def guarded(*args):
+        device = _cuda_device_of(args)
+        if device is None or device.index == torch.cuda.current_device():
+            return fn(*args)
+        with torch.cuda.device(device):
+            return fn(*args)
+
+    return guarded
+
+
+def _cuda_device_of(args) -> Optional[torch.device]:
+    """The device of the first CUDA tensor among args (tensors or lists of tensors), or None."""
+    for arg in args:
+        tensor = arg[0] if isinstance(arg, (list, tuple)) and arg else arg
+        if isinstance(tensor, Tensor):
+            return tensor.device if tensor.is_cuda else None
+    return None
 
 
 def _autograd(op, backward, setup_context) -> None:

@@ -77,9 +77,15 @@ def tile(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Group ids, chunk, element offsets and masks of tile `step` (< LOOPS) of this program:
-    [BLOCK_G groups, BLOCK_K elements] from element (chunk * LOOPS + step) * BLOCK_K on."""
+    [BLOCK_G groups, BLOCK_K elements] from element (chunk * LOOPS + step) * BLOCK_K on.
+
+    VEC > 0 (LaunchClass.vector, with 16-byte aligned addresses): every group is a contiguous
+    run whose length and start are multiples of VEC elements. Offsets and masks are then built so
+    that Triton can prove it (int32 in-group indices; a 64-bit mask defeats the analysis) and
+    loads and stores take 16 bytes at a time."""
     row = table_ptr + segment * NUM_FIELDS
     groups = tl.load(row + F_GROUPS)
     rows = tl.load(row + F_ROWS)
@@ -88,16 +94,23 @@ def tile(
     stride_row = tl.load(row + F_STRIDE_ROW)
     stride_col = tl.load(row + F_STRIDE_COL)
     chunks = tl.load(row + F_CHUNKS)
-    tile_index = local_item // chunks
-    chunk = local_item % chunks
+    # 32-bit: a 64-bit division is a subroutine call on the GPU (program ids fit 31 bits)
+    tile_index = (local_item.to(tl.int32) // chunks.to(tl.int32)).to(tl.int64)
+    chunk = (local_item.to(tl.int32) % chunks.to(tl.int32)).to(tl.int64)
     g = tile_index * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    group_mask = g < groups
+    if VEC > 0:
+        j32 = ((chunk * LOOPS + step) * BLOCK_K).to(tl.int32) + tl.arange(0, BLOCK_K)
+        starts = tl.multiple_of(g * stride_group, VEC)
+        offsets = starts[:, None] + j32.to(tl.int64)[None, :]
+        mask = group_mask[:, None] & (j32 < tl.multiple_of(cols.to(tl.int32), VEC))[None, :]
+        return g, chunk, offsets, group_mask, mask
     j = (chunk * LOOPS + step) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     if rows == 1:  # the common case: no division per element
         element = j * stride_col
     else:
         element = (j // cols) * stride_row + (j % cols) * stride_col
     offsets = g[:, None] * stride_group + element[None, :]
-    group_mask = g < groups
     mask = group_mask[:, None] & (j < rows * cols)[None, :]
     return g, chunk, offsets, group_mask, mask
 
@@ -111,9 +124,12 @@ def tile_offsets(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """(offsets, mask) of tile `step`: what a loop over tiles needs of `tile`."""
-    _, _, offsets, _, mask = tile(table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS)
+    _, _, offsets, _, mask = tile(
+        table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC
+    )
     return offsets, mask
 
 
@@ -128,9 +144,10 @@ def load_tile(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """(values in ACC_DTYPE, offsets, mask) of tile `step` of the tensor at `ptr`."""
-    offsets, mask = tile_offsets(table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS)
+    offsets, mask = tile_offsets(table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC)
     return tl.load(ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE), offsets, mask
 
 
@@ -146,6 +163,7 @@ def group_sums(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """fp64 (s1, s2) per group over the program's LOOPS tiles (`exact_stats`); with
     HARD_THRESHOLD, of the elements with |w| > threshold only."""
@@ -153,7 +171,7 @@ def group_sums(
     s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
     for step in range(LOOPS):
         x, _, _ = load_tile(
-            table_ptr, segment, local_item, step, ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS
+            table_ptr, segment, local_item, step, ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS, VEC
         )
         if HARD_THRESHOLD:
             x = tl.where(tl.abs(x) > threshold, x, 0.0)
@@ -177,9 +195,9 @@ def exact_stats(x, ACC_DTYPE: tl.constexpr):
     exponent = ((tl.max(ax, axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     shift = tl.minimum(tl.maximum(-exponent, -126), 127)
     scale = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+    unscale = ((1023 - shift).to(tl.int64) << 52).to(tl.float64, bitcast=True)  # exact 1 / scale
     u = x * scale[:, None]
-    scale64 = scale.to(tl.float64)
-    return s1, tl.sum(u * u, axis=1).to(tl.float64) / (scale64 * scale64)
+    return s1, tl.sum(u * u, axis=1).to(tl.float64) * unscale * unscale
 
 
 @triton.jit
@@ -193,7 +211,8 @@ def split_coefficient(b, ACC_DTYPE: tl.constexpr):
     exponent = ((b.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
     half = tl.minimum(tl.maximum(exponent >> 1, -126), 126)
     pre = ((half + 1023) << 52).to(tl.float64, bitcast=True)
-    return (b / pre).to(ACC_DTYPE), pre.to(ACC_DTYPE)
+    inverse = ((1023 - half) << 52).to(tl.float64, bitcast=True)  # exact 1 / pre, no division
+    return (b * inverse).to(ACC_DTYPE), pre.to(ACC_DTYPE)
 
 
 @triton.jit
@@ -206,8 +225,17 @@ def scalar(x, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def weight_pointer(table_ptr, segment, W_DTYPE: tl.constexpr):
-    return tl.load(table_ptr + segment * NUM_FIELDS + F_W_ADDR).to(tl.pointer_type(W_DTYPE))
+def typed_pointer(address, DTYPE: tl.constexpr, VEC: tl.constexpr):
+    """An int64 address as a pointer; 16-byte aligned when VEC > 0 (checked by the launcher)."""
+    pointer = address.to(tl.pointer_type(DTYPE))
+    if VEC > 0:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def weight_pointer(table_ptr, segment, W_DTYPE: tl.constexpr, VEC: tl.constexpr):
+    return typed_pointer(tl.load(table_ptr + segment * NUM_FIELDS + F_W_ADDR), W_DTYPE, VEC)
 
 
 @triton.jit
@@ -224,14 +252,23 @@ def scalar_arg(x: float, dtype: torch.dtype):
     return float(x)
 
 
-def num_warps(cls) -> int:
+def vector_width(plan: Plan, cls, *roles: str) -> int:
+    """VEC for a launch of `cls` after its address tables are built: cls.vector when the weights
+    and every table named in `roles` ("grad", "state0", ...) are 16-byte aligned, else 0."""
+    tables = class_tables(plan, cls)
+    aligned = tables.get("weight_aligned") and all(tables.get(f"{r}_aligned") for r in roles)
+    return cls.vector if aligned else 0
+
+
+def num_warps(cls, vec: int = 0) -> int:
     elements = cls.block_groups * cls.block_size
-    # Chosen by the ahead-of-time compile table (benchmarks/gpu_static.py), the fewest warps
-    # that spill nowhere: a single-group 4096 tile spills at 8 warps on sm_80, tiles of several
-    # groups at 16.
+    # Chosen by the ahead-of-time compile table (benchmarks/gpu_static.py): the fewest warps
+    # that spill in no specialization. About 8 elements a thread up to 2048, so that 16-byte
+    # accesses fill a thread; a single group's 4096 tile with strided addressing spills at
+    # 8 warps on sm_80, the others at 16.
     if elements <= 2048:
-        return 4
-    return 16 if cls.block_groups == 1 else 8
+        return max(1, min(4, elements // 256))
+    return 16 if cls.block_groups == 1 and not vec else 8
 
 
 def class_tables(plan: Plan, cls) -> dict:
@@ -281,6 +318,7 @@ def address_table(plan: Plan, cls, tensors) -> torch.Tensor:
         rows = [[a, *r[1:]] for a, r in zip(addresses, tables["rows"])]
         tables["table"] = torch.tensor(rows, dtype=torch.int64).to(plan.device, non_blocking=True)
         tables["weight_addresses"] = addresses
+        tables["weight_aligned"] = all(a % 16 == 0 for a in addresses)
     return tables["table"]
 
 
@@ -293,6 +331,7 @@ def grad_addresses(plan: Plan, cls, grads, name: str = "grad") -> torch.Tensor:
         tensor = torch.tensor(addresses, dtype=torch.int64)
         tables[f"{name}_addresses"] = tensor.to(plan.device, non_blocking=True)
         tables[f"{name}_addresses_key"] = addresses
+        tables[f"{name}_aligned"] = all(a % 16 == 0 for a in addresses)
     return tables[f"{name}_addresses"]
 
 

@@ -52,6 +52,8 @@ from fastsparse.kernels.common import (
     split_coefficient,
     table_field,
     tile,
+    typed_pointer,
+    vector_width,
     weight_pointer,
 )
 
@@ -117,11 +119,14 @@ def _group_stats_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """fp64 (s1, s2) per group and chunk; with HARD_THRESHOLD, of w where |w| > threshold only."""
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
-    g, chunk, _, group_mask, _ = tile(table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS)
-    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
+    g, chunk, _, group_mask, _ = tile(
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC
+    )
+    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE, VEC)
     s1, s2 = group_sums(
         table_ptr,
         segment,
@@ -133,6 +138,7 @@ def _group_stats_kernel(
         BLOCK_G,
         BLOCK_K,
         LOOPS,
+        VEC,
     )
     out_row = table_field(table_ptr, segment, F_OUT_ROW) + g
     out = out_ptr + (out_row * CHUNKS_PADDED + chunk) * 2
@@ -213,12 +219,13 @@ def _penalty_grad_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
     g, _, offsets, group_mask, mask = tile(
-        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC
     )
-    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
+    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE, VEC)
     global_g = table_field(table_ptr, segment, F_GROUP_OFFSET) + g
     x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     if FUSED:  # the program holds whole groups: reduce, then apply the rule here
@@ -236,6 +243,7 @@ def _penalty_grad_kernel(
                 BLOCK_G,
                 BLOCK_K,
                 LOOPS,
+                VEC,
             )
         value, a, b = _penalty_rule(s1, s2, s1 * 0.0, s1 * 0.0, KIND, scalar(alpha, tl.float64))
         tl.store(values_ptr + global_g, value, mask=group_mask)
@@ -248,13 +256,13 @@ def _penalty_grad_kernel(
         factor = factor * tl.load(scale_ptr).to(tl.float64)
     hi, pre = split_coefficient(b * factor, ACC_DTYPE)
     a = (a * factor).to(ACC_DTYPE)
-    g_ptr = tl.load(grad_addrs_ptr + segment).to(tl.pointer_type(G_DTYPE))
+    g_ptr = typed_pointer(tl.load(grad_addrs_ptr + segment), G_DTYPE, VEC)
     if LOOPS == 1:  # the tile is still in registers
         _store_grad(g_ptr, x, offsets, mask, a, hi, pre, ACCUMULATE, ACC_DTYPE, G_DTYPE)
     else:
         for step in range(LOOPS):
             x, offsets, mask = load_tile(
-                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS
+                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS, VEC
             )
             _store_grad(g_ptr, x, offsets, mask, a, hi, pre, ACCUMULATE, ACC_DTYPE, G_DTYPE)
 
@@ -290,7 +298,8 @@ def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
                 BLOCK_G=cls.block_groups,
                 BLOCK_K=cls.block_size,
                 LOOPS=cls.loops,
-                num_warps=num_warps(cls),
+                VEC=(vec := vector_width(plan, cls)),
+                num_warps=num_warps(cls, vec),
             )
 
         launch_reduction(plan, cls, out, launch)
@@ -344,7 +353,8 @@ def _launch_grad(
         BLOCK_G=cls.block_groups,
         BLOCK_K=cls.block_size,
         LOOPS=cls.loops,
-        num_warps=num_warps(cls),
+        VEC=(vec := vector_width(plan, cls, "grad")),
+        num_warps=num_warps(cls, vec),
     )
 
 

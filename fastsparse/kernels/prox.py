@@ -39,6 +39,7 @@ from fastsparse.kernels.common import (
     scalar_arg,
     table_field,
     tile,
+    vector_width,
     weight_pointer,
 )
 
@@ -98,12 +99,13 @@ def _prox_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
     g, chunk, offsets, group_mask, mask = tile(
-        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC
     )
-    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
+    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE, VEC)
     t = scalar(t_elem, ACC_DTYPE)
     x = element_step(tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE), t, KIND)
     factor = tl.full([BLOCK_G], 1.0, tl.float64)
@@ -114,7 +116,7 @@ def _prox_kernel(
             else:
                 _, s2 = group_sums(
                     table_ptr, segment, local_item, w_ptr, t, KIND == 4, ACC_DTYPE, BLOCK_G,
-                    BLOCK_K, LOOPS,
+                    BLOCK_K, LOOPS, VEC,
                 )  # fmt: skip
             factor = prox_factor(tl.sqrt(s2), scalar(t_group, tl.float64), KIND)
         else:
@@ -128,7 +130,7 @@ def _prox_kernel(
         s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
         for step in range(LOOPS):
             x, offsets, mask = load_tile(
-                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS
+                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS, VEC
             )
             x = element_step(x, t, KIND)
             c1, c2 = _store_prox(w_ptr, x, offsets, mask, factor, KIND, W_DTYPE, ACC_DTYPE)
@@ -173,7 +175,8 @@ def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, 
                 BLOCK_G=cls.block_groups,
                 BLOCK_K=cls.block_size,
                 LOOPS=cls.loops,
-                num_warps=num_warps(cls),
+                VEC=(vec := vector_width(plan, cls)),
+                num_warps=num_warps(cls, vec),
             )
 
         launch_reduction(plan, cls, after, launch)

@@ -33,6 +33,8 @@ from fastsparse.kernels.common import (
     table_field,
     tile,
     tile_offsets,
+    typed_pointer,
+    vector_width,
     weight_pointer,
 )
 from fastsparse.kernels.prox import element_step, prox_factor
@@ -135,6 +137,7 @@ def _step_prox_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     lr = scalar(lr, ACC_DTYPE)
     o1 = scalar(o1, ACC_DTYPE)
@@ -148,12 +151,12 @@ def _step_prox_kernel(
     t_group = scalar(t_group, tl.float64)
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
     g, _, offsets, group_mask, mask = tile(
-        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC
     )
-    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE)
-    grad_ptr = tl.load(grad_addresses_ptr + segment).to(tl.pointer_type(W_DTYPE))
-    first_ptr = tl.load(first_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
-    second_ptr = tl.load(second_state_ptr + segment).to(tl.pointer_type(W_DTYPE))
+    w_ptr = weight_pointer(table_ptr, segment, W_DTYPE, VEC)
+    grad_ptr = typed_pointer(tl.load(grad_addresses_ptr + segment), W_DTYPE, VEC)
+    first_ptr = typed_pointer(tl.load(first_state_ptr + segment), W_DTYPE, VEC)
+    second_ptr = typed_pointer(tl.load(second_state_ptr + segment), W_DTYPE, VEC)
     if LOOPS == 1:  # the whole tile stays in registers
         y = _step_tile(
             w_ptr, grad_ptr, first_ptr, second_ptr, offsets, mask, lr, o1, o2, o3, o4, o5,
@@ -170,7 +173,7 @@ def _step_prox_kernel(
         s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
         for step in range(LOOPS):
             offsets, mask = tile_offsets(
-                table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS
+                table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC
             )
             y = _step_tile(
                 w_ptr, grad_ptr, first_ptr, second_ptr, offsets, mask, lr, o1, o2, o3, o4, o5,
@@ -187,7 +190,16 @@ def _step_prox_kernel(
             s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
             for step in range(LOOPS):
                 y, offsets, mask = load_tile(
-                    table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS
+                    table_ptr,
+                    segment,
+                    local_item,
+                    step,
+                    w_ptr,
+                    ACC_DTYPE,
+                    BLOCK_G,
+                    BLOCK_K,
+                    LOOPS,
+                    VEC,
                 )
                 y = y * factor[:, None]
                 tl.store(w_ptr + offsets, y.to(W_DTYPE), mask=mask)
@@ -245,6 +257,7 @@ def step_prox(
             BLOCK_G=cls.block_groups,
             BLOCK_K=cls.block_size,
             LOOPS=cls.loops,
-            num_warps=num_warps(cls),
+            VEC=(vec := vector_width(plan, cls, "grad", *("state0", "state1")[: len(roles)])),
+            num_warps=num_warps(cls, vec),
         )
     return after

@@ -165,3 +165,31 @@ def test_opcheck_step_prox(method, device, backend):
             backend)  # fmt: skip
     result = torch.library.opcheck(torch.ops.fastsparse.step_prox_.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+# ------------------------------------------------------------------------------------------------
+# Device guard
+# ------------------------------------------------------------------------------------------------
+
+
+def test_ops_find_the_cuda_device_of_their_tensors():
+    # The guard reads the device of the first tensor argument (or first list element).
+    w = torch.zeros(2, 3)
+    assert ops._cuda_device_of(([w], "l1", 0.5)) is None
+    assert ops._cuda_device_of((None, 1.0, w)) is None
+    assert ops._cuda_device_of(([], 1.0)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_tensors_on_another_gpu_than_the_current_one(backend):
+    import fastsparse as fs
+
+    w = torch.randn(8, 3, 3, 3, device="cuda:1")
+    expected = ref.penalty_grad(w.cpu(), "group_lasso")[0]
+    with torch.cuda.device(0):
+        param = w.clone().requires_grad_(True)
+        fs.add_penalty_grad_(param, "group_lasso", 1.0, backend=backend)
+        fs.prox_(w, "group_lasso", 0.1, backend=backend)
+    torch.testing.assert_close(param.grad.cpu(), expected, rtol=1e-5, atol=1e-6)

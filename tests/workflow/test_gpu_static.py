@@ -1,5 +1,6 @@
 """The ahead-of-time GPU compile check (benchmarks/gpu_static.py) on its bounded subset: every
-path launches, every specialization compiles for sm_80 and sm_90, and the table reports the
+path launches, every specialization compiles for sm_80 and sm_90 without approximate square
+roots or divisions, contiguous bf16 groups get 16-byte loads, and the table reports the
 registers, spills and code features of each."""
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def test_quick_subset_compiles_for_sm80_and_sm90(tmp_path):
     (path,) = tmp_path.glob("gpu-static-*-quick.json")
     run = json.loads(path.read_text())
     kernels = {r["kernel"] for r in run["rows"]}
+    paths = {r["path"] for r in run["rows"]}
+    assert {"penalty backward l1l2", "prox l1", "selective decay"} <= paths
     assert {"_group_stats_kernel", "_penalty_grad_kernel", "_prox_kernel",
             "_step_prox_kernel"} <= kernels  # fmt: skip
     for row in run["rows"]:
@@ -33,7 +36,11 @@ def test_quick_subset_compiles_for_sm80_and_sm90(tmp_path):
         for c in row["compiled"]:
             assert c["registers"] and 0 < c["registers"] <= 255, row
             assert c["spills"] == bool(c["stack_bytes"] or c["local_bytes"])
+            assert c["approx_sqrt"] == c["approx_div"] == 0, row  # IEEE sqrt and division
     assert run["summary"]["compiled"] == 2 * len(run["rows"])
+    # Contiguous, aligned groups (VEC > 0) of bf16 weights load 16 bytes at a time.
+    wide = [r for r in run["rows"] if r["constexprs"].get("VEC") and r["num_warps"] >= 8]
+    assert wide and all(c["vector_loads"] > 0 for r in wide for c in r["compiled"])
     text = next(tmp_path.glob("gpu-static-*-quick.md")).read_text()
     assert "| _prox_kernel |" in text and "Summary:" in text
 
