@@ -10,7 +10,7 @@ from torch import nn
 
 CONV = nn.modules.conv._ConvNd
 BATCHNORM = nn.modules.batchnorm._BatchNorm
-SUPPORTED = "Conv1d/2d/3d (groups=1 or depthwise), Linear, BatchNorm1d/2d/3d"
+SUPPORTED = "Conv1d/2d/3d (not transposed), Linear, BatchNorm1d/2d/3d"
 
 
 class PruningError(RuntimeError):
@@ -46,6 +46,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_depthwise(conv: nn.Module) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def normalizes_across_channels(module: nn.Module) -> bool:
+    """LayerNorm, GroupNorm and RMSNorm (torch's, or a class so named, as transformers' and
+    torchvision's are): their statistics are taken over the channels, a zero one included."""
+    names = ("LayerNorm", "GroupNorm", "RMSNorm", "LayerNorm2d")
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or any(
+        type(module).__name__.endswith(n) for n in names
+    )
+
+
+def is_grouped(conv: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (ResNeXt, RegNet)."""
+    return conv.groups > 1 and not is_depthwise(conv)
 
 
 def eval_forward(model: nn.Module, example_inputs: Any):

@@ -16,6 +16,7 @@ in `Traced.skipped` (and the sparsity report); the rest of the model is still pr
 from __future__ import annotations
 
 import copy
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -30,6 +31,8 @@ from fastsparse.pruning.common import (
     SUPPORTED,
     PruningError,
     is_depthwise,
+    is_grouped,
+    normalizes_across_channels,
     output_tensors,
     run_model,
 )
@@ -45,6 +48,9 @@ class Traced:
     groups: List[CoupledGroup]
     roots: List[nn.Module]  # root module of each group
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (root layer, why), left whole
+    # Per group, the grouped convolutions its channels enter or leave: (conv group of each
+    # channel [G], -1 where the channel is not one of that conv's; number of conv groups).
+    balance: List[List[Tuple[torch.Tensor, int]]] = field(default_factory=list)
 
 
 def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced:
@@ -78,6 +84,15 @@ def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced
                 model, example_inputs, forward_fn=forward_fn, verbose=False
             )
     except Exception as e:
+        if any(
+            frame.name == "update_reshape_index_mapping"
+            for frame in traceback.extract_tb(e.__traceback__)
+        ):
+            raise PruningError(
+                f"cannot trace {type(model).__name__}: the dependency graph cannot follow its "
+                "channels through a reshape that moves them to another dimension (such as a "
+                f"channel shuffle: view, transpose, view) ({type(e).__name__}: {e})"
+            ) from e
         raise PruningError(
             f"cannot trace {type(model).__name__} with the example inputs ({type(e).__name__}: {e})"
         ) from e
@@ -92,26 +107,113 @@ def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced
     param_names = {id(p): n for n, p in model.named_parameters()}
     layers = [n for n, m in model.named_modules() if isinstance(m, (CONV, nn.Linear))]
     found, skipped = [], []
-    for tp_group in graph.get_all_groups(root_module_types=(CONV, nn.Linear)):
-        root = tp_group[0].dep.target.module
+    for root, tp_group, why in _root_groups(graph, (CONV, nn.Linear)):
+        if tp_group is None:
+            if strict:
+                raise PruningError(why)
+            skipped.append((module_names.get(id(root), type(root).__name__), why))
+            continue
         try:
-            group = _coupled_group(graph, tp_group, module_names, param_names, output_fns, layers)
+            translated = _coupled_group(
+                graph, tp_group, module_names, param_names, output_fns, layers
+            )
         except PruningError as e:
             if strict:
                 raise
             skipped.append((module_names.get(id(root), type(root).__name__), str(e)))
             continue
-        if group is not None:
-            found.append((group, root))
-    found.sort(key=lambda pair: layers.index(pair[0].root))  # in module order
+        if translated is not None:
+            found.append((*translated, root))
+    found.sort(key=lambda entry: layers.index(entry[0].root))  # in module order
     skipped.sort(key=lambda pair: layers.index(pair[0]) if pair[0] in layers else len(layers))
-    return Traced(model, graph, [g for g, _ in found], [r for _, r in found], skipped)
+    return Traced(
+        model,
+        graph,
+        [g for g, _, _ in found],
+        [r for _, _, r in found],
+        skipped,
+        [b for _, b, _ in found],
+    )
+
+
+# How many channel indices following one layer's out-channels through the graph may produce
+# before the group is given up. A flatten into a classifier makes channels x positions indices
+# (VGG: 512 x 49); reshapes the graph misreads as flattens (Swin's window partitions) multiply
+# them at every block, to billions: tens of GB and minutes in Torch-Pruning's grouping.
+INDEX_BUDGET = 2_000_000
+
+
+def _root_groups(graph, root_types):
+    """(root layer, Torch-Pruning group, None), or (root, None, why) for a layer whose channels
+    cannot be followed within INDEX_BUDGET, for every layer of `root_types` whose out-channels
+    are not in an earlier group."""
+    visited = set()
+    for module in list(graph.module2node):
+        if not isinstance(module, root_types) or id(module) in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        if not _fits(graph, module, INDEX_BUDGET):
+            visited.add(id(module))
+            yield (
+                module,
+                None,
+                f"following the channels of {type(module).__name__} through the graph exceeds "
+                f"{INDEX_BUDGET:,} indices: reshapes the dependency graph misreads (window "
+                "partitions, heads) multiply them, and the group would be wrong anyway",
+            )
+            continue
+        channels = list(range(pruner.get_out_channels(module)))
+        group = graph.get_pruning_group(module, pruner.prune_out_channels, channels)
+        for item in group:
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                visited.add(id(item.dep.target.module))
+        yield module, group, None
+
+
+def _fits(graph, root, budget: int) -> bool:
+    """Whether following `root`'s out-channels through the graph's dependencies (as grouping
+    does: each dependency maps the indices on) stays within `budget` indices in all."""
+    from torch_pruning import _helpers
+
+    pruner = graph.get_pruner_of_module(root)
+    start = [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(pruner.get_out_channels(root))]
+    stack = [(graph.module2node[root], pruner.prune_out_channels, start)]
+    seen: Dict[Tuple[int, Any], set] = {}
+    spent = 0
+    while stack:
+        node, fn, idxs = stack.pop()
+        for dep in node.dependencies:
+            if not dep.is_triggered_by(fn):
+                continue
+            new = idxs
+            for mapping in dep.index_mapping:
+                if mapping is None:
+                    continue
+                # A flatten mapping makes `stride` indices of each: count before making them.
+                growth = getattr(mapping, "_stride", 1) if not getattr(mapping, "reverse", 1) else 1
+                if spent + len(new) * growth > budget:
+                    return False
+                new = mapping(new)
+            spent += len(new)
+            if spent > budget:
+                return False
+            key = (id(dep.target), dep.handler)
+            plain = {i.idx for i in new}
+            done = seen.setdefault(key, set())
+            if not new or plain <= done:
+                continue
+            done |= plain
+            stack.append((dep.target, dep.handler, new))
+    return True
 
 
 def _coupled_group(
     graph, tp_group, module_names, param_names, output_fns, layer_names
-) -> Optional[CoupledGroup]:
-    """Translate one Torch-Pruning group into a CoupledGroup (None when it is not prunable)."""
+) -> Optional[Tuple[CoupledGroup, List[Tuple[torch.Tensor, int]]]]:
+    """Translate one Torch-Pruning group into a CoupledGroup and its grouped-conv constraints
+    (None when it is not prunable)."""
     from torch_pruning import ops
 
     dummy = (
@@ -128,6 +230,8 @@ def _coupled_group(
     num_groups = graph.get_out_channels(root)
     # (id(param), dim) -> (name, param, dim, {slice index: group id})
     slices: Dict[Tuple[int, int], Tuple[str, torch.Tensor, int, Dict[int, int]]] = {}
+    # (id(conv), out side?) -> (conv group of each channel, number of conv groups)
+    balance: Dict[Tuple[int, bool], Tuple[torch.Tensor, int]] = {}
     for item in tp_group:
         node, handler = item.dep.target, item.dep.handler
         module = node.module
@@ -146,17 +250,42 @@ def _coupled_group(
             )
         name = module_names.get(id(module), type(module).__name__)
         if isinstance(module, CONV):
-            if module.transposed or not (module.groups == 1 or is_depthwise(module)):
+            if module.transposed or (
+                module.groups == module.out_channels > 1 and not is_depthwise(module)
+            ):
                 raise PruningError(
-                    f"layer {name!r} ({module}) is not supported: transposed and grouped "
-                    f"convolutions cannot be pruned yet (supported: {SUPPORTED})"
+                    f"layer {name!r} ({module}) is not supported: transposed convolutions and "
+                    f"grouped ones with one out-channel per group cannot be pruned yet "
+                    f"(supported: {SUPPORTED})"
                 )
+            if is_grouped(module):
+                # Each conv group must keep as many channels as the others; which channel is in
+                # which conv group is recorded for `balanced_channels`.
+                channels = module.out_channels if changes_out else module.in_channels
+                size = channels // module.groups
+                blocks = balance.setdefault(
+                    (id(module), changes_out),
+                    (torch.full((num_groups,), -1, dtype=torch.int64), module.groups),
+                )[0]
+                for idx, root_idx in zip(item.idxs, item.root_idxs):
+                    blocks[int(root_idx)] = int(idx) // size
+                if not changes_out:
+                    # Its in-channel c is read by the rows of one conv group only, a slice a
+                    # member (a whole column of the weight) cannot express; it is removed with
+                    # the channel all the same (`remove_channels`).
+                    continue
             out_rows = changes_out or is_depthwise(module)
             dims = {"weight": 0, "bias": 0} if out_rows else {"weight": 1}
         elif isinstance(module, nn.Linear):
             dims = {"weight": 0, "bias": 0} if changes_out else {"weight": 1}
         elif isinstance(module, BATCHNORM):
             dims = {"weight": 0, "bias": 0}
+        elif normalizes_across_channels(module):
+            raise PruningError(
+                f"layer {name!r} ({type(module).__name__}) normalizes across channels: removing "
+                "one, even an all-zero one, changes the mean and variance the others are "
+                "normalized by, so it is not lossless"
+            )
         else:
             raise PruningError(
                 f"layer {name!r} ({type(module).__name__}) is not supported: removing a channel "
@@ -192,7 +321,69 @@ def _coupled_group(
         if is_out_rows and len(m.index) == num_groups and torch.equal(m.index, m.group):
             root_name = layer
             break
-    return CoupledGroup(root_name, num_groups, tuple(members))
+    return CoupledGroup(root_name, num_groups, tuple(members)), list(balance.values())
+
+
+def balanced_channels(
+    channels: List[int], norms: torch.Tensor, balance: List[Tuple[torch.Tensor, int]]
+) -> List[int]:
+    """The largest subset of `channels` that leaves every grouped conv with as many channels in
+    each of its conv groups as in the others: per conv, each conv group gives up as many as the
+    conv group with the fewest (the lowest-norm ones go); repeated until no conv asks more."""
+    keep = set(channels)
+    changed = True
+    while changed:
+        changed = False
+        for blocks, count in balance:
+            per_block: List[List[int]] = [[] for _ in range(count)]
+            for c in keep:
+                if blocks[c] >= 0:
+                    per_block[int(blocks[c])].append(c)
+            k = min(len(b) for b in per_block)
+            for b in per_block:
+                if len(b) > k:
+                    b.sort(key=lambda c: (float(norms[c]), c))
+                    keep.difference_update(b[k:])
+                    changed = True
+    return sorted(keep)
+
+
+def remove_channels(graph, root: nn.Module, channels: List[int]) -> None:
+    """Remove `channels` of `root`'s coupled group: Torch-Pruning's surgery, except for the
+    in-channels of grouped convolutions, which it does not remove per conv group."""
+    pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
+    group = graph.get_pruning_group(root, pruning_fn, channels)
+    for dep, idxs in group:
+        module = dep.target.module
+        if (
+            isinstance(module, CONV)
+            and is_grouped(module)
+            and graph.is_in_channel_pruning_fn(dep.handler)
+        ):
+            _remove_grouped_in_channels(module, sorted({int(i) for i in idxs}))
+        else:
+            dep(idxs)
+
+
+@torch.no_grad()
+def _remove_grouped_in_channels(conv: nn.Module, channels: List[int]) -> None:
+    groups, size = conv.groups, conv.in_channels // conv.groups
+    removed = set(channels)
+    kept = [
+        [c - b * size for c in range(b * size, (b + 1) * size) if c not in removed]
+        for b in range(groups)
+    ]
+    if len({len(k) for k in kept}) != 1:
+        raise PruningError(f"{conv} would keep different numbers of in-channels in its conv groups")
+    weight = conv.weight
+    out_size, kernel = weight.shape[0] // groups, weight.shape[2:]
+    index = torch.tensor(kept, device=weight.device).view(groups, 1, -1, *(1,) * len(kernel))
+    index = index.expand(groups, out_size, index.shape[2], *kernel)
+    new = weight.detach().view(groups, out_size, size, *kernel).gather(2, index)
+    conv.weight = nn.Parameter(
+        new.reshape(weight.shape[0], -1, *kernel).contiguous(), weight.requires_grad
+    )
+    conv.in_channels = len(kept[0]) * groups
 
 
 def coupled_groups(
