@@ -94,7 +94,8 @@ def build(name: str) -> Tuple[nn.Module, Any]:
 
         config = GPT2Config(vocab_size=256, n_positions=64, n_embd=128, n_layer=2, n_head=4)
         model = GPT2LMHeadModel(config)
-        inputs = torch.randint(0, config.vocab_size, (1, 16))
+        # Without the cache: its concatenations have no channel count the graph can infer.
+        inputs = {"input_ids": torch.randint(0, config.vocab_size, (1, 16)), "use_cache": False}
     elif name == "bert":
         from transformers import BertConfig, BertModel
 
@@ -117,7 +118,14 @@ def build(name: str) -> Tuple[nn.Module, Any]:
 
 @torch.no_grad()
 def randomize_norms_(model: nn.Module) -> None:
-    """BatchNorm statistics and every norm's affine a little away from 0 and 1."""
+    """BatchNorm statistics and every norm's affine a little away from 0 and 1; weights that
+    start at zero (ViT's head) or near it (ConvNeXt's layer scales) drawn, so that every layer
+    reaches the output and a change anywhere would show in it."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and not p.any():
+            p.normal_(0.0, 0.02)
+        elif name.endswith("layer_scale"):
+            p.uniform_(0.5, 1.5)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             m.running_mean.normal_(0.0, 0.1)

@@ -126,6 +126,7 @@ def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced
             found.append((*translated, root))
     found.sort(key=lambda entry: layers.index(entry[0].root))  # in module order
     skipped.sort(key=lambda pair: layers.index(pair[0]) if pair[0] in layers else len(layers))
+    skipped += _foreign_layers(model, [g for g, _, _ in found])
     return Traced(
         model,
         graph,
@@ -133,6 +134,45 @@ def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced
         [r for _, _, r in found],
         skipped,
         [b for _, b, _ in found],
+    )
+
+
+def _foreign_layers(model: nn.Module, groups: List[CoupledGroup]) -> List[Tuple[str, str]]:
+    """(first layer, why) per type of layer (a weight matrix of its own, or attention) that no
+    group touches and that is not a layer kind fastsparse slices (transformers' Conv1D in GPT-2,
+    say): without this, a model made of them would come back unchanged without a word."""
+    touched = {m.name for g in groups for m in g.members}
+    known = (CONV, nn.Linear, BATCHNORM, nn.Embedding)
+    seen: Dict[str, List[str]] = {}
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        weight = params.get("weight")
+        layer_like = isinstance(module, nn.MultiheadAttention) or (
+            weight is not None and weight.dim() >= 2
+        )
+        if not layer_like or isinstance(module, known) or normalizes_across_channels(module):
+            continue
+        own = [f"{name}.{n}" if name else n for n in params]
+        if any(p in touched for p in own):
+            continue
+        seen.setdefault(type(module).__name__, []).append(name)
+    return [
+        (
+            names[0],
+            _attention_reason(names[0])
+            if kind == "MultiheadAttention"
+            else f"{len(names)} {kind} layer(s) ({names[0]!r}, ...) are not supported: "
+            f"fastsparse removes channels of {SUPPORTED} only",
+        )
+        for kind, names in seen.items()
+    ]
+
+
+def _attention_reason(name: str) -> str:
+    return (
+        f"nn.MultiheadAttention {name!r} cannot be pruned: its embed_dim is its "
+        "input, its output and, divided by num_heads, its heads' width at once, so neither a "
+        "channel nor a head can be removed from it"
     )
 
 
@@ -233,12 +273,24 @@ def _coupled_group(
     # (id(conv), out side?) -> (conv group of each channel, number of conv groups)
     balance: Dict[Tuple[int, bool], Tuple[torch.Tensor, int]] = {}
     for item in tp_group:
+        if isinstance(item.dep.target.module, nn.MultiheadAttention):
+            name = module_names.get(id(item.dep.target.module), "MultiheadAttention")
+            raise PruningError(_attention_reason(name))
+    for item in tp_group:
         node, handler = item.dep.target, item.dep.handler
         module = node.module
         changes_out = graph.is_out_channel_pruning_fn(handler)
         changes_in = graph.is_in_channel_pruning_fn(handler)
         if node.type == ops.OPTYPE.OUTPUT or (changes_out and node.grad_fn in output_fns):
             return None  # the channels are model outputs
+        if node.type == ops.OPTYPE.RESHAPE:
+            split = _split_by_reshape(node.grad_fn)
+            if split is not None:
+                raise PruningError(
+                    f"a reshape from {split[0]} to {split[1]} splits a dimension of these "
+                    "channels' tensor (attention heads, a channel shuffle, windows): the "
+                    "dependency graph does not follow channels through it"
+                )
         if node.type in dummy:
             continue
         if changes_in and not node.inputs and isinstance(module, (CONV, nn.Linear, BATCHNORM)):
@@ -322,6 +374,34 @@ def _coupled_group(
             root_name = layer
             break
     return CoupledGroup(root_name, num_groups, tuple(members)), list(balance.values())
+
+
+def _split_by_reshape(grad_fn) -> Optional[Tuple[List[int], List[int]]]:
+    """(shape before, shape after) when a view/reshape splits one of its input's dimensions
+    into several (heads, groups), None when it only merges dimensions (a flatten) or its shapes
+    are not recorded."""
+    before = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    meta = getattr(grad_fn, "_input_metadata", None)
+    if before is None or not meta:
+        return None
+    shape_in = [int(d) for d in before]
+    shape_out = [int(d) for d in meta[0].shape]
+    a, b = [d for d in shape_in if d != 1], [d for d in shape_out if d != 1]
+    i = j = 0
+    while i < len(a) and j < len(b):
+        # the smallest runs a[i:i2], b[j:j2] with equal products: one block of the reshape
+        pa, pb, i2, j2 = a[i], b[j], i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i2 < len(a):
+                pa, i2 = pa * a[i2], i2 + 1
+            elif pb < pa and j2 < len(b):
+                pb, j2 = pb * b[j2], j2 + 1
+            else:
+                return None
+        if j2 - j > 1:  # one run of input dims becomes several output dims
+            return shape_in, shape_out
+        i, j = i2, j2
+    return None
 
 
 def balanced_channels(

@@ -68,9 +68,7 @@ def randomized(model):
         ([0, 1, 4, 5, 8, 9, 12, 13], [0, 4, 8, 12, 13], 8, 12),
     ],
 )
-def test_grouped_conv_removes_as_many_channels_from_each_conv_group(
-    dead_a, dead_b, kept_a, kept_b
-):
+def test_grouped_conv_removes_as_many_channels_from_each_conv_group(dead_a, dead_b, kept_a, kept_b):
     model = randomized(GroupedNet(groups=4))
     x = torch.randn(2, 3, 8, 8)
     zero_producers(model, {"a": dead_a, "b": dead_b})
