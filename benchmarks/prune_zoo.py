@@ -205,8 +205,9 @@ def run_one(name: str, ratio: float = RATIO) -> Dict[str, Any]:
 
     import fastsparse as fs
     from fastsparse.pruning import PruningError
+    from fastsparse.pruning.common import LeftWholeWarning
 
-    row: Dict[str, Any] = {"model": name}
+    row: Dict[str, Any] = {"model": name, "rss_start_mb": _rss_mb()}
     model, inputs = build(name)
     row["params"] = _params(model)
     row["flops"] = flops(model, inputs)
@@ -229,7 +230,12 @@ def run_one(name: str, ratio: float = RATIO) -> Dict[str, Any]:
         row["prune_s"] = time.perf_counter() - start
         return row
     row["prune_s"] = time.perf_counter() - start
-    row["left_whole"] = [str(w.message) for w in caught if "left whole" in str(w.message)]
+    row["left_whole"] = [
+        list(pair)
+        for w in caught
+        if isinstance(w.message, LeftWholeWarning)
+        for pair in w.message.skipped
+    ]
     got = first_output(pruned, inputs)
     scale = reference.abs().max().item()
     row["rel_diff"] = (reference - got).abs().max().item() / scale if scale else 0.0
@@ -340,17 +346,27 @@ def _change(before: Optional[int], after: Optional[int], fmt) -> str:
     return f"{fmt(before)} → {fmt(after)} ({100 * (after - before) / before:+.0f}%)"
 
 
+# Short names of the reasons a group is left whole, by a phrase of the full reason (kept in
+# zoo.json), for the table's notes.
+_SHORT = (
+    ("normalizes across channels", "norm across channels"),
+    ("MultiheadAttention", "nn.MultiheadAttention"),
+    ("splits a dimension", "reshape splits channels (heads)"),
+    ("indices", "index budget (misread reshapes)"),
+    ("not supported", "unsupported layer"),
+)
+
+
 def _reasons(row: Dict[str, Any]) -> str:
     if row.get("reason"):
         return row["reason"]
-    left = row.get("left_whole") or []
-    if not left:
+    counts: Dict[str, int] = {}
+    for _, why in row.get("left_whole") or []:
+        short = next((label for phrase, label in _SHORT if phrase in why), why)
+        counts[short] = counts.get(short, 0) + 1
+    if not counts:
         return ""
-    text = left[0].removeprefix("left whole (not prunable): ")
-    parts = text.split("; '")
-    why = sorted({p.split(": ", 1)[1] if ": " in p else p for p in parts})
-    summary = f"{len(parts)} group(s) left whole: " + " | ".join(why[:3])
-    return summary if len(why) <= 3 else summary + f" | ... ({len(why)} reasons)"
+    return "left whole: " + ", ".join(f"{n} × {label}" for label, n in counts.items())
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
@@ -372,6 +388,11 @@ def table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _imports_gb(rows: List[Dict[str, Any]]) -> str:
+    starts = [r["rss_start_mb"] for r in rows if "rss_start_mb" in r]
+    return f"{min(starts) / 1024:.1f}" if starts else "?"
+
+
 def markdown(result: Dict[str, Any]) -> str:
     env = result["environment"]
     v = env["versions"]
@@ -384,7 +405,8 @@ def markdown(result: Dict[str, Any]) -> str:
             " group's channels zeroed on the producer side, then `fastsparse.prune(model, x)`;"
             " FLOPs by `torch.utils.flop_counter`, rel. diff = max|a - b| / max|a| of the first"
             " output (zeroed vs pruned, fp32, eval), prune time = the `fastsparse.prune` call,"
-            " peak RSS = the model's subprocess (torch alone is ~0.9 GB).",
+            " peak RSS = the model's subprocess (its imports alone:"
+            f" {_imports_gb(result['models'])} GB); the full reasons are in zoo.json.",
             "",
             f"{env['date']}, {env['cpu']} ({env['cpu_count']} cores), torch {v['torch']},"
             f" torchvision {v['torchvision']}, torch-pruning {v['torch_pruning']}, transformers"

@@ -17,6 +17,14 @@ class PruningError(RuntimeError):
     """A model cannot be traced or pruned; the message names the layer when there is one."""
 
 
+class LeftWholeWarning(UserWarning):
+    """`prune` left some coupled groups whole; `skipped` lists (root layer, why) of each."""
+
+    def __init__(self, message: str, skipped):
+        super().__init__(message)
+        self.skipped = list(skipped)
+
+
 # ------------------------------------------------------------------------------------ helpers
 
 

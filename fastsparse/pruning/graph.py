@@ -6,11 +6,14 @@ flatten), the depthwise filter that carries c, and, through residual additions, 
 every layer added to it. `coupled_groups` traces these with Torch-Pruning's ``DependencyGraph``
 and returns them as :class:`fastsparse.CoupledGroup` (one per root layer, G groups each).
 
-**Supported layers.** ``nn.Conv1d/2d/3d`` (groups = 1 or depthwise), ``nn.Linear``,
-``nn.BatchNorm1d/2d/3d`` and parameter-free ops (activations, pooling, flatten, add, cat, ...).
-A coupled group touching any other layer with parameters (LayerNorm, GroupNorm, grouped or
-transposed convs, raw ``nn.Parameter`` s...) is left whole, with the reason, naming the layer,
-in `Traced.skipped` (and the sparsity report); the rest of the model is still pruned.
+**Supported layers.** ``nn.Conv1d/2d/3d`` (plain, depthwise, or grouped: as many channels go
+from each conv group), ``nn.Linear``, ``nn.BatchNorm1d/2d/3d`` and parameter-free ops
+(activations, pooling, flatten, add, cat, ...). A coupled group touching any other layer with
+parameters (LayerNorm, GroupNorm and RMSNorm normalize across channels; transposed convs,
+``nn.MultiheadAttention``, raw ``nn.Parameter`` s...), passing through a reshape that splits a
+dimension (attention heads, channel shuffles), or whose indices blow up in the graph
+(`INDEX_BUDGET`) is left whole, with the reason, naming the layer, in `Traced.skipped` (and the
+sparsity report, and `prune`'s LeftWholeWarning); the rest of the model is still pruned.
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ def _attention_reason(name: str) -> str:
 # How many channel indices following one layer's out-channels through the graph may produce
 # before the group is given up. A flatten into a classifier makes channels x positions indices
 # (VGG: 512 x 49); reshapes the graph misreads as flattens (Swin's window partitions) multiply
-# them at every block, to billions: tens of GB and minutes in Torch-Pruning's grouping.
+# them at every block: tens of GB and minutes in Torch-Pruning's grouping (Swin-T, 224x224).
 INDEX_BUDGET = 2_000_000
 
 

@@ -33,6 +33,7 @@ from fastsparse.core.checks import check_real
 from fastsparse.pruning.common import (
     BATCHNORM,
     CONV,
+    LeftWholeWarning,
     PruningError,
     eval_forward,
     is_depthwise,
@@ -150,7 +151,9 @@ def prune(
     traced = trace(work, example_inputs, strict)
     if traced.skipped:
         where = "; ".join(f"{root!r}: {why}" for root, why in traced.skipped)
-        warnings.warn(f"left whole (not prunable): {where}", stacklevel=2)
+        warnings.warn(
+            LeftWholeWarning(f"left whole (not prunable): {where}", traced.skipped), stacklevel=2
+        )
     prune_traced(traced, example_inputs, threshold, verify)
     for m, original in zip(work.modules(), model.modules()):
         m.train(original.training)

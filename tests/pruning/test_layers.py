@@ -150,3 +150,126 @@ def test_norm_across_channels_leaves_its_group_whole_and_the_mlp_prunes(norm):
     assert (small.fc1.out_features, small.fc2.in_features) == (21, 21)
     assert small.embed.out_features == 8  # its zero channels still feed the norm's statistics
     torch.testing.assert_close(eval_out(small, x), eval_out(model, x), rtol=1e-5, atol=1e-6)
+
+
+class Shuffled(nn.Module):
+    """conv -> channel shuffle (view, transpose, view) -> conv: channel c of `a` is not channel c
+    of `b`'s input, which the dependency graph does not see."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(self.b(y).mean(dim=(2, 3)))
+
+
+def test_channel_shuffle_leaves_its_group_whole_with_the_reason():
+    torch.manual_seed(0)
+    model, x = Shuffled().eval(), torch.randn(1, 3, 4, 4)
+    zero_producers(model, {"a": [0, 5], "b": [1]})
+    traced = trace(model, x)
+    assert [g.root for g in traced.groups] == ["b"]
+    assert traced.skipped[0][0] == "a"
+    assert "reshape from [1, 8, 4, 4] to [1, 2, 4, 4, 4] splits" in traced.skipped[0][1]
+    with pytest.warns(UserWarning, match="splits a dimension"):
+        small = prune(model, x)
+    assert (small.a.out_channels, small.b.out_channels) == (8, 7)
+    torch.testing.assert_close(eval_out(small, x), eval_out(model, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(PruningError, match="splits a dimension"):
+        prune(model, x, strict=True)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.fc2(torch.relu(self.fc1(a))).mean(dim=1)
+
+
+def test_multihead_attention_is_left_whole_and_the_mlp_after_it_prunes():
+    torch.manual_seed(0)
+    model, x = Attention().eval(), torch.randn(2, 5, 6)
+    zero_producers(model, {"fc1": [0, 3, 7], "embed": [2]})
+    traced = trace(model, x)
+    assert [g.root for g in traced.groups] == ["fc1"]
+    reasons = dict(traced.skipped)
+    assert "nn.MultiheadAttention 'attn' cannot be pruned" in reasons["embed"]
+    assert "heads' width" in reasons["attn"]
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
+        small = prune(model, x)
+    assert (small.fc1.out_features, small.fc2.in_features, small.embed.out_features) == (13, 13, 8)
+    torch.testing.assert_close(eval_out(small, x), eval_out(model, x), rtol=1e-5, atol=1e-6)
+
+
+class Windows(nn.Module):
+    """Each block folds its tokens into 2x2 windows and back (view, permute, view), which the
+    dependency graph reads as flattens: the channel indices it follows grow with the blocks
+    (Swin-T's, at 224x224, to tens of GB). A small budget stands for the real one here."""
+
+    def __init__(self, blocks: int):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 1)
+        self.mix = nn.ModuleList(nn.Linear(8, 8) for _ in range(blocks))
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x).permute(0, 2, 3, 1)  # [n, H, W, C]
+        n, hh, ww, c = h.shape
+        for mix in self.mix:
+            w = h.view(n, hh // 2, 2, ww // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, c)
+            w = mix(w)
+            w = w.view(n, hh // 2, ww // 2, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hh, ww, c)
+            h = h + w
+        return self.fc2(torch.relu(self.fc1(h))).mean(dim=(1, 2))
+
+
+def test_index_budget_gives_up_on_groups_that_blow_up(monkeypatch):
+    import fastsparse.pruning.graph as graph
+
+    torch.manual_seed(0)
+    model, x = Windows(blocks=3).eval(), torch.randn(1, 3, 8, 8)
+    monkeypatch.setattr(graph, "INDEX_BUDGET", 200)
+    traced = trace(model, x)
+    assert any("exceeds 200 indices" in why for _, why in traced.skipped)
+    assert [g.root for g in traced.groups] == ["fc1"]
+    zero_producers(model, {"fc1": [1, 2]})
+    with pytest.warns(UserWarning, match="left whole"):
+        small = prune(model, x)
+    assert small.fc1.out_features == 14
+    torch.testing.assert_close(eval_out(small, x), eval_out(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_weight_layers_are_named():
+    class Conv1D(nn.Module):  # transformers' GPT-2 layer: x @ W + b, W stored [in, out]
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n_in, n_out))
+            self.bias = nn.Parameter(torch.zeros(n_out))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x, self.weight)
+
+    model = nn.Sequential(Conv1D(4, 8), nn.ReLU(), Conv1D(8, 2))
+    traced = trace(model, torch.randn(3, 4))
+    assert traced.groups == []
+    assert traced.skipped == [
+        (
+            "0",
+            "2 Conv1D layer(s) ('0', ...) are not supported: fastsparse removes channels of "
+            "Conv1d/2d/3d (not transposed), Linear, BatchNorm1d/2d/3d only",
+        )
+    ]
