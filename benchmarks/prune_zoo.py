@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -319,6 +320,7 @@ def environment() -> Dict[str, Any]:
             "fastsparse": _version("fastsparse"),
         },
         "git": _git(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "settings": {
             "ratio": RATIO,
             "seed": SEED,
@@ -363,6 +365,9 @@ def _reasons(row: Dict[str, Any]) -> str:
     counts: Dict[str, int] = {}
     for _, why in row.get("left_whole") or []:
         short = next((label for phrase, label in _SHORT if phrase in why), why)
+        kind = re.search(r"(\w+) layer\(s\)", why)
+        if short == "unsupported layer" and kind:
+            short = f"unsupported {kind.group(1)}"
         counts[short] = counts.get(short, 0) + 1
     if not counts:
         return ""
@@ -388,6 +393,13 @@ def table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _load(env: Dict[str, Any]) -> str:
+    before, after = env.get("load_average"), env.get("load_average_after")
+    if not before or not after:
+        return ""
+    return f", load average {before[0]:.1f} before and {after[0]:.1f} after (1 min)"
+
+
 def _imports_gb(rows: List[Dict[str, Any]]) -> str:
     starts = [r["rss_start_mb"] for r in rows if "rss_start_mb" in r]
     return f"{min(starts) / 1024:.1f}" if starts else "?"
@@ -411,12 +423,25 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{env['date']}, {env['cpu']} ({env['cpu_count']} cores), torch {v['torch']},"
             f" torchvision {v['torchvision']}, torch-pruning {v['torch_pruning']}, transformers"
             f" {v['transformers']}, commit {git['commit'][:12]}"
-            f"{' (dirty)' if git.get('dirty') else ''}.",
+            f"{' (dirty)' if git.get('dirty') else ''}{_load(env)}.",
             "",
             table(result["models"]),
             "",
         ]
     )
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_START = "<!-- prune-zoo table: written by python -m benchmarks.prune_zoo --readme -->"
+README_END = "<!-- prune-zoo table: end -->"
+
+
+def write_readme_table(markdown_table: str, path: Path = README) -> None:
+    """Replace the table between the README's zoo markers with `markdown_table`."""
+    text = path.read_text()
+    start, end = text.index(README_START), text.index(README_END)
+    text = text[: start + len(README_START)] + "\n\n" + markdown_table + "\n\n" + text[end:]
+    path.write_text(text)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -426,27 +451,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S)
     parser.add_argument("--memory-cap-gb", type=float, default=MEMORY_CAP_GB)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--readme", action="store_true", help="also write the table into README.md")
+    parser.add_argument(
+        "--from-json", type=Path, help="render a saved zoo.json (tables, --readme) without running"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one model, JSON on stdout
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_one(args.child, args.ratio)), flush=True)
         return 0
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        (args.from_json.parent / "zoo.md").write_text(markdown(result))
+        if args.readme:
+            write_readme_table(table(result["models"]))
+        return 0
     names = [n for n in args.models.split(",") if n]
     for n in names:
         if n not in MODELS:
             parser.error(f"unknown model {n!r}; known: {', '.join(MODELS)}")
+    env = environment()  # the commit and versions the models run with
     rows = []
     for n in names:
         row = run_isolated(n, args.ratio, args.timeout, args.memory_cap_gb)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    result = {"environment": environment(), "models": rows}
+    env["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    result = {"environment": env, "models": rows}
     result["environment"]["settings"].update(
         ratio=args.ratio, timeout_s=args.timeout, memory_cap_gb=args.memory_cap_gb
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "zoo.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out_dir / "zoo.md").write_text(markdown(result))
+    if args.readme:
+        write_readme_table(table(rows))
     print(table(rows))
     return 0
 
