@@ -202,7 +202,7 @@ def _root_groups(graph, root_types):
             yield (
                 module,
                 None,
-                f"following the channels of {type(module).__name__} through the graph exceeds "
+                "following this layer's channels through the dependency graph exceeds "
                 f"{INDEX_BUDGET:,} indices: reshapes the dependency graph misreads (window "
                 "partitions, heads) multiply them, and the group would be wrong anyway",
             )
@@ -462,7 +462,7 @@ def _remove_grouped_in_channels(conv: nn.Module, channels: List[int]) -> None:
     out_size, kernel = weight.shape[0] // groups, weight.shape[2:]
     index = torch.tensor(kept, device=weight.device).view(groups, 1, -1, *(1,) * len(kernel))
     index = index.expand(groups, out_size, index.shape[2], *kernel)
-    new = weight.detach().view(groups, out_size, size, *kernel).gather(2, index)
+    new = weight.detach().reshape(groups, out_size, size, *kernel).gather(2, index)
     conv.weight = nn.Parameter(
         new.reshape(weight.shape[0], -1, *kernel).contiguous(), weight.requires_grad
     )

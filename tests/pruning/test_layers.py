@@ -93,6 +93,15 @@ def test_grouped_conv_in_channels_keep_each_conv_groups_own_columns():
     torch.testing.assert_close(eval_out(small, x), eval_out(model, x), rtol=1e-5, atol=1e-6)
 
 
+def test_grouped_conv_in_channels_of_a_channels_last_model():
+    model = randomized(GroupedNet(groups=4)).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 8, 8).to(memory_format=torch.channels_last)
+    zero_producers(model, {"a": [1, 6, 11, 12]})
+    small = prune(model, x)
+    assert small.b.weight.shape == (16, 3, 3, 3)
+    torch.testing.assert_close(eval_out(small, x), eval_out(model, x), rtol=1e-5, atol=1e-6)
+
+
 def test_depthwise_conv_prunes_with_its_producer():
     model = randomized(GroupedNet(groups=16))
     x = torch.randn(1, 3, 8, 8)
