@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastsparse.pruning import PruningError, coupled_groups, prune
+from fastsparse.pruning import PruningError, coupled_groups, load_pruned, prune
 from fastsparse.pruning.graph import balanced_channels, trace
 from tests.helpers import eval_out
 
@@ -77,6 +77,9 @@ def test_grouped_conv_removes_as_many_channels_from_each_conv_group(dead_a, dead
     assert (small.b.out_channels, small.c.in_channels, small.b.groups) == (kept_b, kept_b, 4)
     assert small.b.weight.shape == (kept_b, kept_a // 4, 3, 3)
     torch.testing.assert_close(eval_out(small, x), eval_out(model, x), rtol=1e-5, atol=1e-6)
+    loaded = load_pruned(GroupedNet(groups=4), small.state_dict())
+    assert (loaded.b.in_channels, loaded.b.out_channels) == (kept_a, kept_b)
+    torch.testing.assert_close(eval_out(loaded, x), eval_out(small, x))
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
