@@ -2,7 +2,7 @@
 (importance), zero the weak ones (threshold), remove them for real (prune), measure (report).
 """
 
-from fastsparse.pruning.common import PruningError
+from fastsparse.pruning.common import LeftWholeWarning, PruningError
 from fastsparse.pruning.graph import coupled_groups
 from fastsparse.pruning.importance import select_channels, zero_channels_
 from fastsparse.pruning.prune import load_pruned, prune
@@ -12,6 +12,7 @@ from fastsparse.pruning.transformer import prune_transformer, transformer_groups
 
 __all__ = [
     "LayerSparsity",
+    "LeftWholeWarning",
     "PruneResult",
     "PruningError",
     "SparsityReport",

@@ -10,11 +10,19 @@ from torch import nn
 
 CONV = nn.modules.conv._ConvNd
 BATCHNORM = nn.modules.batchnorm._BatchNorm
-SUPPORTED = "Conv1d/2d/3d (groups=1 or depthwise), Linear, BatchNorm1d/2d/3d"
+SUPPORTED = "Conv1d/2d/3d (not transposed), Linear, BatchNorm1d/2d/3d"
 
 
 class PruningError(RuntimeError):
     """A model cannot be traced or pruned; the message names the layer when there is one."""
+
+
+class LeftWholeWarning(UserWarning):
+    """`prune` left some coupled groups whole; `skipped` lists (root layer, why) of each."""
+
+    def __init__(self, message: str, skipped):
+        super().__init__(message)
+        self.skipped = list(skipped)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -46,6 +54,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_depthwise(conv: nn.Module) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def normalizes_across_channels(module: nn.Module) -> bool:
+    """LayerNorm, GroupNorm and RMSNorm (torch's, or a class so named, as transformers' and
+    torchvision's are): their statistics are taken over the channels, a zero one included."""
+    names = ("LayerNorm", "GroupNorm", "RMSNorm", "LayerNorm2d")
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or any(
+        type(module).__name__.endswith(n) for n in names
+    )
+
+
+def is_grouped(conv: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (ResNeXt, RegNet)."""
+    return conv.groups > 1 and not is_depthwise(conv)
 
 
 def eval_forward(model: nn.Module, example_inputs: Any):

@@ -6,16 +6,20 @@ flatten), the depthwise filter that carries c, and, through residual additions, 
 every layer added to it. `coupled_groups` traces these with Torch-Pruning's ``DependencyGraph``
 and returns them as :class:`fastsparse.CoupledGroup` (one per root layer, G groups each).
 
-**Supported layers.** ``nn.Conv1d/2d/3d`` (groups = 1 or depthwise), ``nn.Linear``,
-``nn.BatchNorm1d/2d/3d`` and parameter-free ops (activations, pooling, flatten, add, cat, ...).
-A coupled group touching any other layer with parameters (LayerNorm, GroupNorm, grouped or
-transposed convs, raw ``nn.Parameter`` s...) is left whole, with the reason, naming the layer,
-in `Traced.skipped` (and the sparsity report); the rest of the model is still pruned.
+**Supported layers.** ``nn.Conv1d/2d/3d`` (plain, depthwise, or grouped: as many channels go
+from each conv group), ``nn.Linear``, ``nn.BatchNorm1d/2d/3d`` and parameter-free ops
+(activations, pooling, flatten, add, cat, ...). A coupled group touching any other layer with
+parameters (LayerNorm, GroupNorm and RMSNorm normalize across channels; transposed convs,
+``nn.MultiheadAttention``, raw ``nn.Parameter`` s...), passing through a reshape that splits a
+dimension (attention heads, channel shuffles), or whose indices blow up in the graph
+(`INDEX_BUDGET`) is left whole, with the reason, naming the layer, in `Traced.skipped` (and the
+sparsity report, and `prune`'s LeftWholeWarning); the rest of the model is still pruned.
 """
 
 from __future__ import annotations
 
 import copy
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -30,6 +34,8 @@ from fastsparse.pruning.common import (
     SUPPORTED,
     PruningError,
     is_depthwise,
+    is_grouped,
+    normalizes_across_channels,
     output_tensors,
     run_model,
 )
@@ -45,6 +51,9 @@ class Traced:
     groups: List[CoupledGroup]
     roots: List[nn.Module]  # root module of each group
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (root layer, why), left whole
+    # Per group, the grouped convolutions its channels enter or leave: (conv group of each
+    # channel [G], -1 where the channel is not one of that conv's; number of conv groups).
+    balance: List[List[Tuple[torch.Tensor, int]]] = field(default_factory=list)
 
 
 def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced:
@@ -78,6 +87,15 @@ def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced
                 model, example_inputs, forward_fn=forward_fn, verbose=False
             )
     except Exception as e:
+        if any(
+            frame.name == "update_reshape_index_mapping"
+            for frame in traceback.extract_tb(e.__traceback__)
+        ):
+            raise PruningError(
+                f"cannot trace {type(model).__name__}: the dependency graph cannot follow its "
+                "channels through a reshape that moves them to another dimension (such as a "
+                f"channel shuffle: view, transpose, view) ({type(e).__name__}: {e})"
+            ) from e
         raise PruningError(
             f"cannot trace {type(model).__name__} with the example inputs ({type(e).__name__}: {e})"
         ) from e
@@ -92,26 +110,153 @@ def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced
     param_names = {id(p): n for n, p in model.named_parameters()}
     layers = [n for n, m in model.named_modules() if isinstance(m, (CONV, nn.Linear))]
     found, skipped = [], []
-    for tp_group in graph.get_all_groups(root_module_types=(CONV, nn.Linear)):
-        root = tp_group[0].dep.target.module
+    for root, tp_group, why in _root_groups(graph, (CONV, nn.Linear)):
+        if tp_group is None:
+            if strict:
+                raise PruningError(why)
+            skipped.append((module_names.get(id(root), type(root).__name__), why))
+            continue
         try:
-            group = _coupled_group(graph, tp_group, module_names, param_names, output_fns, layers)
+            translated = _coupled_group(
+                graph, tp_group, module_names, param_names, output_fns, layers
+            )
         except PruningError as e:
             if strict:
                 raise
             skipped.append((module_names.get(id(root), type(root).__name__), str(e)))
             continue
-        if group is not None:
-            found.append((group, root))
-    found.sort(key=lambda pair: layers.index(pair[0].root))  # in module order
+        if translated is not None:
+            found.append((*translated, root))
+    found.sort(key=lambda entry: layers.index(entry[0].root))  # in module order
     skipped.sort(key=lambda pair: layers.index(pair[0]) if pair[0] in layers else len(layers))
-    return Traced(model, graph, [g for g, _ in found], [r for _, r in found], skipped)
+    skipped += _foreign_layers(model, [g for g, _, _ in found])
+    return Traced(
+        model,
+        graph,
+        [g for g, _, _ in found],
+        [r for _, _, r in found],
+        skipped,
+        [b for _, b, _ in found],
+    )
+
+
+def _foreign_layers(model: nn.Module, groups: List[CoupledGroup]) -> List[Tuple[str, str]]:
+    """(first layer, why) per type of layer (a weight matrix of its own, or attention) that no
+    group touches and that is not a layer kind fastsparse slices (transformers' Conv1D in GPT-2,
+    say): without this, a model made of them would come back unchanged without a word."""
+    touched = {m.name for g in groups for m in g.members}
+    known = (CONV, nn.Linear, BATCHNORM, nn.Embedding)
+    seen: Dict[str, List[str]] = {}
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        weight = params.get("weight")
+        layer_like = isinstance(module, nn.MultiheadAttention) or (
+            weight is not None and weight.dim() >= 2
+        )
+        if not layer_like or isinstance(module, known) or normalizes_across_channels(module):
+            continue
+        own = [f"{name}.{n}" if name else n for n in params]
+        if any(p in touched for p in own):
+            continue
+        seen.setdefault(type(module).__name__, []).append(name)
+    return [
+        (
+            names[0],
+            _attention_reason(names[0])
+            if kind == "MultiheadAttention"
+            else f"{len(names)} {kind} layer(s) ({names[0]!r}, ...) are not supported: "
+            f"fastsparse removes channels of {SUPPORTED} only",
+        )
+        for kind, names in seen.items()
+    ]
+
+
+def _attention_reason(name: str) -> str:
+    return (
+        f"nn.MultiheadAttention {name!r} cannot be pruned: its embed_dim is its "
+        "input, its output and, divided by num_heads, its heads' width at once, so neither a "
+        "channel nor a head can be removed from it"
+    )
+
+
+# How many channel indices following one layer's out-channels through the graph may produce
+# before the group is given up. A flatten into a classifier makes channels x positions indices
+# (VGG: 512 x 49); reshapes the graph misreads as flattens (Swin's window partitions) multiply
+# them at every block: tens of GB and minutes in Torch-Pruning's grouping (Swin-T, 224x224).
+INDEX_BUDGET = 2_000_000
+
+
+def _root_groups(graph, root_types):
+    """(root layer, Torch-Pruning group, None), or (root, None, why) for a layer whose channels
+    cannot be followed within INDEX_BUDGET, for every layer of `root_types` whose out-channels
+    are not in an earlier group."""
+    visited = set()
+    for module in list(graph.module2node):
+        if not isinstance(module, root_types) or id(module) in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        if not _fits(graph, module, INDEX_BUDGET):
+            visited.add(id(module))
+            yield (
+                module,
+                None,
+                "following this layer's channels through the dependency graph exceeds "
+                f"{INDEX_BUDGET:,} indices: reshapes the dependency graph misreads (window "
+                "partitions, heads) multiply them, and the group would be wrong anyway",
+            )
+            continue
+        channels = list(range(pruner.get_out_channels(module)))
+        group = graph.get_pruning_group(module, pruner.prune_out_channels, channels)
+        for item in group:
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                visited.add(id(item.dep.target.module))
+        yield module, group, None
+
+
+def _fits(graph, root, budget: int) -> bool:
+    """Whether following `root`'s out-channels through the graph's dependencies (as grouping
+    does: each dependency maps the indices on) stays within `budget` indices in all."""
+    from torch_pruning import _helpers
+
+    pruner = graph.get_pruner_of_module(root)
+    start = [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(pruner.get_out_channels(root))]
+    stack = [(graph.module2node[root], pruner.prune_out_channels, start)]
+    seen: Dict[Tuple[int, Any], set] = {}
+    spent = 0
+    while stack:
+        node, fn, idxs = stack.pop()
+        for dep in node.dependencies:
+            if not dep.is_triggered_by(fn):
+                continue
+            new = idxs
+            for mapping in dep.index_mapping:
+                if mapping is None:
+                    continue
+                # A flatten mapping makes `stride` indices of each: count before making them.
+                growth = getattr(mapping, "_stride", 1) if not getattr(mapping, "reverse", 1) else 1
+                if spent + len(new) * growth > budget:
+                    return False
+                new = mapping(new)
+            spent += len(new)
+            if spent > budget:
+                return False
+            key = (id(dep.target), dep.handler)
+            plain = {i.idx for i in new}
+            done = seen.setdefault(key, set())
+            if not new or plain <= done:
+                continue
+            done |= plain
+            stack.append((dep.target, dep.handler, new))
+    return True
 
 
 def _coupled_group(
     graph, tp_group, module_names, param_names, output_fns, layer_names
-) -> Optional[CoupledGroup]:
-    """Translate one Torch-Pruning group into a CoupledGroup (None when it is not prunable)."""
+) -> Optional[Tuple[CoupledGroup, List[Tuple[torch.Tensor, int]]]]:
+    """Translate one Torch-Pruning group into a CoupledGroup and its grouped-conv constraints
+    (None when it is not prunable)."""
     from torch_pruning import ops
 
     dummy = (
@@ -128,6 +273,12 @@ def _coupled_group(
     num_groups = graph.get_out_channels(root)
     # (id(param), dim) -> (name, param, dim, {slice index: group id})
     slices: Dict[Tuple[int, int], Tuple[str, torch.Tensor, int, Dict[int, int]]] = {}
+    # (id(conv), out side?) -> (conv group of each channel, number of conv groups)
+    balance: Dict[Tuple[int, bool], Tuple[torch.Tensor, int]] = {}
+    for item in tp_group:
+        if isinstance(item.dep.target.module, nn.MultiheadAttention):
+            name = module_names.get(id(item.dep.target.module), "MultiheadAttention")
+            raise PruningError(_attention_reason(name))
     for item in tp_group:
         node, handler = item.dep.target, item.dep.handler
         module = node.module
@@ -135,6 +286,14 @@ def _coupled_group(
         changes_in = graph.is_in_channel_pruning_fn(handler)
         if node.type == ops.OPTYPE.OUTPUT or (changes_out and node.grad_fn in output_fns):
             return None  # the channels are model outputs
+        if node.type == ops.OPTYPE.RESHAPE:
+            split = _split_by_reshape(node.grad_fn)
+            if split is not None:
+                raise PruningError(
+                    f"a reshape from {split[0]} to {split[1]} splits a dimension of these "
+                    "channels' tensor (attention heads, a channel shuffle, windows): the "
+                    "dependency graph does not follow channels through it"
+                )
         if node.type in dummy:
             continue
         if changes_in and not node.inputs and isinstance(module, (CONV, nn.Linear, BATCHNORM)):
@@ -146,17 +305,42 @@ def _coupled_group(
             )
         name = module_names.get(id(module), type(module).__name__)
         if isinstance(module, CONV):
-            if module.transposed or not (module.groups == 1 or is_depthwise(module)):
+            if module.transposed or (
+                module.groups == module.out_channels > 1 and not is_depthwise(module)
+            ):
                 raise PruningError(
-                    f"layer {name!r} ({module}) is not supported: transposed and grouped "
-                    f"convolutions cannot be pruned yet (supported: {SUPPORTED})"
+                    f"layer {name!r} ({module}) is not supported: transposed convolutions and "
+                    f"grouped ones with one out-channel per group cannot be pruned yet "
+                    f"(supported: {SUPPORTED})"
                 )
+            if is_grouped(module):
+                # Each conv group must keep as many channels as the others; which channel is in
+                # which conv group is recorded for `balanced_channels`.
+                channels = module.out_channels if changes_out else module.in_channels
+                size = channels // module.groups
+                blocks = balance.setdefault(
+                    (id(module), changes_out),
+                    (torch.full((num_groups,), -1, dtype=torch.int64), module.groups),
+                )[0]
+                for idx, root_idx in zip(item.idxs, item.root_idxs):
+                    blocks[int(root_idx)] = int(idx) // size
+                if not changes_out:
+                    # Its in-channel c is read by the rows of one conv group only, a slice a
+                    # member (a whole column of the weight) cannot express; it is removed with
+                    # the channel all the same (`remove_channels`).
+                    continue
             out_rows = changes_out or is_depthwise(module)
             dims = {"weight": 0, "bias": 0} if out_rows else {"weight": 1}
         elif isinstance(module, nn.Linear):
             dims = {"weight": 0, "bias": 0} if changes_out else {"weight": 1}
         elif isinstance(module, BATCHNORM):
             dims = {"weight": 0, "bias": 0}
+        elif normalizes_across_channels(module):
+            raise PruningError(
+                f"layer {name!r} ({type(module).__name__}) normalizes across channels: removing "
+                "one, even an all-zero one, changes the mean and variance the others are "
+                "normalized by, so it is not lossless"
+            )
         else:
             raise PruningError(
                 f"layer {name!r} ({type(module).__name__}) is not supported: removing a channel "
@@ -192,7 +376,97 @@ def _coupled_group(
         if is_out_rows and len(m.index) == num_groups and torch.equal(m.index, m.group):
             root_name = layer
             break
-    return CoupledGroup(root_name, num_groups, tuple(members))
+    return CoupledGroup(root_name, num_groups, tuple(members)), list(balance.values())
+
+
+def _split_by_reshape(grad_fn) -> Optional[Tuple[List[int], List[int]]]:
+    """(shape before, shape after) when a view/reshape splits one of its input's dimensions
+    into several (heads, groups), None when it only merges dimensions (a flatten) or its shapes
+    are not recorded."""
+    before = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    meta = getattr(grad_fn, "_input_metadata", None)
+    if before is None or not meta:
+        return None
+    shape_in = [int(d) for d in before]
+    shape_out = [int(d) for d in meta[0].shape]
+    a, b = [d for d in shape_in if d != 1], [d for d in shape_out if d != 1]
+    i = j = 0
+    while i < len(a) and j < len(b):
+        # the smallest runs a[i:i2], b[j:j2] with equal products: one block of the reshape
+        pa, pb, i2, j2 = a[i], b[j], i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i2 < len(a):
+                pa, i2 = pa * a[i2], i2 + 1
+            elif pb < pa and j2 < len(b):
+                pb, j2 = pb * b[j2], j2 + 1
+            else:
+                return None
+        if j2 - j > 1:  # one run of input dims becomes several output dims
+            return shape_in, shape_out
+        i, j = i2, j2
+    return None
+
+
+def balanced_channels(
+    channels: List[int], norms: torch.Tensor, balance: List[Tuple[torch.Tensor, int]]
+) -> List[int]:
+    """The largest subset of `channels` that leaves every grouped conv with as many channels in
+    each of its conv groups as in the others: per conv, each conv group gives up as many as the
+    conv group with the fewest (the lowest-norm ones go); repeated until no conv asks more."""
+    keep = set(channels)
+    changed = True
+    while changed:
+        changed = False
+        for blocks, count in balance:
+            per_block: List[List[int]] = [[] for _ in range(count)]
+            for c in keep:
+                if blocks[c] >= 0:
+                    per_block[int(blocks[c])].append(c)
+            k = min(len(b) for b in per_block)
+            for b in per_block:
+                if len(b) > k:
+                    b.sort(key=lambda c: (float(norms[c]), c))
+                    keep.difference_update(b[k:])
+                    changed = True
+    return sorted(keep)
+
+
+def remove_channels(graph, root: nn.Module, channels: List[int]) -> None:
+    """Remove `channels` of `root`'s coupled group: Torch-Pruning's surgery, except for the
+    in-channels of grouped convolutions, which it does not remove per conv group."""
+    pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
+    group = graph.get_pruning_group(root, pruning_fn, channels)
+    for dep, idxs in group:
+        module = dep.target.module
+        if (
+            isinstance(module, CONV)
+            and is_grouped(module)
+            and graph.is_in_channel_pruning_fn(dep.handler)
+        ):
+            _remove_grouped_in_channels(module, sorted({int(i) for i in idxs}))
+        else:
+            dep(idxs)
+
+
+@torch.no_grad()
+def _remove_grouped_in_channels(conv: nn.Module, channels: List[int]) -> None:
+    groups, size = conv.groups, conv.in_channels // conv.groups
+    removed = set(channels)
+    kept = [
+        [c - b * size for c in range(b * size, (b + 1) * size) if c not in removed]
+        for b in range(groups)
+    ]
+    if len({len(k) for k in kept}) != 1:
+        raise PruningError(f"{conv} would keep different numbers of in-channels in its conv groups")
+    weight = conv.weight
+    out_size, kernel = weight.shape[0] // groups, weight.shape[2:]
+    index = torch.tensor(kept, device=weight.device).view(groups, 1, -1, *(1,) * len(kernel))
+    index = index.expand(groups, out_size, index.shape[2], *kernel)
+    new = weight.detach().reshape(groups, out_size, size, *kernel).gather(2, index)
+    conv.weight = nn.Parameter(
+        new.reshape(weight.shape[0], -1, *kernel).contiguous(), weight.requires_grad
+    )
+    conv.in_channels = len(kept[0]) * groups
 
 
 def coupled_groups(

@@ -33,12 +33,13 @@ from fastsparse.core.checks import check_real
 from fastsparse.pruning.common import (
     BATCHNORM,
     CONV,
+    LeftWholeWarning,
     PruningError,
     eval_forward,
     is_depthwise,
     output_tensors,
 )
-from fastsparse.pruning.graph import Traced, trace
+from fastsparse.pruning.graph import Traced, balanced_channels, remove_channels, trace
 from fastsparse.pruning.importance import (
     dead_channels,
     dead_masks,
@@ -61,12 +62,13 @@ def prune_traced(traced: Traced, example_inputs: Any, threshold: float, verify: 
     # are (nearly) zero already, its consumers' slices then multiply zeros.
     zero_channels_(traced.groups, dead_masks(traced.groups, threshold, norms))
     expected = output_tensors(eval_forward(model, example_inputs)) if verify else []
-    for group, root, channels in zip(traced.groups, traced.roots, dead):
+    balance = traced.balance or [[] for _ in traced.groups]
+    for group, root, channels, norm, ties in zip(traced.groups, traced.roots, dead, norms, balance):
+        channels = balanced_channels(channels, norm, ties) if ties else channels
         if not channels:
             continue
-        pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
         try:
-            graph.get_pruning_group(root, pruning_fn, channels).prune()
+            remove_channels(graph, root, channels)
         except Exception as e:
             raise PruningError(
                 f"removing channels of layer {group.root!r} failed ({type(e).__name__}: {e})"
@@ -149,7 +151,9 @@ def prune(
     traced = trace(work, example_inputs, strict)
     if traced.skipped:
         where = "; ".join(f"{root!r}: {why}" for root, why in traced.skipped)
-        warnings.warn(f"left whole (not prunable): {where}", stacklevel=2)
+        warnings.warn(
+            LeftWholeWarning(f"left whole (not prunable): {where}", traced.skipped), stacklevel=2
+        )
     prune_traced(traced, example_inputs, threshold, verify)
     for m, original in zip(work.modules(), model.modules()):
         m.train(original.training)

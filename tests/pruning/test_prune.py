@@ -264,14 +264,23 @@ class Detached(nn.Module):
         (GroupNormNet(), torch.randn(1, 3, 8, 8), "strict", PruningError, "'norm'.*GroupNorm"),
         (GroupNormNet(), torch.randn(1, 3, 8, 8), "groups", PruningError, "'norm'.*GroupNorm"),
         (
-            nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 4, 3, groups=2)),
+            nn.Sequential(nn.Conv2d(4, 8, 3), nn.ConvTranspose2d(8, 4, 3)),
             torch.randn(1, 4, 8, 8),
             "strict",
             PruningError,
-            "'1'.*grouped",
+            "'1'.*transposed",
         ),
     ],
-    ids=["negative", "untraceable", "report", "groups", "detached", "gn", "gn-groups", "grouped"],
+    ids=[
+        "negative",
+        "untraceable",
+        "report",
+        "groups",
+        "detached",
+        "gn",
+        "gn-groups",
+        "transposed",
+    ],
 )
 def test_bad_input_changes_nothing(model, x, call, error, match):
     before = state_snapshot(model)
