@@ -39,7 +39,13 @@ from fastsparse.pruning.common import (
     is_depthwise,
     output_tensors,
 )
-from fastsparse.pruning.graph import Traced, balanced_channels, remove_channels, trace
+from fastsparse.pruning.graph import (
+    Traced,
+    balanced_channels,
+    check_traceable,
+    remove_channels,
+    trace,
+)
 from fastsparse.pruning.importance import (
     dead_channels,
     dead_masks,
@@ -147,6 +153,7 @@ def prune(
     threshold = check_real("threshold", threshold)
     if decoder_blocks(model):  # transformers: heads and neurons (see pruning/transformer.py)
         return prune_transformer(model, example_inputs, threshold, verify=verify)
+    check_traceable(model)
     work = copy.deepcopy(model)
     traced = trace(work, example_inputs, strict)
     if traced.skipped:

@@ -12,7 +12,7 @@ from torch import nn
 from fastsparse.core.checks import check_real
 from fastsparse.core.groups import CoupledGroup
 from fastsparse.pruning.common import CONV, eval_forward
-from fastsparse.pruning.graph import trace
+from fastsparse.pruning.graph import check_traceable, trace
 from fastsparse.pruning.importance import producer_norms
 from fastsparse.pruning.prune import prune_traced
 from fastsparse.pruning.transformer import (
@@ -166,6 +166,8 @@ def sparsity_report(
         >>> print(report)  # doctest: +SKIP
     """
     threshold = check_real("threshold", threshold)
+    if not decoder_blocks(model):
+        check_traceable(model)
     work = copy.deepcopy(model)
     if decoder_blocks(work):  # heads and neurons, as fastsparse.prune removes them
         transformer = transformer_groups(work)

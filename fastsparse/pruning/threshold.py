@@ -16,10 +16,11 @@ from torch import nn
 
 from fastsparse.core.checks import check_real
 from fastsparse.pruning.common import unwrap
-from fastsparse.pruning.graph import coupled_groups
+from fastsparse.pruning.graph import check_traceable, coupled_groups
 from fastsparse.pruning.importance import PRUNE_CRITERIA, filter_scores, zero_channels_
 from fastsparse.pruning.prune import prune
 from fastsparse.pruning.report import sparsity_report
+from fastsparse.pruning.transformer import decoder_blocks
 
 THRESHOLD_MODES = ("relative", "global", "absolute")
 
@@ -134,7 +135,10 @@ def threshold_and_prune(
         >>> result.kept["features.0"][1]  # filters before
         20
     """
-    work = copy.deepcopy(unwrap(model))
+    model = unwrap(model)
+    if not decoder_blocks(model):
+        check_traceable(model)
+    work = copy.deepcopy(model)
     weak = threshold_(work, example_inputs, threshold, mode, criterion)
     report = sparsity_report(work, example_inputs, threshold=0.0)
     pruned = prune(work, example_inputs, threshold=0.0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastsparse as fs
 import fastsparse.reference as ref
 from fastsparse.functional.prox import prox_
 from fastsparse.pruning import (
@@ -351,3 +352,14 @@ def test_non_lossless_pruning_is_refused():
     with pytest.raises(PruningError, match="not lossless"):
         prune(model, x)
     assert_state_unchanged(model, before)
+
+
+def test_models_too_large_to_trace_are_refused_before_any_copy(monkeypatch):
+    from fastsparse.pruning import graph
+
+    model, x = LeNet5(), torch.randn(1, 1, 28, 28)
+    monkeypatch.setattr(graph, "MAX_TRACED_PARAMETERS", 1000)
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("copied before the check"))
+    for call in (fs.prune, fs.coupled_groups, fs.sparsity_report):
+        with pytest.raises(fs.PruningError, match="M parameters, more than the"):
+            call(model, x)
