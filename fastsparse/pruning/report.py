@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Tuple
 
+import torch
 from torch import nn
 
 from fastsparse.core.checks import check_real
@@ -78,6 +79,9 @@ class LayerSparsity:
         filters_after: out-channels of the pruned model (alive, or 1 when all are dead).
         params, params_after: the layer's own parameters (weight and bias).
         macs, macs_after: multiply-adds for one forward of the example inputs.
+        constant: alive filters whose own weight and bias are zero (norm <= threshold): what
+            follows them (a norm's shift) makes a constant, not zero, output, so they are kept
+            (not folded into the consumers' biases).
     """
 
     name: str
@@ -90,6 +94,7 @@ class LayerSparsity:
     params_after: int
     macs: int
     macs_after: int
+    constant: int = 0
 
 
 @dataclass
@@ -142,6 +147,12 @@ class SparsityReport:
         title = f"sparsity report (dead: producers' norm <= {self.threshold:g})"
         body = [line(r) for r in rows]
         notes = [f"not prunable, left whole: {root}: {why}" for root, why in self.skipped]
+        notes += [
+            f"{layer.name}: {layer.constant} filter(s) with zero weights feed a constant output "
+            "(a norm's shift), kept"
+            for layer in self.layers
+            if layer.constant
+        ]
         return "\n".join([title, line(header), rule, *body, rule, line(total), *notes])
 
     __str__ = format
@@ -190,13 +201,16 @@ def sparsity_report(
         for name, m in work.named_modules()
         if isinstance(m, (CONV, nn.Linear))
     }
-    alive = _alive_per_layer(groups, norms, threshold)
+    kept_rows = _kept_rows_per_layer(groups, norms, threshold)
+    alive, constant = {}, {}
     for name, (module, _, _) in layers.items():
-        if name not in alive:
-            rows = module.weight.detach().flatten(1).float().square().sum(1)
-            if module.bias is not None:
-                rows = rows + module.bias.detach().float().square()
-            alive[name] = (int((rows.sqrt() > threshold).sum()), False)
+        own_alive = _row_norms(module) > threshold
+        if name in kept_rows:
+            rows, kept = kept_rows[name]
+            alive[name] = (int(kept.sum()), True)
+            constant[name] = int((kept & ~own_alive[rows]).sum())
+        else:
+            alive[name] = (int(own_alive.sum()), False)
     pruned = prune_work()
     modules_after = dict(pruned.named_modules())
     macs_after = count_macs(pruned, example_inputs)
@@ -218,6 +232,7 @@ def sparsity_report(
                 params_after=sum(p.numel() for p in after.parameters(recurse=False)),
                 macs=macs[name],
                 macs_after=macs_after[name],
+                constant=constant.get(name, 0),
             )
         )
     return report
@@ -227,16 +242,24 @@ def _out_channels(module: nn.Module) -> int:
     return module.out_channels if isinstance(module, CONV) else module.out_features
 
 
-def _alive_per_layer(
+def _kept_rows_per_layer(
     groups: List[CoupledGroup], norms: List, threshold: float
-) -> Dict[str, Tuple[int, bool]]:
-    """Layer name -> (alive filters, True) for every layer whose out-rows are in a coupled group;
-    `norms`: per group, the [G] norms that decide whether a channel is dead."""
-    alive = {}
+) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Layer name -> (row indices, kept) for every layer whose out-rows are in a coupled group:
+    kept[i] is whether row rows[i] stays; `norms`: per group, the [G] norms that decide whether
+    a channel is dead."""
+    kept_rows = {}
     for group, group_norms in zip(groups, norms):
         for m in group.members:
             module_name, _, attr = m.name.rpartition(".")
-            if attr == "weight" and m.dim == 0 and module_name not in alive:
-                kept = group_norms[m.group] > threshold
-                alive[module_name] = (int(kept.sum()), True)
-    return alive
+            if attr == "weight" and m.dim == 0 and module_name not in kept_rows:
+                kept_rows[module_name] = (m.index, group_norms[m.group] > threshold)
+    return kept_rows
+
+
+def _row_norms(module: nn.Module) -> torch.Tensor:
+    """l2 norm of each out-row of a conv/linear layer's weight and bias (fp32)."""
+    rows = module.weight.detach().flatten(1).float().square().sum(1)
+    if module.bias is not None:
+        rows = rows + module.bias.detach().float().square()
+    return rows.sqrt()

@@ -59,3 +59,23 @@ def test_count_macs():
     model.append(nn.Linear(8 * 6 * 6, 5))
     macs = count_macs(model, torch.randn(2, 3, 8, 8))
     assert macs == {"0": 2 * 8 * 64 * 27, "1": 2 * 8 * 36 * 9, "3": 2 * 5 * 288}
+
+
+def test_filters_feeding_a_constant_are_reported_kept():
+    # A zero filter whose BatchNorm shift is not zero outputs a constant, not zero: it stays,
+    # and the report says why.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 2),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+        model[0].bias[:3] = 0
+        model[1].weight[:3] = 0
+        model[1].bias[:2] = 0  # channels 0, 1 dead; channel 2 is the constant relu(bias)
+        model[1].bias[2] = 0.5
+    report = sparsity_report(model, torch.randn(1, 3, 8, 8))
+    layer = next(layer for layer in report.layers if layer.name == "0")
+    assert (layer.alive, layer.filters_after, layer.constant) == (4, 4, 1)
+    assert "0: 1 filter(s) with zero weights feed a constant output" in str(report)
