@@ -147,8 +147,8 @@ def penalty_backward(backend: Backend, tensors, coefs, grad_value, specs):
 def add_penalty_grad(backend: Backend, grads, tensors, kind, specs, alpha, strength):
     """grads[i] += strength * dR/dW_i in place; returns the penalty value (0-dim)."""
     plan = backend.plans.get(tensors, specs, [g.dtype for g in grads])
-    # Within-group kinds on groups that fit one block: statistics, rule and gradient in one
-    # pass (fused). The others (across-group kinds, long groups) need statistics first.
+    # Within-group kinds on groups that are not split: statistics, rule and gradient in one
+    # program (fused). The others (across-group kinds, split groups) need statistics first.
     two_pass = Select(split=None if kind in ACROSS_GROUP_KINDS else True)
     if kind in ACROSS_GROUP_KINDS or any(c.split for c in plan.classes):
         values, coefs = _plan_rule(

@@ -215,7 +215,7 @@ def step_prox(
     plan: Plan, tensors, grads, states, method: str, options: dict, kind, t_elem, t_group
 ):
     """The optimizer step and the prox in one launch per class; [total_groups, 2] (s1, s2) after
-    it, or None where a class's groups do not fit one block (nothing is then modified)."""
+    it, or None where a class's groups are split (nothing is then modified)."""
     if any(cls.split for cls in plan.classes):
         return None
     after = torch.zeros((plan.total_groups, 2), dtype=torch.float64, device=plan.device)
