@@ -216,20 +216,7 @@ void exact_sums(const fs_segment& s, int64_t g, int64_t chunk, A hard, A a1, A a
   const bool tiny = a1 > 0 && !(a2 >= (A)kTinySquares);
   const bool huge = std::isinf(a2) && std::isfinite(a1);
   if (std::is_same<A, double>::value || !(tiny || huge)) return;
-  const W* w = reinterpret_cast<const W*>(s.w);
-  const int64_t begin = chunk * s.chunk_len;
-  const int64_t end = std::min(begin + s.chunk_len, s.rows * s.cols);
-  double t1 = 0, t2 = 0;
-  for_each_run(s, g, begin, end, [&](int64_t off, int64_t n, int64_t stride) {
-    for (int64_t i = 0; i < n; ++i) {
-      double x = load<double>(w + off + i * stride);
-      if (hard >= 0 && !((x < 0 ? -x : x) > hard)) x = 0;
-      t1 += x < 0 ? -x : x;
-      t2 += x * x;
-    }
-  });
-  *s1 = t1;
-  *s2 = t2;
+  chunk_stats<W, double>(s, g, chunk, s1, s2, (double)hard);
 }
 
 // chunk_stats in double, exact for tiny and huge chunks.

@@ -252,9 +252,10 @@ def scalar_arg(x: float, dtype: torch.dtype):
     return float(x)
 
 
-def vector_width(plan: Plan, cls, *roles: str) -> int:
-    """VEC for a launch of `cls` after its address tables are built: cls.vector when the weights
-    and every table named in `roles` ("grad", "state0", ...) are 16-byte aligned, else 0."""
+def launch_vec(plan: Plan, cls, *roles: str) -> int:
+    """VEC for a launch of `cls`, once its address tables are built: cls.vector
+    (core.layout.vector_width) when the weights and every table named in `roles` ("grad",
+    "state0", ...) are 16-byte aligned, else 0."""
     tables = class_tables(plan, cls)
     aligned = tables.get("weight_aligned") and all(tables.get(f"{r}_aligned") for r in roles)
     return cls.vector if aligned else 0

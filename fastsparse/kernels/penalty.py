@@ -44,6 +44,7 @@ from fastsparse.kernels.common import (
     grad_addresses,
     group_sums,
     launch_reduction,
+    launch_vec,
     load_tile,
     locate,
     num_warps,
@@ -53,7 +54,6 @@ from fastsparse.kernels.common import (
     table_field,
     tile,
     typed_pointer,
-    vector_width,
     weight_pointer,
 )
 
@@ -284,8 +284,10 @@ def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
         tables = class_tables(plan, cls)
 
         def launch(buffer, cls=cls, tables=tables):
+            table = address_table(plan, cls, tensors)
+            vec = launch_vec(plan, cls)
             _group_stats_kernel[(tables["num_items"],)](
-                address_table(plan, cls, tensors),
+                table,
                 tables["item_starts"],
                 len(cls.segments),
                 tables["search_steps"],
@@ -298,7 +300,7 @@ def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
                 BLOCK_G=cls.block_groups,
                 BLOCK_K=cls.block_size,
                 LOOPS=cls.loops,
-                VEC=(vec := vector_width(plan, cls)),
+                VEC=vec,
                 num_warps=num_warps(cls, vec),
             )
 
@@ -332,12 +334,14 @@ def _launch_grad(
     plan, cls, tensors, grads, coefs, values, kind, alpha, fused, accumulate, scale, scale_tensor
 ):
     tables = class_tables(plan, cls)
+    table, grad_table = address_table(plan, cls, tensors), grad_addresses(plan, cls, grads)
+    vec = launch_vec(plan, cls, "grad")
     _penalty_grad_kernel[(tables["num_items"],)](
-        address_table(plan, cls, tensors),
+        table,
         tables["item_starts"],
         len(cls.segments),
         tables["search_steps"],
-        grad_addresses(plan, cls, grads),
+        grad_table,
         coefs,
         values,
         scalar_arg(scale, torch.float64),
@@ -353,7 +357,7 @@ def _launch_grad(
         BLOCK_G=cls.block_groups,
         BLOCK_K=cls.block_size,
         LOOPS=cls.loops,
-        VEC=(vec := vector_width(plan, cls, "grad")),
+        VEC=vec,
         num_warps=num_warps(cls, vec),
     )
 

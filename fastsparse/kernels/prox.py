@@ -32,6 +32,7 @@ from fastsparse.kernels.common import (
     exact_stats,
     group_sums,
     launch_reduction,
+    launch_vec,
     load_tile,
     locate,
     num_warps,
@@ -39,7 +40,6 @@ from fastsparse.kernels.common import (
     scalar_arg,
     table_field,
     tile,
-    vector_width,
     weight_pointer,
 )
 
@@ -158,8 +158,10 @@ def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, 
             raise ValueError("group prox on groups longer than one block needs factors")
 
         def launch(buffer, cls=cls, tables=tables, is_fused=is_fused):
+            table = address_table(plan, cls, tensors)
+            vec = launch_vec(plan, cls)
             _prox_kernel[(tables["num_items"],)](
-                address_table(plan, cls, tensors),
+                table,
                 tables["item_starts"],
                 len(cls.segments),
                 tables["search_steps"],
@@ -175,7 +177,7 @@ def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, 
                 BLOCK_G=cls.block_groups,
                 BLOCK_K=cls.block_size,
                 LOOPS=cls.loops,
-                VEC=(vec := vector_width(plan, cls)),
+                VEC=vec,
                 num_warps=num_warps(cls, vec),
             )
 

@@ -25,6 +25,7 @@ from fastsparse.kernels.common import (
     class_tables,
     exact_stats,
     grad_addresses,
+    launch_vec,
     load_tile,
     locate,
     num_warps,
@@ -34,7 +35,6 @@ from fastsparse.kernels.common import (
     tile,
     tile_offsets,
     typed_pointer,
-    vector_width,
     weight_pointer,
 )
 from fastsparse.kernels.prox import element_step, prox_factor
@@ -237,8 +237,10 @@ def step_prox(
         grad_table = grad_addresses(plan, cls, grads)
         first = grad_addresses(plan, cls, roles[0], "state0") if roles else grad_table
         second = grad_addresses(plan, cls, roles[1], "state1") if len(roles) > 1 else first
+        table = address_table(plan, cls, tensors)
+        vec = launch_vec(plan, cls, "grad", *("state0", "state1")[: len(roles)])
         _step_prox_kernel[(tables["num_items"],)](
-            address_table(plan, cls, tensors),
+            table,
             tables["item_starts"],
             len(cls.segments),
             tables["search_steps"],
@@ -257,7 +259,7 @@ def step_prox(
             BLOCK_G=cls.block_groups,
             BLOCK_K=cls.block_size,
             LOOPS=cls.loops,
-            VEC=(vec := vector_width(plan, cls, "grad", *("state0", "state1")[: len(roles)])),
+            VEC=vec,
             num_warps=num_warps(cls, vec),
         )
     return after
