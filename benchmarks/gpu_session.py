@@ -14,7 +14,9 @@ Steps, each a subprocess with its own time limit, so that one hung step cannot e
    command only);
 5. kernels: one fused penalty, gradient and prox call per dtype on the GPU, then the compiled
    Triton kernels' registers and spills as loaded (dry run: skipped, no device);
-6. benchmarks: ``benchmarks.run --device cuda --time-budget S`` into the output folder (dry run:
+6. host overhead: ``benchmarks.host_overhead`` on both GPU backends, a short run (dry run: CPU,
+   ``--quick``);
+7. benchmarks: ``benchmarks.run --device cuda --time-budget S`` into the output folder (dry run:
    ``--device cpu --quick``).
 
 Everything lands in the output folder: ``summary.json`` (versions, per step its command,
@@ -108,6 +110,7 @@ def _steps(out: Path, dry_run: bool, time_budget: int) -> List[dict]:
         native = [python, "-c", _NATIVE_DRY]
         kernels = None
         bench = [python, "-m", "benchmarks.run", "--device", "cpu", "--quick"]
+        host = [python, "-m", "benchmarks.host_overhead", "--device", "cpu", "--quick"]
         install = None
     else:
         tests = [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
@@ -115,15 +118,18 @@ def _steps(out: Path, dry_run: bool, time_budget: int) -> List[dict]:
         kernels = [python, "-c", _KERNELS]
         bench = [python, "-m", "benchmarks.run", "--device", "cuda"]
         bench += ["--time-budget", str(time_budget)]
+        host = [python, "-m", "benchmarks.host_overhead", "--rounds", "7", "--calls", "50"]
         install = [python, "-m", "pip", "install", "-q", "-e", ".", "--no-deps"]
         install += ["--no-build-isolation"]
     bench += ["--out-dir", str(bench_dir), "--no-plots"]
+    host += ["--out", str(bench_dir)]
     return [
         {"name": "versions", "command": [python, "-c", _VERSIONS], "limit": 60},
         {"name": "install", "command": install, "limit": 120},
         {"name": "gpu_tests", "command": tests, "limit": 240},
         {"name": "native_cuda", "command": native, "limit": 120},
         {"name": "kernels", "command": kernels, "limit": 120},
+        {"name": "host_overhead", "command": host, "limit": 60},
         {"name": "benchmarks", "command": bench, "limit": time_budget + 60},
     ]
 
@@ -165,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder ($OUT)")
     parser.add_argument("--dry-run", action="store_true", help="CPU-safe forms of every step")
     parser.add_argument(
-        "--time-budget", type=int, default=240, help="seconds of benchmark cases (default 240)"
+        "--time-budget", type=int, default=210, help="seconds of benchmark cases (default 210)"
     )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

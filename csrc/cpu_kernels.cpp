@@ -567,7 +567,11 @@ template <typename Body>
 void run_tasks(const fs_segment* segs, int64_t nseg, bool whole_groups, Body body) {
   const std::vector<Task> tasks = make_tasks(segs, nseg, whole_groups);
   const int64_t count = (int64_t)tasks.size();
-#pragma omp parallel for schedule(dynamic, 1) if (worth_parallel(segs, nseg))
+  if (!worth_parallel(segs, nseg)) {  // not even a team of one: its setup is most of a small call
+    for (int64_t t = 0; t < count; ++t) body(segs[tasks[t].segment], tasks[t]);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t t = 0; t < count; ++t) body(segs[tasks[t].segment], tasks[t]);
 }
 

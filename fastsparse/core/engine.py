@@ -174,6 +174,61 @@ def add_penalty_grad(backend: Backend, grads, tensors, kind, specs, alpha, stren
     return values.sum().to(accumulation_dtype_of(tensors))
 
 
+class BoundPenaltyGrad:
+    """add_penalty_grad over these very tensors, resolved once: `run(strength)` -> value.
+
+    Within-group kinds on groups that are not split go straight to the backend's fused launches
+    bound to the tensors' addresses (`bind_fused`, where a backend has it): no plan or table
+    lookup per call. Other calls run add_penalty_grad. The caller keeps the tensors alive, calls
+    `rebind(grads)` for new gradients of the same dtypes and layouts, and binds anew when a
+    weight's address or layout changes.
+    """
+
+    def __init__(self, backend: Backend, grads, tensors, kind, specs, alpha):
+        self.backend, self.tensors, self.kind, self.specs, self.alpha = (
+            backend, tensors, kind, specs, alpha,
+        )  # fmt: skip
+        self.plan = backend.plans.get(tensors, specs, [g.dtype for g in grads])
+        split = any(c.split for c in self.plan.classes)
+        self.fused = hasattr(backend, "bind_fused") and kind not in ACROSS_GROUP_KINDS and not split
+        groups, device = self.plan.total_groups, self.plan.device
+        self.values = new_empty((groups,), dtype=torch.float64, device=device)
+        self.scale_vector = self.scale_value = None
+        # .float() costs half of .to(torch.float32) on a 0-dim tensor
+        fp64 = accumulation_dtype_of(tensors) == torch.float64
+        self.cast = torch.Tensor.double if fp64 else torch.Tensor.float
+        self.rebind(grads)
+
+    def rebind(self, grads) -> None:
+        self.grads = grads
+        if self.fused:
+            launches = (
+                self.backend.bind_fused(
+                    self.plan, self.tensors, grads, Select(p, split=False), self.kind, self.alpha
+                )
+                for p in passes(self.plan)
+            )
+            self.launches = [launch for launch in launches if launch is not None]
+
+    def run(self, strength: float, value_scale: float = 1.0) -> torch.Tensor:
+        """Add strength * dR/dW to the gradients; returns value_scale * R (0-dim)."""
+        if not self.fused:
+            value = add_penalty_grad(
+                self.backend, self.grads, self.tensors, self.kind, self.specs, self.alpha, strength
+            )
+            return value if value_scale == 1.0 else value.mul_(value_scale)
+        values = self.values
+        for launch in self.launches:  # in pass order: a gradient is written once per pass
+            launch(strength, values)
+        if value_scale == 1.0:
+            return self.cast(values.sum())  # as add_penalty_grad, bitwise
+        # One op for the scaled sum, in fp64: a dot with a vector of value_scale.
+        if self.scale_vector is None or self.scale_value != value_scale:
+            self.scale_vector = torch.full_like(values, value_scale)
+            self.scale_value = value_scale
+        return self.cast(torch.dot(values, self.scale_vector))
+
+
 def group_norms(backend: Backend, tensors, specs):
     """The group l2 norms of all segments, concatenated in order (accumulation dtype)."""
     plan = backend.plans.get(tensors, specs)

@@ -58,6 +58,7 @@ NATIVE_FIELDS = (
     "accumulate",
 )
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_W_COLUMN, _GRAD_COLUMN = NATIVE_FIELDS.index("w"), NATIVE_FIELDS.index("grad")
 # --------------------------------------------------------------------------------------------
 # Building and loading
 # --------------------------------------------------------------------------------------------
@@ -96,7 +97,11 @@ def compile_command(device_type: str, source: Path, output: Path) -> list[str]:
     """The compiler command line for one library."""
     if device_type == "cpu":
         compiler = os.environ.get("CXX") or "c++"
-        flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-march=native"]
+        # No contraction of a*b + c into one fused multiply-add: each operation rounds as in
+        # PyTorch's own (an optimizer step fused here then tracks torch.optim's, whichever
+        # instructions -march=native offers).
+        flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-march=native",
+                 "-ffp-contract=off"]  # fmt: skip
         return [compiler, *flags, str(source), "-o", str(output)]
     compiler = os.environ.get("NVCC") or "nvcc"
     flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-shared", *cuda_arch_flags()]
@@ -211,25 +216,18 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f"native {what} failed with status {status}")
 
 
-def _table(plan: Plan, segments, tensors, grads, accumulate: bool) -> tuple[torch.Tensor, int]:
-    """Segment table (on the plan's device) and number of work items, cached per addresses."""
-    key = (
-        "native",
-        tuple(s.segment_id for s in segments),
-        tuple(tensors[s.tensor_index].data_ptr() for s in segments),
-        None if grads is None else tuple(grads[s.tensor_index].data_ptr() for s in segments),
-        accumulate,
-    )
+def _geometry(plan: Plan, segments, dtype_codes: tuple, accumulate: bool):
+    """The segment table without addresses (columns w and grad 0) and the work-item count,
+    cached per selection: a table for new addresses is then a copy with two columns set."""
+    key = ("native-geometry", tuple(s.segment_id for s in segments), dtype_codes, accumulate)
     cached = plan.cache.get(key)
     if cached is None:
         rows, items = [], 0
-        for s in segments:
+        for s, (w_code, grad_code) in zip(segments, dtype_codes):
             geo = s.geometry
-            w = tensors[s.tensor_index]
-            g = None if grads is None else grads[s.tensor_index]
             fields = {
-                "w": w.data_ptr(),
-                "grad": 0 if g is None else g.data_ptr(),
+                "w": 0,
+                "grad": 0,
                 "groups": geo.groups,
                 "rows": geo.rows,
                 "cols": geo.cols,
@@ -240,13 +238,33 @@ def _table(plan: Plan, segments, tensors, grads, accumulate: bool) -> tuple[torc
                 "chunks": s.chunks,
                 "chunk_len": geo.group_size if s.chunks == 1 else SPLIT_BLOCK,
                 "item_offset": items,
-                "w_dtype": DTYPE_CODES[w.dtype],
-                "grad_dtype": DTYPE_CODES[w.dtype if g is None else g.dtype],
+                "w_dtype": w_code,
+                "grad_dtype": grad_code,
                 "accumulate": int(accumulate),
             }
             rows.append([fields[f] for f in NATIVE_FIELDS])
             items += geo.groups * s.chunks
         table = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(NATIVE_FIELDS))
+        cached = plan.cache[key] = (table, items)
+    return cached
+
+
+def _table(plan: Plan, segments, tensors, grads, accumulate: bool) -> tuple[torch.Tensor, int]:
+    """Segment table (on the plan's device) and number of work items, cached per addresses."""
+    weights = tuple(tensors[s.tensor_index].data_ptr() for s in segments)
+    gradients = None if grads is None else tuple(grads[s.tensor_index].data_ptr() for s in segments)
+    key = ("native", tuple(s.segment_id for s in segments), weights, gradients, accumulate)
+    cached = plan.cache.get(key)
+    if cached is None:
+        codes = tuple(
+            (DTYPE_CODES[w.dtype], DTYPE_CODES[w.dtype if grads is None else grads[i].dtype])
+            for i, w in ((s.tensor_index, tensors[s.tensor_index]) for s in segments)
+        )
+        geometry, items = _geometry(plan, segments, codes, accumulate)
+        table = geometry.clone()
+        table[:, _W_COLUMN] = torch.tensor(weights, dtype=torch.int64)
+        if gradients is not None:
+            table[:, _GRAD_COLUMN] = torch.tensor(gradients, dtype=torch.int64)
         cached = (table.to(plan.device, non_blocking=True), items)
         stale = [k for k in plan.cache if isinstance(k, tuple) and k[0] == "native"]
         for k in stale[: max(0, len(stale) - 32)]:  # addresses change as grads are reallocated
@@ -341,23 +359,36 @@ def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tenso
     )
 
 
-def fused(plan, tensors, grads, select, kind, alpha, scale, values):
-    """One pass per group for within-group kinds: values[g] and grads += scale * dR/dw."""
+def bind_fused(plan, tensors, grads, select, kind, alpha):
+    """`fused` over these tensors' addresses, resolved once: launch(scale, values) runs it
+    (None when no segment is selected). The caller keeps the tensors alive and unchanged."""
     segments = selected(plan.segments, select)
     if not segments:
-        return
+        return None
     table, items = _table(plan, segments, tensors, grads, True)
-    _call(
-        plan,
-        "fused",
-        table.data_ptr(),
-        len(segments),
-        KIND_IDS[kind],
-        float(alpha),
-        float(scale),
-        values.data_ptr(),
-        items=items,
-    )
+    device, count, kind_id, alpha = plan.device, len(segments), KIND_IDS[kind], float(alpha)
+    fn = getattr(library(device.type), f"fs_{device.type}_fused")
+    if device.type == "cuda":
+
+        def launch(scale, values):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            table_ptr, values_ptr = table.data_ptr(), values.data_ptr()
+            status = fn(table_ptr, count, items, kind_id, alpha, scale, values_ptr, stream)
+            _check(status, "fused")
+
+    else:
+
+        def launch(scale, values):
+            _check(fn(table.data_ptr(), count, kind_id, alpha, scale, values.data_ptr()), "fused")
+
+    return launch
+
+
+def fused(plan, tensors, grads, select, kind, alpha, scale, values):
+    """One pass per group for within-group kinds: values[g] and grads += scale * dR/dw."""
+    launch = bind_fused(plan, tensors, grads, select, kind, alpha)
+    if launch is not None:
+        launch(float(scale), values)
 
 
 def prox(plan, tensors, select, kind, t_elem, t_group, factors):

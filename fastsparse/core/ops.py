@@ -47,16 +47,17 @@ def _op(name: str, mutates_args=()):
     return register
 
 
-def _on_tensor_device(fn):
-    """fn run with its tensors' CUDA device current: kernels launch on the current device, so
-    tensors on cuda:1 while cuda:0 is current would be read by the wrong GPU."""
+def _on_tensor_device(fn, device: Optional[torch.device] = None):
+    """fn run with its tensors' CUDA device current (or `device`'s, when given): kernels launch
+    on the current device, so tensors on cuda:1 while cuda:0 is current would be read by the
+    wrong GPU."""
 
     @functools.wraps(fn)
     def guarded(*args):
-        device = _cuda_device_of(args)
-        if device is None or device.index == torch.cuda.current_device():
+        target = _cuda_device_of(args) if device is None else device
+        if target is None or target.index == torch.cuda.current_device():
             return fn(*args)
-        with torch.cuda.device(device):
+        with torch.cuda.device(target):
             return fn(*args)
 
     return guarded
@@ -203,6 +204,21 @@ def add_penalty_grad_op(
 @add_penalty_grad_op.register_fake
 def _(grads, weights, kind, groups, alpha, strength, backend):
     return _scalar(weights)
+
+
+def bind_add_penalty_grad(
+    grads, weights, kind: str, groups: str, alpha: float, backend: str
+) -> engine.BoundPenaltyGrad:
+    """add_penalty_grad_op's eager call bound to these tensors (`.run(strength)` -> value), run
+    with their CUDA device current as every op is: for training loops that call it every step.
+    Not for torch.compile, which calls the op itself."""
+    bound = engine.BoundPenaltyGrad(
+        _backend(backend), grads, weights, kind, _specs(weights, groups), alpha
+    )
+    device = _cuda_device_of((weights,))
+    if device is not None:
+        bound.run = _on_tensor_device(bound.run, device)
+    return bound
 
 
 @_op("group_norms", mutates_args=())

@@ -4,11 +4,17 @@ One module per op, named as in fastsparse/reference and fastsparse.kernels.
 """
 
 from fastsparse.functional.feature_flow import feature_flow_penalty, feature_flow_value_and_grads
-from fastsparse.functional.penalty import add_penalty_grad_, group_norms, penalty
+from fastsparse.functional.penalty import (
+    PreparedPenaltyGrad,
+    add_penalty_grad_,
+    group_norms,
+    penalty,
+)
 from fastsparse.functional.prox import adam_prox_, prox_, scale_groups_, sgd_prox_
 from fastsparse.functional.selective_decay import relevance_thresholds, selective_decay_
 
 __all__ = [
+    "PreparedPenaltyGrad",
     "adam_prox_",
     "add_penalty_grad_",
     "feature_flow_penalty",

@@ -8,6 +8,7 @@ anything, then routes once: DTensors to fastsparse/distributed, the "torch" back
 
 from __future__ import annotations
 
+from operator import attrgetter, is_not
 from typing import Optional
 
 import torch
@@ -221,6 +222,113 @@ def add_penalty_grad_(
             ),
             addressable=lambda w: addressable(w, groupings),
         )
+
+
+_GRAD = attrgetter("grad")
+
+
+class PreparedPenaltyGrad:
+    """`add_penalty_grad_` over one fixed list of tensors, validated once, for a call per step.
+
+    A call checks only what may change between steps: each tensor's address, shape and strides,
+    and which tensor its ``.grad`` is. New gradients (after ``zero_grad(set_to_none=True)``)
+    are validated and bound in; a moved or reshaped weight binds everything anew. With cached
+    plans a call then costs a few times ``torch._foreach_add_`` over the same tensors
+    (``python -m benchmarks.run --modes host_overhead``). `Regularizer.apply_` uses one.
+
+    Args:
+        tensors, kind, groups, backend, options: as in `add_penalty_grad_` (the backend is
+            resolved when the tensors are bound).
+
+    Calls return what `add_penalty_grad_(tensors, kind, strength, ...)` returns, bitwise.
+    Coupled groups, DTensors, empty tensors, the "torch" backend and gradients laid out unlike
+    their weights take `add_penalty_grad_` itself, as do calls under torch.compile.
+
+    Example:
+        >>> model = torch.nn.Linear(16, 4)
+        >>> step = PreparedPenaltyGrad([model.weight], "group_lasso")
+        >>> model(torch.randn(2, 16)).sum().backward()
+        >>> value = step(1e-4)
+    """
+
+    def __init__(
+        self,
+        tensors: Tensors,
+        kind: str,
+        *,
+        groups: Grouping = "filters",
+        backend: Optional[str] = "auto",
+        **options,
+    ):
+        if is_coupled(groups):
+            raise ValueError("PreparedPenaltyGrad takes tensors and groupings, not coupled groups")
+        self.tensors, self.groupings, self.alpha = prepare(tensors, kind, groups, options)
+        check_grads(self.tensors)
+        self.kind, self.groups, self.backend, self.options = kind, groups, backend, options
+        self._general = is_sharded(self.tensors) or any(t.numel() == 0 for t in self.tensors)
+        self._bound = None
+        self._layouts = None
+
+    def __call__(self, strength: float, *, value_scale: float = 1.0) -> torch.Tensor:
+        """Add strength * dR/dW to each tensor's .grad; returns value_scale * R (0-dim, as
+        `add_penalty_grad_`; with value_scale 1 the same value bitwise)."""
+        if self._general or torch.compiler.is_compiling():
+            return self._general_call(strength, value_scale)
+        strength = check_strength(strength)
+        tensors = self.tensors
+        layouts = [(t.data_ptr(), t.shape, t.stride()) for t in tensors]
+        if layouts != self._layouts:
+            self._bind(layouts)
+        elif self._bound is not None and any(map(is_not, map(_GRAD, tensors), self._bound.grads)):
+            self._rebind_grads()
+        if self._bound is None:
+            return self._general_call(strength, value_scale)
+        return self._bound.run(strength, value_scale)
+
+    def _general_call(self, strength, value_scale: float) -> torch.Tensor:
+        value = add_penalty_grad_(
+            self.tensors, self.kind, strength, groups=self.groups, backend=self.backend,
+            **self.options,
+        )  # fmt: skip
+        return value if value_scale == 1.0 else value.mul_(value_scale)
+
+    def _bind(self, layouts) -> None:
+        """Bind the tensors as they are now, or leave them to add_penalty_grad_ (None)."""
+        tensors = self.tensors
+        self._bound, self._layouts = None, layouts
+        name = resolve_backend(self.backend, tensors[0].device)
+        grads = self._grads()
+        if name == "torch" or not all(
+            addressable(t, self.groupings) and g.stride() == t.stride()
+            for t, g in zip(tensors, grads)
+        ):
+            return
+        from fastsparse.core import ops
+
+        weights = [t.detach() for t in tensors]
+        groupings = encode_groupings(self.groupings)
+        self._bound = ops.bind_add_penalty_grad(
+            grads, weights, self.kind, groupings, self.alpha, name
+        )
+
+    def _rebind_grads(self) -> None:
+        grads = self._grads()
+        same = all(
+            g.dtype == old.dtype and g.stride() == t.stride()
+            for t, g, old in zip(self.tensors, grads, self._bound.grads)
+        )
+        if same:
+            self._bound.rebind(grads)
+        else:
+            self._bind(self._layouts)
+
+    def _grads(self) -> list:
+        """The tensors' gradients, validated; zeros where one is None (as add_penalty_grad_)."""
+        check_grads(self.tensors)
+        for t in self.tensors:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
+        return [t.grad for t in self.tensors]
 
 
 def _with_grads_like_weights(tensors, run, addressable):

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 from fastsparse.core.checks import check_coupled, check_kind, check_strength, prepare
 from fastsparse.core.contract import Grouping
 from fastsparse.core.groups import as_coupled_list, coupled_params, default_layers, is_coupled
-from fastsparse.functional.penalty import add_penalty_grad_, penalty
+from fastsparse.functional.penalty import PreparedPenaltyGrad, add_penalty_grad_, penalty
 
 
 class Regularizer:
@@ -70,6 +70,7 @@ class Regularizer:
         self.backend = backend
         self.options = options
         self._parametrized = []  # (module, name) of parametrized weights
+        self._prepared = self._prepared_params = self._prepared_settings = None
         if isinstance(groups, str) and groups == "coupled":
             groups = self._trace(model_or_params, example_inputs)
         if is_coupled(groups):
@@ -167,16 +168,7 @@ class Regularizer:
                 None, self.kind, strength, groups=self.groups, backend=self.backend, **self.options
             )
             return self.strength * value
-        value = torch.zeros(())
-        if self.params:
-            value = add_penalty_grad_(
-                self.params,
-                self.kind,
-                strength,
-                groups=self.groups,
-                backend=self.backend,
-                **self.options,
-            )
+        value = self._prepared_step(strength, self.strength) if self.params else torch.zeros(())
         for module, name in self._parametrized:  # through autograd into the leaves
             leaves = [p for p in _leaves(module, name) if p.requires_grad]
             with torch.enable_grad():
@@ -185,8 +177,24 @@ class Regularizer:
             for p, g in zip(leaves, grads):
                 if g is not None:
                     p.grad = g.detach() if p.grad is None else p.grad.add_(g.to(p.grad.dtype))
-            value = value.to(term.device) + term.detach()
-        return self.strength * value
+            value = value.to(term.device) + self.strength * term.detach()
+        return value
+
+    def _prepared_step(self, strength: float, value_scale: float) -> torch.Tensor:
+        """add_penalty_grad_ over self.params, validated once (again if the settings change);
+        returns value_scale * R."""
+        prepared = self._prepared
+        if (
+            prepared is None
+            or self._prepared_params is not self.params
+            or self._prepared_settings != (self.kind, self.groups, self.backend, self.options)
+        ):
+            prepared = self._prepared = PreparedPenaltyGrad(
+                self.params, self.kind, groups=self.groups, backend=self.backend, **self.options
+            )
+            self._prepared_params = self.params
+            self._prepared_settings = (self.kind, self.groups, self.backend, self.options)
+        return prepared(strength, value_scale=value_scale)
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call apply_() before every optimizer.step(); returns the hook handle (.remove())."""

@@ -69,3 +69,15 @@ def test_the_counter_sees_the_first_call(backend, device, host_traffic):
     call = lambda: fs.add_penalty_grad_(params, "l1l2", 1e-3, backend=backend)  # noqa: E731
     uploads, _ = _steady(host_traffic, call, warmup=0, calls=1)
     assert uploads > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prepared_call_and_regularizer_steady_state(dtype, backend, device, host_traffic):
+    params = [torch.randn(s, dtype=dtype, device=device).requires_grad_(True)
+              for s in [(16, 8, 3, 3), (16,), (10, 20000)]]  # fmt: skip
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    step = fs.functional.PreparedPenaltyGrad(params, "group_lasso", backend=backend)
+    reg = fs.Regularizer(params, "l1l2", 1e-3, backend=backend)
+    assert _steady(host_traffic, lambda: step(1e-3)) == (0, 0)
+    assert _steady(host_traffic, reg.apply_) == (0, 0)
