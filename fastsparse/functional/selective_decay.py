@@ -79,7 +79,8 @@ def relevance_thresholds(
 
     Reads ``p.grad`` (None counts as zeros). The population is the nonzero weights; exactly
     floor(quantile * n) of them have relevance <= the threshold (ties aside); with none, the
-    threshold is -1 (nothing selected). No host sync.
+    threshold is -1 (nothing selected). No host sync: the count stays on the device and the
+    k-th smallest comes from a sort of the relevances (zero weights last).
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 4.0]))
@@ -93,9 +94,31 @@ def relevance_thresholds(
     quantile = check_real("quantile", quantile, 0.0, 1.0)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     with torch.no_grad():
-        return reference.relevance_thresholds(
-            [p.detach() for p in params], grads, quantile, relevance, scope
-        )
+        # The oracle drops zero weights by boolean indexing and picks with kthvalue(k): both
+        # need the count on the host, a sync per step on a GPU. Here zero weights sort last
+        # (+inf) and the k-th smallest is gathered with k kept on the device: the same value.
+        scores, counts = [], []
+        for p, g in zip(params, grads):
+            w = p.detach().flatten()
+            alive = w != 0
+            score = reference.relevance(w, g.flatten(), relevance)
+            scores.append(score.masked_fill(~alive, math.inf))
+            counts.append(alive.sum())
+        if scope == "global":
+            tau = _kth_smallest(torch.cat(scores), torch.stack(counts).sum(), quantile)
+            return tau.expand(len(scores)).clone()
+        return torch.stack([_kth_smallest(s, n, quantile) for s, n in zip(scores, counts)])
+
+
+def _kth_smallest(scores: torch.Tensor, count: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The k-th smallest score, k = floor(quantile * count) as reference.quantile_threshold
+    computes it, k and the result on the device; -1 for k = 0 (0-dim, the scores' dtype)."""
+    none = torch.full((), -1.0, dtype=scores.dtype, device=scores.device)
+    if scores.numel() == 0:
+        return none
+    k = torch.floor(count.to(torch.float64) * quantile + 1e-9).to(torch.int64)
+    picked = torch.sort(scores).values.gather(0, (k - 1).clamp(min=0).reshape(1)).reshape(())
+    return torch.where(k > 0, picked, none)
 
 
 def selective_decay_(

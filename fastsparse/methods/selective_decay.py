@@ -22,8 +22,9 @@ or below it (ties aside).
 
 **Cost.** The fused Triton kernel does the update of a whole list of tensors in one in-place pass
 that reads (w, g) and writes g once, with no host sync. A quantile needs a selection
-(``torch.kthvalue`` on the relevances: one more read); :class:`SelectiveWeightDecay` recomputes it
-every ``refresh`` steps and reuses it in between.
+(a sort of the relevances, with every count kept on the device: no host sync either);
+:class:`SelectiveWeightDecay` recomputes it every ``refresh`` steps (default 1) and reuses it in
+between.
 
 API: :func:`selective_decay_` (functional, in place), :func:`relevance_thresholds`,
 :class:`SelectiveWeightDecay` (the regularizer object: ``apply_()`` / ``attach(optimizer)``),

@@ -143,3 +143,30 @@ def test_gpu_large_model(dtype):
     assert int(count) == sum(int(m.sum()) for m in masks)
     for p, e in zip(ps, expected):
         assert_same_update(p.grad, e)
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("quantile", [0.0, 0.01, 0.37, 0.5, 1.0])
+def test_thresholds_equal_the_oracle(quantile, scope):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 5), (4, 3, 3, 3), (7,), (3, 2)]
+    ps = [torch.randn(s, generator=gen).requires_grad_(True) for s in shapes]
+    with torch.no_grad():
+        ps[0][1] = 0  # pruned weights are left out of the population
+        ps[3].zero_()  # a tensor with none: -1 there (scope "tensor")
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    ps[1].grad[0, 0] = 0  # ties at relevance 0
+    expected = ref.relevance_thresholds([p.detach() for p in ps], [p.grad for p in ps], quantile,
+                                        "taylor", scope)  # fmt: skip
+    assert torch.equal(relevance_thresholds(ps, quantile, scope=scope), expected)
+
+
+def test_thresholds_need_no_host_read():
+    # On the meta device a boolean index, kthvalue(k) with k from the data, or .item() fails:
+    # the thresholds are computed with every count kept on the device.
+    ps = [torch.empty(s, device="meta").requires_grad_(True) for s in [(6, 5), (7,)]]
+    for p in ps:
+        p.grad = torch.empty(p.shape, device="meta")
+    for scope in ("global", "tensor"):
+        assert relevance_thresholds(ps, 0.3, scope=scope).shape == (2,)
