@@ -234,7 +234,7 @@ class PreparedPenaltyGrad:
     and which tensor its ``.grad`` is. New gradients (after ``zero_grad(set_to_none=True)``)
     are validated and bound in; a moved or reshaped weight binds everything anew. With cached
     plans a call then costs a few times ``torch._foreach_add_`` over the same tensors
-    (``python -m benchmarks.run --modes host_overhead``). `Regularizer.apply_` uses one.
+    (``python -m benchmarks.host_overhead``). `Regularizer.apply_` uses one.
 
     Args:
         tensors, kind, groups, backend, options: as in `add_penalty_grad_` (the backend is
@@ -265,7 +265,8 @@ class PreparedPenaltyGrad:
         self.tensors, self.groupings, self.alpha = prepare(tensors, kind, groups, options)
         check_grads(self.tensors)
         self.kind, self.groups, self.backend, self.options = kind, groups, backend, options
-        self._general = is_sharded(self.tensors) or any(t.numel() == 0 for t in self.tensors)
+        tensors = self.tensors
+        self._general = not tensors or is_sharded(tensors) or any(t.numel() == 0 for t in tensors)
         self._bound = None
         self._layouts = None
 

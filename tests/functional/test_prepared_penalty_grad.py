@@ -132,6 +132,8 @@ def test_paths_it_leaves_to_add_penalty_grad_(device):
     params = _params(device, shapes=[(6, 5), (0, 3)])  # an empty tensor
     step = PreparedPenaltyGrad(params, "group_lasso", backend="torch")
     _check(params, step, 1e-3, "group_lasso", "torch")
+    empty = fs.add_penalty_grad_([], "group_lasso", 1e-3)
+    assert torch.equal(PreparedPenaltyGrad([], "group_lasso")(1e-3), empty)
     with pytest.raises(ValueError, match="coupled"):
         PreparedPenaltyGrad(params, "group_lasso", groups=[])
     with pytest.raises(ValueError, match="unknown kind"):
