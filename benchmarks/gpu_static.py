@@ -156,7 +156,7 @@ def capture(shapes: dict, dtypes, groupings) -> List[dict]:
                         spec = _specialization(fn, args, kwargs)
                         key = json.dumps(
                             [spec["kernel"], spec["signature"], spec["constexprs"],
-                             spec["num_warps"]], sort_keys=True, default=str,
+                             spec["num_warps"], spec["maxnreg"]], sort_keys=True, default=str,
                         )  # fmt: skip
                         if key in seen:
                             continue
@@ -208,6 +208,7 @@ def _specialization(fn, args, kwargs) -> dict:
         "constexprs": readable,
         "raw_constexprs": constexprs,
         "num_warps": int(kwargs.get("num_warps", 4)),
+        "maxnreg": kwargs.get("maxnreg"),
     }
 
 
@@ -231,7 +232,9 @@ def compile_one(spec: dict, arch: int, workdir: Path) -> dict:
     )
     try:
         compiled = triton.compile(
-            source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]}
+            source,
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": spec["num_warps"], "maxnreg": spec["maxnreg"]},
         )
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
@@ -269,12 +272,12 @@ def markdown(run: dict) -> str:
         f"triton {run['triton']}, torch {run['torch']}, commit {run['commit']}; "
         f"{len(rows)} specializations x sm_{', sm_'.join(map(str, ARCHS))}. "
         "stack / local = bytes per thread (these kernels have no local arrays: spilled "
-        "registers); vec ld/st = vector "
+        "registers); limit = the launch's maxnreg; vec ld/st = vector "
         "global loads/stores in the PTX; div64 = 64-bit divisions and remainders; approx = "
         "approximate sqrt / division.",
         "",
-        "| kernel | path | workload | dtype | grouping | warps | constexprs | arch | regs | "
-        "stack / local | vec ld | vec st | div64 | approx sqrt/div |",
+        "| kernel | path | workload | dtype | grouping | warps | constexprs | arch | "
+        "regs / limit | stack / local | vec ld | vec st | div64 | approx sqrt/div |",
         "|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -288,7 +291,8 @@ def markdown(run: dict) -> str:
             out.append(
                 f"| {r['kernel']} | {r['path']} | {r['workload']} | {r['dtype']} | "
                 f"{r['grouping']} | {r['num_warps']} | {blocks} | {c['arch']} | "
-                f"{c['registers']} | {c['stack_bytes']} / {c['local_bytes']} | "
+                f"{c['registers']} / {r.get('maxnreg') or '-'} | "
+                f"{c['stack_bytes']} / {c['local_bytes']} | "
                 f"{c['vector_loads']} | {c['vector_stores']} | {c['div64']} | "
                 f"{c['approx_sqrt']}/{c['approx_div']} |"
             )

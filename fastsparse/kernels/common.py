@@ -261,6 +261,17 @@ def launch_vec(plan: Plan, cls, *roles: str) -> int:
     return cls.vector if aligned else 0
 
 
+# 32-bit registers of an SM (sm_80, sm_90), the most one block can hold.
+REGISTER_FILE = 65536
+
+
+def launch_options(warps: int) -> dict:
+    """num_warps and maxnreg of a launch: the register limit is the most a thread of a block of
+    `warps` can have. Knowing the block size, ptxas otherwise spills a few registers to fit
+    more blocks on an SM; these kernels stream weights and keep their loads in registers."""
+    return {"num_warps": warps, "maxnreg": min(255, REGISTER_FILE // (32 * warps))}
+
+
 def num_warps(cls, vec: int = 0) -> int:
     elements = cls.block_groups * cls.block_size
     # Chosen by the ahead-of-time compile table (benchmarks/gpu_static.py): the fewest warps

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from fastsparse.core.contract import accumulation_dtype
 from fastsparse.core.layout import new_empty
-from fastsparse.kernels.common import TL_DTYPES, device_table
+from fastsparse.kernels.common import TL_DTYPES, device_table, launch_options
 
 BLOCK = 1024  # element positions per program
 
@@ -149,7 +149,7 @@ def _launch(
             WRITE_GRAD=grads is not None,
             HAS_SCALE=scale is not None,
             BLOCK=BLOCK,
-            num_warps=4,
+            **launch_options(4),
         )
     return partials.sum() if compute_value else None
 

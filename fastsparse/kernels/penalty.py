@@ -43,6 +43,7 @@ from fastsparse.kernels.common import (
     exact_stats,
     grad_addresses,
     group_sums,
+    launch_options,
     launch_reduction,
     launch_vec,
     load_tile,
@@ -301,7 +302,7 @@ def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
                 BLOCK_K=cls.block_size,
                 LOOPS=cls.loops,
                 VEC=vec,
-                num_warps=num_warps(cls, vec),
+                **launch_options(num_warps(cls, vec)),
             )
 
         launch_reduction(plan, cls, out, launch)
@@ -326,6 +327,7 @@ def rule(stats_, segment_of_group, segment_sums_, kind: str, alpha: float):
             KIND=kind_id,
             ACROSS=kind_id in ACROSS_KIND_IDS,
             BLOCK=RULE_BLOCK,
+            **launch_options(4),
         )
     return values, coefs
 
@@ -358,7 +360,7 @@ def _launch_grad(
         BLOCK_K=cls.block_size,
         LOOPS=cls.loops,
         VEC=vec,
-        num_warps=num_warps(cls, vec),
+        **launch_options(num_warps(cls, vec)),
     )
 
 

@@ -31,6 +31,7 @@ from fastsparse.kernels.common import (
     class_tables,
     exact_stats,
     group_sums,
+    launch_options,
     launch_reduction,
     launch_vec,
     load_tile,
@@ -178,7 +179,7 @@ def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, 
                 BLOCK_K=cls.block_size,
                 LOOPS=cls.loops,
                 VEC=vec,
-                num_warps=num_warps(cls, vec),
+                **launch_options(num_warps(cls, vec)),
             )
 
         launch_reduction(plan, cls, after, launch)

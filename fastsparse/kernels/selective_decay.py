@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from fastsparse.core.contract import accumulation_dtype
-from fastsparse.kernels.common import TL_DTYPES, device_table, locate
+from fastsparse.kernels.common import TL_DTYPES, device_table, launch_options, locate
 
 RELEVANCE_IDS = {"taylor": 0, "magnitude": 1, "gradient": 2}
 NUM_FIELDS = 4  # weight address, grad address, numel, threshold index
@@ -133,7 +133,7 @@ def selective_decay_(
             RELEVANCE=RELEVANCE_IDS[relevance],
             KEEP_LOSS_GRAD=keep_loss_grad,
             BLOCK=BLOCK,
-            num_warps=8,
+            **launch_options(8),
         )
         counts.append(partial.sum())
     if not counts:

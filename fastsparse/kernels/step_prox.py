@@ -25,6 +25,7 @@ from fastsparse.kernels.common import (
     class_tables,
     exact_stats,
     grad_addresses,
+    launch_options,
     launch_vec,
     load_tile,
     locate,
@@ -260,6 +261,6 @@ def step_prox(
             BLOCK_K=cls.block_size,
             LOOPS=cls.loops,
             VEC=vec,
-            num_warps=num_warps(cls, vec),
+            **launch_options(num_warps(cls, vec)),
         )
     return after
