@@ -39,6 +39,11 @@ TILE_ELEMENTS = 4096
 MAX_FUSED_GROUP = 16384
 SPLIT_BLOCK = MAX_FUSED_GROUP
 MIN_BLOCK = 16
+# Groups side by side in memory (stride_group == 1: the "channels" of a Linear weight) are tiled
+# across groups, so that neighbouring threads read neighbouring addresses: at least
+# ADJACENT_GROUPS groups a tile (a 32-byte sector of bf16 per element), elements walked in
+# blocks of TILE_ELEMENTS // ADJACENT_GROUPS.
+ADJACENT_GROUPS = 16
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,8 @@ class LaunchClass:
     block_groups: int
     block_size: int  # elements of a group per tile
     loops: int  # tiles per program: a program covers block_size * loops elements of a group
-    vector: int  # elements per 16 bytes if every group is 16-byte aligned and contiguous, else 0
+    adjacent: bool  # groups side by side in memory (`adjacent_groups`): tiles run across them
+    vector: int  # elements per 16 bytes when tiles take 16-byte accesses (`vector_width`), or 0
     chunks_padded: int  # 1 for fused classes; rows of the partial-sum buffer otherwise
     segments: list[Segment] = field(default_factory=list)
     device_tables: dict = field(default_factory=dict)  # filled lazily by a backend
@@ -199,21 +205,33 @@ class Plan:
     cache: dict = field(default_factory=dict)  # backend-owned device tensors
 
 
+def adjacent_groups(geometry: SegmentGeometry) -> bool:
+    """True when group g + 1 starts one element after group g and a group's elements are one
+    strided run (the "channels" of a row-major matrix or of a channels_last conv weight, the
+    "filters" of a transposed matrix): tiles then run across groups."""
+    return geometry.stride_group == 1 and geometry.groups > 1 and geometry.rows == 1
+
+
 def _block_shape(geometry: SegmentGeometry) -> tuple[int, int, int, int]:
     """(block_groups, block_size, loops, chunks) for a segment."""
     size = geometry.group_size
+    largest = TILE_ELEMENTS // ADJACENT_GROUPS if adjacent_groups(geometry) else TILE_ELEMENTS
+    block_size = min(max(MIN_BLOCK, next_power_of_2(size)), largest)
+    block_groups = max(1, min(TILE_ELEMENTS // block_size, next_power_of_2(geometry.groups)))
     if size <= MAX_FUSED_GROUP:
-        block_size = min(max(MIN_BLOCK, next_power_of_2(size)), TILE_ELEMENTS)
-        block_groups = max(1, min(TILE_ELEMENTS // block_size, next_power_of_2(geometry.groups)))
         return block_groups, block_size, -(-size // block_size), 1
-    return 1, TILE_ELEMENTS, SPLIT_BLOCK // TILE_ELEMENTS, -(-size // SPLIT_BLOCK)
+    return block_groups, block_size, SPLIT_BLOCK // block_size, -(-size // SPLIT_BLOCK)
 
 
 def vector_width(geometry: SegmentGeometry, dtype: torch.dtype) -> int:
-    """Elements per 16 bytes when each group is one contiguous run whose start and length are
-    multiples of that (from a 16-byte aligned base: checked per call), else 0. Such segments
-    take 16-byte loads and stores in the Triton kernels."""
+    """Elements per 16 bytes when a tile's accesses can take 16 bytes at a time (from a 16-byte
+    aligned base: checked per call), else 0: each group is one contiguous run whose start and
+    length are multiples of that, or groups are adjacent, as many as a multiple of that, with
+    element strides multiples of that."""
     width = 16 // dtype.itemsize
+    if adjacent_groups(geometry):
+        aligned = geometry.groups % width == 0 and geometry.stride_col % width == 0
+        return width if aligned and geometry.groups < 2**31 else 0
     contiguous = geometry.rows == 1 and geometry.stride_col == 1 and geometry.cols < 2**31
     aligned = geometry.cols % width == 0 and (
         geometry.groups == 1 or geometry.stride_group % width == 0
@@ -255,7 +273,8 @@ def build_plan(
         offset += geometry.groups
         grad_dtype = t.dtype if grad_dtypes is None else grad_dtypes[ti]
         key = (pass_index, t.dtype, grad_dtype, block_groups, block_size, loops)
-        key += (vector_width(geometry, t.dtype), next_power_of_2(chunks))
+        key += (adjacent_groups(geometry), vector_width(geometry, t.dtype))
+        key += (next_power_of_2(chunks),)
         if key not in classes:
             classes[key] = LaunchClass(*key)
         classes[key].segments.append(segment)

@@ -78,14 +78,20 @@ def tile(
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
     VEC: tl.constexpr,
+    ADJACENT: tl.constexpr,
 ):
     """Group ids, chunk, element offsets and masks of tile `step` (< LOOPS) of this program:
     [BLOCK_G groups, BLOCK_K elements] from element (chunk * LOOPS + step) * BLOCK_K on.
 
+    ADJACENT (LaunchClass.adjacent): group g + 1 starts one element after group g and groups
+    are single strided runs, so offsets are contiguous across groups and Triton lays threads
+    along them (coalesced accesses, no division).
+
     VEC > 0 (LaunchClass.vector, with 16-byte aligned addresses): every group is a contiguous
-    run whose length and start are multiples of VEC elements. Offsets and masks are then built so
-    that Triton can prove it (int32 in-group indices; a 64-bit mask defeats the analysis) and
-    loads and stores take 16 bytes at a time."""
+    run whose length and start are multiples of VEC elements or, with ADJACENT, groups come in
+    multiples of VEC and element offsets are multiples of VEC. Offsets and masks are then built
+    so that Triton can prove it (int32 indices; a 64-bit mask defeats the analysis) and loads and
+    stores take 16 bytes at a time."""
     row = table_ptr + segment * NUM_FIELDS
     groups = tl.load(row + F_GROUPS)
     rows = tl.load(row + F_ROWS)
@@ -99,6 +105,18 @@ def tile(
     chunk = (local_item.to(tl.int32) % chunks.to(tl.int32)).to(tl.int64)
     g = tile_index * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     group_mask = g < groups
+    if ADJACENT:
+        j = (chunk * LOOPS + step) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+        element = j * stride_col  # rows == 1
+        g32 = (tile_index * BLOCK_G).to(tl.int32) + tl.arange(0, BLOCK_G)
+        if VEC > 0:
+            # Hints in this function: Triton reads them off the op that made the value, not off
+            # a called function's argument or a branch's result.
+            element = tl.multiple_of(element, VEC)
+            group_mask = g32 < tl.multiple_of(groups.to(tl.int32), VEC)
+        offsets = g32.to(tl.int64)[:, None] + element[None, :]  # stride_group == 1
+        mask = group_mask[:, None] & (j < cols)[None, :]
+        return g, chunk, offsets, group_mask, mask
     if VEC > 0:
         j32 = ((chunk * LOOPS + step) * BLOCK_K).to(tl.int32) + tl.arange(0, BLOCK_K)
         starts = tl.multiple_of(g * stride_group, VEC)
@@ -125,10 +143,11 @@ def tile_offsets(
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
     VEC: tl.constexpr,
+    ADJACENT: tl.constexpr,
 ):
     """(offsets, mask) of tile `step`: what a loop over tiles needs of `tile`."""
     _, _, offsets, _, mask = tile(
-        table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC
+        table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC, ADJACENT
     )
     return offsets, mask
 
@@ -145,9 +164,12 @@ def load_tile(
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
     VEC: tl.constexpr,
+    ADJACENT: tl.constexpr,
 ):
     """(values in ACC_DTYPE, offsets, mask) of tile `step` of the tensor at `ptr`."""
-    offsets, mask = tile_offsets(table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC)
+    offsets, mask = tile_offsets(
+        table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC, ADJACENT
+    )
     return tl.load(ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE), offsets, mask
 
 
@@ -164,6 +186,7 @@ def group_sums(
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
     VEC: tl.constexpr,
+    ADJACENT: tl.constexpr,
 ):
     """fp64 (s1, s2) per group over the program's LOOPS tiles (`exact_stats`); with
     HARD_THRESHOLD, of the elements with |w| > threshold only."""
@@ -171,7 +194,17 @@ def group_sums(
     s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
     for step in range(LOOPS):
         x, _, _ = load_tile(
-            table_ptr, segment, local_item, step, ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS, VEC
+            table_ptr,
+            segment,
+            local_item,
+            step,
+            ptr,
+            ACC_DTYPE,
+            BLOCK_G,
+            BLOCK_K,
+            LOOPS,
+            VEC,
+            ADJACENT,
         )
         if HARD_THRESHOLD:
             x = tl.where(tl.abs(x) > threshold, x, 0.0)

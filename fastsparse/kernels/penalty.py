@@ -121,11 +121,12 @@ def _group_stats_kernel(
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
     VEC: tl.constexpr,
+    ADJACENT: tl.constexpr,
 ):
     """fp64 (s1, s2) per group and chunk; with HARD_THRESHOLD, of w where |w| > threshold only."""
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
     g, chunk, _, group_mask, _ = tile(
-        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC, ADJACENT
     )
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE, VEC)
     s1, s2 = group_sums(
@@ -140,6 +141,7 @@ def _group_stats_kernel(
         BLOCK_K,
         LOOPS,
         VEC,
+        ADJACENT,
     )
     out_row = table_field(table_ptr, segment, F_OUT_ROW) + g
     out = out_ptr + (out_row * CHUNKS_PADDED + chunk) * 2
@@ -221,10 +223,11 @@ def _penalty_grad_kernel(
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
     VEC: tl.constexpr,
+    ADJACENT: tl.constexpr,
 ):
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
     g, _, offsets, group_mask, mask = tile(
-        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC, ADJACENT
     )
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE, VEC)
     global_g = table_field(table_ptr, segment, F_GROUP_OFFSET) + g
@@ -245,6 +248,7 @@ def _penalty_grad_kernel(
                 BLOCK_K,
                 LOOPS,
                 VEC,
+                ADJACENT,
             )
         value, a, b = _penalty_rule(s1, s2, s1 * 0.0, s1 * 0.0, KIND, scalar(alpha, tl.float64))
         tl.store(values_ptr + global_g, value, mask=group_mask)
@@ -263,7 +267,17 @@ def _penalty_grad_kernel(
     else:
         for step in range(LOOPS):
             x, offsets, mask = load_tile(
-                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS, VEC
+                table_ptr,
+                segment,
+                local_item,
+                step,
+                w_ptr,
+                ACC_DTYPE,
+                BLOCK_G,
+                BLOCK_K,
+                LOOPS,
+                VEC,
+                ADJACENT,
             )
             _store_grad(g_ptr, x, offsets, mask, a, hi, pre, ACCUMULATE, ACC_DTYPE, G_DTYPE)
 
@@ -302,6 +316,7 @@ def stats(plan: Plan, tensors, select, element_threshold=None) -> torch.Tensor:
                 BLOCK_K=cls.block_size,
                 LOOPS=cls.loops,
                 VEC=vec,
+                ADJACENT=cls.adjacent,
                 **launch_options(num_warps(cls, vec)),
             )
 
@@ -360,6 +375,7 @@ def _launch_grad(
         BLOCK_K=cls.block_size,
         LOOPS=cls.loops,
         VEC=vec,
+        ADJACENT=cls.adjacent,
         **launch_options(num_warps(cls, vec)),
     )
 

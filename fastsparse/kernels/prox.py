@@ -101,10 +101,11 @@ def _prox_kernel(
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
     VEC: tl.constexpr,
+    ADJACENT: tl.constexpr,
 ):
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
     g, chunk, offsets, group_mask, mask = tile(
-        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC, ADJACENT
     )
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE, VEC)
     t = scalar(t_elem, ACC_DTYPE)
@@ -117,7 +118,7 @@ def _prox_kernel(
             else:
                 _, s2 = group_sums(
                     table_ptr, segment, local_item, w_ptr, t, KIND == 4, ACC_DTYPE, BLOCK_G,
-                    BLOCK_K, LOOPS, VEC,
+                    BLOCK_K, LOOPS, VEC, ADJACENT,
                 )  # fmt: skip
             factor = prox_factor(tl.sqrt(s2), scalar(t_group, tl.float64), KIND)
         else:
@@ -131,7 +132,17 @@ def _prox_kernel(
         s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
         for step in range(LOOPS):
             x, offsets, mask = load_tile(
-                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS, VEC
+                table_ptr,
+                segment,
+                local_item,
+                step,
+                w_ptr,
+                ACC_DTYPE,
+                BLOCK_G,
+                BLOCK_K,
+                LOOPS,
+                VEC,
+                ADJACENT,
             )
             x = element_step(x, t, KIND)
             c1, c2 = _store_prox(w_ptr, x, offsets, mask, factor, KIND, W_DTYPE, ACC_DTYPE)
@@ -179,6 +190,7 @@ def prox(plan: Plan, tensors, select, kind: str, t_elem: float, t_group: float, 
                 BLOCK_K=cls.block_size,
                 LOOPS=cls.loops,
                 VEC=vec,
+                ADJACENT=cls.adjacent,
                 **launch_options(num_warps(cls, vec)),
             )
 

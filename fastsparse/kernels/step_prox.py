@@ -139,6 +139,7 @@ def _step_prox_kernel(
     BLOCK_K: tl.constexpr,
     LOOPS: tl.constexpr,
     VEC: tl.constexpr,
+    ADJACENT: tl.constexpr,
 ):
     lr = scalar(lr, ACC_DTYPE)
     o1 = scalar(o1, ACC_DTYPE)
@@ -152,7 +153,7 @@ def _step_prox_kernel(
     t_group = scalar(t_group, tl.float64)
     segment, local_item = locate(item_starts_ptr, num_segments, search_steps)
     g, _, offsets, group_mask, mask = tile(
-        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC
+        table_ptr, segment, local_item, 0, BLOCK_G, BLOCK_K, LOOPS, VEC, ADJACENT
     )
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE, VEC)
     grad_ptr = typed_pointer(tl.load(grad_addresses_ptr + segment), W_DTYPE, VEC)
@@ -174,7 +175,7 @@ def _step_prox_kernel(
         s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
         for step in range(LOOPS):
             offsets, mask = tile_offsets(
-                table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC
+                table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC, ADJACENT
             )
             y = _step_tile(
                 w_ptr, grad_ptr, first_ptr, second_ptr, offsets, mask, lr, o1, o2, o3, o4, o5,
@@ -201,6 +202,7 @@ def _step_prox_kernel(
                     BLOCK_K,
                     LOOPS,
                     VEC,
+                    ADJACENT,
                 )
                 y = y * factor[:, None]
                 tl.store(w_ptr + offsets, y.to(W_DTYPE), mask=mask)
@@ -261,6 +263,7 @@ def step_prox(
             BLOCK_K=cls.block_size,
             LOOPS=cls.loops,
             VEC=vec,
+            ADJACENT=cls.adjacent,
             **launch_options(num_warps(cls, vec)),
         )
     return after

@@ -111,6 +111,8 @@ def test_odd_shapes_cover_every_layout_path():
                     seen.add("strided rows")
                 if geometry.cols > 1 and geometry.stride_col > 1:
                     seen.add("strided columns")
+                if launch.adjacent:
+                    seen.add("adjacent groups")
     assert seen == {
         "split",
         "fused",
@@ -120,6 +122,7 @@ def test_odd_shapes_cover_every_layout_path():
         "several groups per program",
         "strided rows",
         "strided columns",
+        "adjacent groups",
     }
     # Groupings that need more dims leave the small shapes out, and only those.
     assert shapes_for("channels") == [s for s in ODD_SHAPES if len(s) >= 2]

@@ -349,7 +349,7 @@ def test_sgd_prox_matches_the_step_then_the_prox(kind, threshold, grouping, back
     expected_bufs = None
     for step in range(2):
         masks = sgd_prox_(params, kind, threshold, bufs=bufs, first=step == 0, groups=grouping,
-                          backend="native", **options)  # fmt: skip
+                          backend=backend, **options)  # fmt: skip
         expected_masks, expected_bufs = ref.sgd_prox_(
             expected, expected_bufs, options, kind, threshold, grouping
         )
