@@ -99,7 +99,7 @@ def _paths(tensors: List[torch.Tensor], grouping: str) -> List[tuple]:
 
     def backward():  # the autograd path: coefficients from the forward, then the gradient
         _, coefs = ops.call(ops.penalty_op, tensors, "l1l2", groups, 0.5, "triton")
-        ops.call(ops.penalty_backward_op, tensors, coefs, torch.ones(()), groups, "triton")
+        ops.call(ops.penalty_backward_flat_op, tensors, coefs, torch.ones(()), groups, "triton")
 
     def selective_decay():
         thresholds = torch.zeros(1, dtype=torch.float32)

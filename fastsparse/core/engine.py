@@ -23,9 +23,12 @@ from fastsparse.core.contract import (
 )
 from fastsparse.core.layout import (
     ALL,
+    FlatLayout,
     Plan,
     PlanCache,
     Select,
+    flat_layout,
+    flat_views,
     new_empty,
     passes,
     segment_of_group_map,
@@ -118,18 +121,30 @@ def penalty_forward(backend: Backend, tensors, kind, specs, alpha):
     return values.sum().to(accumulation_dtype_of(tensors)), coefs.to(COEFFICIENT_DTYPE)
 
 
-def penalty_backward(backend: Backend, tensors, coefs, grad_value, specs):
-    """grad_value * (a_g sign(w) + b_g w) per tensor, in its dtype and layout."""
-    plan = backend.plans.get(tensors, specs)
+def backward_layout(tensors, specs) -> FlatLayout:
+    """Where `penalty_backward_flat` writes the gradients: side by side in one flat buffer per dtype,
+    the weights' dtypes, or fp32 / fp64 when several passes add up (low-precision weights then
+    sum in fp32, rounded once at the end, by `backward_gradients`)."""
     dtypes = [t.dtype for t in tensors]
-    if len(passes(plan)) > 1:
-        # Passes add up: low-precision weights sum in fp32 buffers, rounded once at the end.
+    if any(pass_index > 0 for _, _, pass_index in specs):
         dtypes = [accumulation_dtype(d) for d in dtypes]
-        plan = backend.plans.get(tensors, specs, dtypes)
-    grads = [
-        new_empty(t.shape, stride=t.stride(), dtype=d, device=t.device)
-        for t, d in zip(tensors, dtypes)
-    ]
+    return flat_layout(tensors, dtypes)
+
+
+def penalty_backward_flat(backend: Backend, tensors, coefs, grad_value, specs) -> list:
+    """The flat buffers of `backward_layout` holding grad_value * (a_g sign(w) + b_g w) for
+    every tensor; `backward_gradients` gives the per-tensor gradients.
+
+    Flat buffers, not one tensor per gradient: their tensors keep their distances wherever the
+    buffers land, so the Triton kernels' gradient table (relative addresses) stays as it was
+    and a backward uploads nothing, under a CUDA graph capture too."""
+    layout = backward_layout(tensors, specs)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    flats = [new_empty((n,), dtype=d, device=device) for d, n in zip(layout.dtypes, layout.sizes)]
+    grads = flat_views(tensors, layout, flats)
+    dtypes = [layout.dtypes[b] for b in layout.buffer]
+    same = all(d == t.dtype for d, t in zip(dtypes, tensors))
+    plan = backend.plans.get(tensors, specs, None if same else dtypes)  # the forward's plan
     for p in passes(plan):
         backend.apply(
             plan,
@@ -141,7 +156,14 @@ def penalty_backward(backend: Backend, tensors, coefs, grad_value, specs):
             scale=1.0,
             scale_tensor=grad_value,
         )
-    return [g.to(t.dtype) for g, t in zip(grads, tensors)]
+    return flats
+
+
+def backward_gradients(tensors, flats, specs) -> list:
+    """Per tensor, its gradient from `penalty_backward_flat`'s flat buffers: a view, in the tensor's
+    dtype and layout (cast when several passes summed in fp32)."""
+    grads = flat_views(tensors, backward_layout(tensors, specs), flats)
+    return [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, tensors)]
 
 
 def add_penalty_grad(backend: Backend, grads, tensors, kind, specs, alpha, strength):

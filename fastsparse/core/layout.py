@@ -343,6 +343,45 @@ def new_empty(shape, *, dtype, device, stride=None) -> torch.Tensor:
     return torch.empty_strided(shape, stride, dtype=dtype, device=device)
 
 
+class FlatLayout(NamedTuple):
+    """Tensors side by side in one flat buffer per dtype (`flat_layout`)."""
+
+    dtypes: tuple  # the buffers' dtypes, in order of first appearance
+    sizes: tuple  # elements of each buffer
+    buffer: tuple  # per tensor, the index of its buffer
+    offset: tuple  # per tensor, its first element in that buffer (a 16-byte boundary)
+
+
+def flat_layout(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> FlatLayout:
+    """Where tensors shaped and strided like `tensors`, of `dtypes`, lie in flat buffers: one
+    buffer per dtype, each tensor starting on a 16-byte boundary (so 16-byte accesses stay
+    possible). Tensors of one buffer keep their distances wherever the buffer is allocated."""
+    order, sizes, buffer, offset = [], [], [], []
+    for t, dtype in zip(tensors, dtypes):
+        if dtype not in order:
+            order.append(dtype)
+            sizes.append(0)
+        b = order.index(dtype)
+        align = max(1, 16 // dtype.itemsize)
+        start = -(-sizes[b] // align) * align
+        extent = (
+            0 if t.numel() == 0 else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        )
+        buffer.append(b)
+        offset.append(start)
+        sizes[b] = start + extent
+    return FlatLayout(tuple(order), tuple(sizes), tuple(buffer), tuple(offset))
+
+
+def flat_views(tensors: Sequence[torch.Tensor], layout: FlatLayout, flats) -> list:
+    """Per tensor, its view into `flats` (buffers allocated following `layout`), shaped and
+    strided like the tensor."""
+    return [
+        flats[b].as_strided(t.shape, t.stride(), o)
+        for t, b, o in zip(tensors, layout.buffer, layout.offset)
+    ]
+
+
 def tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 

@@ -144,28 +144,39 @@ def _(weights, kind, groups, alpha, backend):
     return _scalar(weights), coefs
 
 
-@_op("penalty_backward", mutates_args=())
-def penalty_backward_op(
+@_op("penalty_backward_flat", mutates_args=())
+def penalty_backward_flat_op(
     weights: List[Tensor], coefs: Tensor, grad_value: Tensor, groups: str, backend: str
 ) -> List[Tensor]:
-    """grad_value * (a_g sign(w) + b_g w) for each weight, in the weight's dtype and layout."""
-    return engine.penalty_backward(
+    """Flat buffers (engine.backward_layout) of grad_value * (a_g sign(w) + b_g w) for every
+    weight; `penalty_gradients` gives each weight's gradient (views: an op's outputs may not
+    alias each other)."""
+    return engine.penalty_backward_flat(
         _backend(backend), weights, coefs, grad_value, _specs(weights, groups)
     )
 
 
-@penalty_backward_op.register_fake
+@penalty_backward_flat_op.register_fake
 def _(weights, coefs, grad_value, groups, backend):
-    return [
-        torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device) for w in weights
-    ]
+    layout = engine.backward_layout(weights, _specs(weights, groups))
+    return [weights[0].new_empty((n,), dtype=d) for d, n in zip(layout.dtypes, layout.sizes)]
+
+
+def penalty_gradients(weights, coefs, grad_value, groups: str, backend: str, ctx=None) -> list:
+    """Per weight, grad_value * (a_g sign(w) + b_g w) in its dtype and layout, through
+    `penalty_backward_flat_op` (inside an autograd backward: `ctx`, see `_in_backward`)."""
+    args = (weights, coefs, grad_value, groups, backend)
+    flats = (
+        call(penalty_backward_flat_op, *args)
+        if ctx is None
+        else _in_backward(ctx, penalty_backward_flat_op, *args)
+    )
+    return engine.backward_gradients(weights, flats, _specs(weights, groups))
 
 
 def _backward(ctx, grad_value, _grad_coefs):
     *weights, coefs = ctx.saved_tensors
-    grads = _in_backward(
-        ctx, penalty_backward_op, weights, coefs, grad_value, ctx.groups, ctx.backend
-    )
+    grads = penalty_gradients(weights, coefs, grad_value, ctx.groups, ctx.backend, ctx)
     return (grads,) + (None,) * ctx.other_inputs
 
 

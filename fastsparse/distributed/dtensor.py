@@ -18,7 +18,7 @@ F^2 = sum_g s2_g). So each rank
 2. completes them across ranks (below),
 3. applies the coefficient rule to the complete statistics (O(groups), plain PyTorch),
 4. writes the gradient of its local elements from their groups' (a_g, b_g) with the fused
-   kernels (`fastsparse::penalty_backward` for autograd, `fastsparse::add_coefficient_grad_`
+   kernels (`fastsparse::penalty_backward_flat` for autograd, `fastsparse::add_coefficient_grad_`
    in place): no communication in the backward.
 
 Communication (SUM all-reduces over the mesh dimensions that shard something; nothing crosses a
@@ -384,8 +384,8 @@ class _Sharded:
         from fastsparse.core import ops
 
         used, weights, specs = self._fused_args([w.detach() for w in locals_])
-        computed = ops.call(
-            ops.penalty_backward_op, weights, self._live_rows(coefs), grad_value, specs, self.name
+        computed = ops.penalty_gradients(
+            weights, self._live_rows(coefs), grad_value, specs, self.name
         )
         for ti, g in zip(used, computed):
             grads[ti] = g

@@ -367,17 +367,34 @@ def address_table(plan: Plan, cls, tensors) -> torch.Tensor:
     return tables["table"]
 
 
+def _uploaded(plan: Plan, tables: dict, name: str, values: tuple) -> torch.Tensor:
+    """tables[name]: an int64 device tensor of `values`, copied again only when they change."""
+    if tables.get(f"{name}_key") != values:
+        tensor = torch.tensor(values, dtype=torch.int64)
+        tables[name] = tensor.to(plan.device, non_blocking=True)
+        tables[f"{name}_key"] = values
+    return tables[name]
+
+
 def grad_addresses(plan: Plan, cls, grads, name: str = "grad") -> torch.Tensor:
     """Per segment of the class, the address of the gradient it writes (or of another tensor
     laid out like the weight: `name` keeps one cached table per role, e.g. optimizer states)."""
     tables = class_tables(plan, cls)
     addresses = tuple(grads[s.tensor_index].data_ptr() for s in cls.segments)
-    if tables.get(f"{name}_addresses_key") != addresses:
-        tensor = torch.tensor(addresses, dtype=torch.int64)
-        tables[f"{name}_addresses"] = tensor.to(plan.device, non_blocking=True)
-        tables[f"{name}_addresses_key"] = addresses
-        tables[f"{name}_aligned"] = all(a % 16 == 0 for a in addresses)
-    return tables[f"{name}_addresses"]
+    tables[f"{name}_aligned"] = all(a % 16 == 0 for a in addresses)
+    return _uploaded(plan, tables, f"{name}_addresses", addresses)
+
+
+def relative_addresses(plan: Plan, cls, grads, name: str = "grad") -> tuple[torch.Tensor, int]:
+    """(offsets, base): per segment of the class, the address of the gradient it writes minus
+    `base`, the first one's. Gradients that keep their distances (the flat buffers of
+    engine.penalty_backward_flat) keep the table wherever they land: only `base`, a kernel argument,
+    changes, so nothing is uploaded (a CUDA graph capture refuses pageable copies)."""
+    tables = class_tables(plan, cls)
+    addresses = tuple(grads[s.tensor_index].data_ptr() for s in cls.segments)
+    tables[f"{name}_aligned"] = all(a % 16 == 0 for a in addresses)
+    base = addresses[0]
+    return _uploaded(plan, tables, f"{name}_offsets", tuple(a - base for a in addresses)), base
 
 
 def launch_reduction(plan: Plan, cls, out: torch.Tensor, launch) -> None:

@@ -41,7 +41,6 @@ from fastsparse.kernels.common import (
     address_table,
     class_tables,
     exact_stats,
-    grad_addresses,
     group_sums,
     launch_options,
     launch_reduction,
@@ -49,6 +48,7 @@ from fastsparse.kernels.common import (
     load_tile,
     locate,
     num_warps,
+    relative_addresses,
     scalar,
     scalar_arg,
     split_coefficient,
@@ -206,7 +206,8 @@ def _penalty_grad_kernel(
     item_starts_ptr,
     num_segments,
     search_steps,
-    grad_addrs_ptr,
+    grad_offsets_ptr,
+    grad_base,
     coef_ptr,
     values_ptr,
     scale,
@@ -261,7 +262,7 @@ def _penalty_grad_kernel(
         factor = factor * tl.load(scale_ptr).to(tl.float64)
     hi, pre = split_coefficient(b * factor, ACC_DTYPE)
     a = (a * factor).to(ACC_DTYPE)
-    g_ptr = typed_pointer(tl.load(grad_addrs_ptr + segment), G_DTYPE, VEC)
+    g_ptr = typed_pointer(grad_base + tl.load(grad_offsets_ptr + segment), G_DTYPE, VEC)
     if LOOPS == 1:  # the tile is still in registers
         _store_grad(g_ptr, x, offsets, mask, a, hi, pre, ACCUMULATE, ACC_DTYPE, G_DTYPE)
     else:
@@ -351,14 +352,16 @@ def _launch_grad(
     plan, cls, tensors, grads, coefs, values, kind, alpha, fused, accumulate, scale, scale_tensor
 ):
     tables = class_tables(plan, cls)
-    table, grad_table = address_table(plan, cls, tensors), grad_addresses(plan, cls, grads)
+    table = address_table(plan, cls, tensors)
+    grad_offsets, grad_base = relative_addresses(plan, cls, grads)
     vec = launch_vec(plan, cls, "grad")
     _penalty_grad_kernel[(tables["num_items"],)](
         table,
         tables["item_starts"],
         len(cls.segments),
         tables["search_steps"],
-        grad_table,
+        grad_offsets,
+        grad_base,
         coefs,
         values,
         scalar_arg(scale, torch.float64),

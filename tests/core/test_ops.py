@@ -29,7 +29,7 @@ def test_opcheck_backward_inplace_and_norms(device, backend):
     grad_value = torch.tensor(2.0, device=device)
     checks = [
         (
-            torch.ops.fastsparse.penalty_backward.default,
+            torch.ops.fastsparse.penalty_backward_flat.default,
             (weights, coefs, grad_value, "filters", backend),
         ),
         (

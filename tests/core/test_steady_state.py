@@ -1,7 +1,7 @@
-"""After warm-up, the in-place paths upload nothing and read nothing back: no `torch.tensor`
-built on the host (a pageable host-to-device copy on a GPU, which a CUDA graph capture refuses)
-and no `.item()` / `.tolist()` / `.cpu()` (a host sync), per call. Counted by patching, on the
-CPU, for both fused backends."""
+"""After warm-up, the in-place paths and the Triton autograd path upload nothing and read nothing
+back: no `torch.tensor` built on the host (a pageable host-to-device copy on a GPU, which a CUDA
+graph capture refuses) and no `.item()` / `.tolist()` / `.cpu()` (a host sync), per call.
+Counted by patching, on the CPU."""
 
 import pytest
 import torch
@@ -81,3 +81,24 @@ def test_prepared_call_and_regularizer_steady_state(dtype, backend, device, host
     reg = fs.Regularizer(params, "l1l2", 1e-3, backend=backend)
     assert _steady(host_traffic, lambda: step(1e-3)) == (0, 0)
     assert _steady(host_traffic, reg.apply_) == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("groups", ["filters", ("filters", "channels")], ids=str)
+def test_autograd_penalty_steady_state(groups, dtype, device, host_traffic):
+    """Forward and backward, fresh gradients every step (set_to_none), wherever the allocator
+    puts them: the gradient table holds offsets within the backward's flat buffers. (The
+    native backend's table holds absolute addresses: rebuilt per backward, no upload on a CPU.)
+    """
+    params = [torch.randn(s, dtype=dtype, device=device).requires_grad_(True)
+              for s in [(16, 8, 3, 3), (16, 5), (10, 20000), (24, 40)]]  # fmt: skip
+    keep = []  # earlier gradients stay alive, so new ones land elsewhere
+
+    def step():
+        fs.penalty(params, "group_lasso", groups=groups, backend="triton").backward()
+        keep.append([p.grad for p in params])
+        for p in params:
+            p.grad = None
+
+    assert _steady(host_traffic, step) == (0, 0)
+    assert len({g[0].data_ptr() for g in keep}) == len(keep)  # every backward's own buffers
