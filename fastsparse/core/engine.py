@@ -122,9 +122,9 @@ def penalty_forward(backend: Backend, tensors, kind, specs, alpha):
 
 
 def backward_layout(tensors, specs) -> FlatLayout:
-    """Where `penalty_backward_flat` writes the gradients: side by side in one flat buffer per dtype,
-    the weights' dtypes, or fp32 / fp64 when several passes add up (low-precision weights then
-    sum in fp32, rounded once at the end, by `backward_gradients`)."""
+    """Where `penalty_backward_flat` writes the gradients: side by side in one flat buffer per
+    dtype, the weights' dtypes, or fp32 / fp64 when several passes add up (low-precision weights
+    then sum in fp32, rounded once at the end, by `backward_gradients`)."""
     dtypes = [t.dtype for t in tensors]
     if any(pass_index > 0 for _, _, pass_index in specs):
         dtypes = [accumulation_dtype(d) for d in dtypes]
