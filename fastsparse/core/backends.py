@@ -146,6 +146,7 @@ def fused_backend(name: str) -> Backend:
                 rule=penalty.rule,
                 apply=penalty.apply,
                 fused=penalty.fused,
+                bind_fused=penalty.bind_fused,
                 prox=prox.prox,
                 step_prox=step_prox.step_prox,
             )

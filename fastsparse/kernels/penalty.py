@@ -348,25 +348,16 @@ def rule(stats_, segment_of_group, segment_sums_, kind: str, alpha: float):
     return values, coefs
 
 
-def _launch_grad(
-    plan, cls, tensors, grads, coefs, values, kind, alpha, fused, accumulate, scale, scale_tensor
-):
+def _bind_grad(plan, cls, tensors, grads, kind, alpha, fused, accumulate, scale_tensor):
+    """The gradient kernel of one class over these tensors' addresses, resolved once:
+    launch(coefs, values, scale) runs it."""
     tables = class_tables(plan, cls)
     table = address_table(plan, cls, tensors)
     grad_offsets, grad_base = relative_addresses(plan, cls, grads)
     vec = launch_vec(plan, cls, "grad")
-    _penalty_grad_kernel[(tables["num_items"],)](
-        table,
-        tables["item_starts"],
-        len(cls.segments),
-        tables["search_steps"],
-        grad_offsets,
-        grad_base,
-        coefs,
-        values,
-        scalar_arg(scale, torch.float64),
-        values if scale_tensor is None else scale_tensor,
-        scalar_arg(alpha, torch.float64),
+    grid, count, steps = (tables["num_items"],), len(cls.segments), tables["search_steps"]
+    alpha = scalar_arg(alpha, torch.float64)
+    constants = dict(
         W_DTYPE=TL_DTYPES[cls.dtype],
         G_DTYPE=TL_DTYPES[cls.grad_dtype],
         ACC_DTYPE=TL_DTYPES[accumulation_dtype(cls.dtype)],
@@ -382,6 +373,24 @@ def _launch_grad(
         **launch_options(num_warps(cls, vec)),
     )
 
+    def launch(coefs, values, scale):
+        _penalty_grad_kernel[grid](
+            table,
+            tables["item_starts"],
+            count,
+            steps,
+            grad_offsets,
+            grad_base,
+            coefs,
+            values,
+            scalar_arg(scale, torch.float64),
+            values if scale_tensor is None else scale_tensor,
+            alpha,
+            **constants,
+        )
+
+    return launch
+
 
 def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tensor=None):
     """grads [+]= scale * scale_tensor * (a_g sign(w) + b_g w) on the selected classes."""
@@ -390,25 +399,29 @@ def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tenso
     coefs = coefs.to(COEFFICIENT_DTYPE)
     for cls in selected(plan.classes, select):
         # KIND only matters in FUSED mode: a fixed one avoids a compilation per kind here.
-        _launch_grad(
-            plan,
-            cls,
-            tensors,
-            grads,
-            coefs,
-            coefs,
-            "l1",
-            0.0,
-            False,
-            accumulate,
-            scale,
-            scale_tensor,
-        )
+        launch = _bind_grad(plan, cls, tensors, grads, "l1", 0.0, False, accumulate, scale_tensor)
+        launch(coefs, coefs, scale)
+
+
+def bind_fused(plan, tensors, grads, select, kind, alpha):
+    """`fused` over these tensors' addresses, resolved once: launch(scale, values) runs it
+    (None when no class is selected). The caller keeps the tensors alive and unchanged."""
+    launches = [
+        _bind_grad(plan, cls, tensors, grads, kind, alpha, True, True, None)
+        for cls in selected(plan.classes, select)
+    ]
+    if not launches:
+        return None
+
+    def launch(scale, values):
+        for one in launches:
+            one(values, values, scale)
+
+    return launch
 
 
 def fused(plan, tensors, grads, select, kind, alpha, scale, values):
     """One pass per group for within-group kinds: values[g] and grads += scale * dR/dw."""
-    for cls in selected(plan.classes, select):
-        _launch_grad(
-            plan, cls, tensors, grads, values, values, kind, alpha, True, True, scale, None
-        )
+    launch = bind_fused(plan, tensors, grads, select, kind, alpha)
+    if launch is not None:
+        launch(scale, values)
