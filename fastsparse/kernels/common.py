@@ -194,18 +194,9 @@ def group_sums(
     s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
     for step in range(LOOPS):
         x, _, _ = load_tile(
-            table_ptr,
-            segment,
-            local_item,
-            step,
-            ptr,
-            ACC_DTYPE,
-            BLOCK_G,
-            BLOCK_K,
-            LOOPS,
-            VEC,
-            ADJACENT,
-        )
+            table_ptr, segment, local_item, step, ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS, VEC,
+            ADJACENT
+        )  # fmt: skip
         if HARD_THRESHOLD:
             x = tl.where(tl.abs(x) > threshold, x, 0.0)
         c1, c2 = exact_stats(x, ACC_DTYPE)

@@ -130,19 +130,9 @@ def _group_stats_kernel(
     )
     w_ptr = weight_pointer(table_ptr, segment, W_DTYPE, VEC)
     s1, s2 = group_sums(
-        table_ptr,
-        segment,
-        local_item,
-        w_ptr,
-        scalar(threshold, ACC_DTYPE),
-        HARD_THRESHOLD,
-        ACC_DTYPE,
-        BLOCK_G,
-        BLOCK_K,
-        LOOPS,
-        VEC,
-        ADJACENT,
-    )
+        table_ptr, segment, local_item, w_ptr, scalar(threshold, ACC_DTYPE), HARD_THRESHOLD,
+        ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS, VEC, ADJACENT
+    )  # fmt: skip
     out_row = table_field(table_ptr, segment, F_OUT_ROW) + g
     out = out_ptr + (out_row * CHUNKS_PADDED + chunk) * 2
     tl.store(out, s1, mask=group_mask)
@@ -238,19 +228,9 @@ def _penalty_grad_kernel(
             s1, s2 = exact_stats(x, ACC_DTYPE)
         else:
             s1, s2 = group_sums(
-                table_ptr,
-                segment,
-                local_item,
-                w_ptr,
-                0.0,
-                False,
-                ACC_DTYPE,
-                BLOCK_G,
-                BLOCK_K,
-                LOOPS,
-                VEC,
-                ADJACENT,
-            )
+                table_ptr, segment, local_item, w_ptr, 0.0, False, ACC_DTYPE, BLOCK_G, BLOCK_K,
+                LOOPS, VEC, ADJACENT
+            )  # fmt: skip
         value, a, b = _penalty_rule(s1, s2, s1 * 0.0, s1 * 0.0, KIND, scalar(alpha, tl.float64))
         tl.store(values_ptr + global_g, value, mask=group_mask)
     else:
@@ -268,18 +248,9 @@ def _penalty_grad_kernel(
     else:
         for step in range(LOOPS):
             x, offsets, mask = load_tile(
-                table_ptr,
-                segment,
-                local_item,
-                step,
-                w_ptr,
-                ACC_DTYPE,
-                BLOCK_G,
-                BLOCK_K,
-                LOOPS,
-                VEC,
-                ADJACENT,
-            )
+                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS,
+                VEC, ADJACENT
+            )  # fmt: skip
             _store_grad(g_ptr, x, offsets, mask, a, hi, pre, ACCUMULATE, ACC_DTYPE, G_DTYPE)
 
 

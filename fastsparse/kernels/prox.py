@@ -132,18 +132,9 @@ def _prox_kernel(
         s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
         for step in range(LOOPS):
             x, offsets, mask = load_tile(
-                table_ptr,
-                segment,
-                local_item,
-                step,
-                w_ptr,
-                ACC_DTYPE,
-                BLOCK_G,
-                BLOCK_K,
-                LOOPS,
-                VEC,
-                ADJACENT,
-            )
+                table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K, LOOPS,
+                VEC, ADJACENT
+            )  # fmt: skip
             x = element_step(x, t, KIND)
             c1, c2 = _store_prox(w_ptr, x, offsets, mask, factor, KIND, W_DTYPE, ACC_DTYPE)
             s1 += c1

@@ -192,18 +192,9 @@ def _step_prox_kernel(
             s2 = tl.zeros([BLOCK_G], dtype=tl.float64)
             for step in range(LOOPS):
                 y, offsets, mask = load_tile(
-                    table_ptr,
-                    segment,
-                    local_item,
-                    step,
-                    w_ptr,
-                    ACC_DTYPE,
-                    BLOCK_G,
-                    BLOCK_K,
-                    LOOPS,
-                    VEC,
-                    ADJACENT,
-                )
+                    table_ptr, segment, local_item, step, w_ptr, ACC_DTYPE, BLOCK_G, BLOCK_K,
+                    LOOPS, VEC, ADJACENT
+                )  # fmt: skip
                 y = y * factor[:, None]
                 tl.store(w_ptr + offsets, y.to(W_DTYPE), mask=mask)
                 c1, c2 = exact_stats(y, ACC_DTYPE)

@@ -660,19 +660,42 @@ def test_compiled_step_then_torch_optim():
 # ------------------------------------------------------------------------------------------------
 
 
+def _graph_params():
+    torch.manual_seed(0)
+    return [
+        torch.randn(64, 32, 3, 3, device="cuda").requires_grad_(True),
+        torch.randn(96, 576, device="cuda").requires_grad_(True),
+        torch.randn(64, 7, device="cuda", dtype=torch.bfloat16).requires_grad_(True),
+    ]
+
+
+def _replay_on_new_weights(graph, params, static_value, kind, groups, strength):
+    """Write new weights into the captured tensors, NaN into their gradients (the replay must
+    overwrite every element), replay, and check value and gradients against the oracle."""
+    for trial in range(2):
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn_like(p) * (trial + 1))
+                p.grad.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        weights = [p.detach() for p in params]
+        torch.testing.assert_close(
+            static_value, ref.penalty(weights, kind, groups), rtol=1e-5, atol=1e-5
+        )
+        for p, expected in zip(params, ref.penalty_grad(weights, kind, groups)):
+            tol = 2e-2 if p.dtype == torch.bfloat16 else 1e-4
+            torch.testing.assert_close(p.grad, strength * expected, rtol=tol, atol=tol * 1e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["l1l2", "group_hoyer_square"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_inplace_gradient_in_cuda_graph(backend, kind):
     """Static weights and gradients; warm up on a side stream (builds plans, tables and
     kernels), capture, then write new weights into the same tensors and replay."""
-    torch.manual_seed(0)
     groups = ("filters", "channels")
-    params = [
-        torch.randn(64, 32, 3, 3, device="cuda").requires_grad_(True),
-        torch.randn(96, 576, device="cuda").requires_grad_(True),
-        torch.randn(64, 7, device="cuda", dtype=torch.bfloat16).requires_grad_(True),
-    ]
+    params = _graph_params()
     for p in params:
         p.grad = torch.zeros_like(p)
 
@@ -691,20 +714,7 @@ def test_inplace_gradient_in_cuda_graph(backend, kind):
     with torch.cuda.graph(graph):
         static_value = step()
 
-    for trial in range(2):
-        with torch.no_grad():
-            for p in params:
-                p.copy_(torch.randn_like(p) * (trial + 1))
-                p.grad.fill_(float("nan"))  # the replay must overwrite every element
-        graph.replay()
-        torch.cuda.synchronize()
-        weights = [p.detach() for p in params]
-        torch.testing.assert_close(
-            static_value, ref.penalty(weights, kind, groups), rtol=1e-5, atol=1e-5
-        )
-        for p, expected in zip(params, ref.penalty_grad(weights, kind, groups)):
-            tol = 2e-2 if p.dtype == torch.bfloat16 else 1e-4
-            torch.testing.assert_close(p.grad, 0.1 * expected, rtol=tol, atol=tol * 1e-2)
+    _replay_on_new_weights(graph, params, static_value, kind, groups, strength=0.1)
 
 
 @pytest.mark.gpu
@@ -713,13 +723,8 @@ def test_autograd_penalty_in_cuda_graph(kind):
     """Forward and backward captured whole, as torch.cuda.graphs' whole-network recipe does:
     the backward's gradients come from the graph's pool at capture, with new addresses, and the
     Triton gradient table (offsets within the flat buffers) needs no copy."""
-    torch.manual_seed(0)
     groups = ("filters", "channels")
-    params = [
-        torch.randn(64, 32, 3, 3, device="cuda").requires_grad_(True),
-        torch.randn(96, 576, device="cuda").requires_grad_(True),
-        torch.randn(64, 7, device="cuda", dtype=torch.bfloat16).requires_grad_(True),
-    ]
+    params = _graph_params()
 
     def step():
         value = fs.penalty(params, kind, groups=groups, backend="triton")
@@ -740,20 +745,7 @@ def test_autograd_penalty_in_cuda_graph(kind):
     with torch.cuda.graph(graph):
         static_value = step()
 
-    for trial in range(2):
-        with torch.no_grad():
-            for p in params:
-                p.copy_(torch.randn_like(p) * (trial + 1))
-                p.grad.fill_(float("nan"))  # the replay must overwrite every element
-        graph.replay()
-        torch.cuda.synchronize()
-        weights = [p.detach() for p in params]
-        torch.testing.assert_close(
-            static_value, ref.penalty(weights, kind, groups), rtol=1e-5, atol=1e-5
-        )
-        for p, expected in zip(params, ref.penalty_grad(weights, kind, groups)):
-            tol = 2e-2 if p.dtype == torch.bfloat16 else 1e-4
-            torch.testing.assert_close(p.grad, expected, rtol=tol, atol=tol * 1e-2)
+    _replay_on_new_weights(graph, params, static_value, kind, groups, strength=1.0)
 
 
 # ------------------------------------------------------------------------------------------------
