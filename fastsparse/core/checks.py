@@ -108,6 +108,8 @@ def check_real(name: str, value, low: float = 0.0, high: float = math.inf) -> fl
 
 def check_strength(strength) -> float:
     """A penalty strength: a finite real scalar >= 0."""
+    if strength.__class__ is float and 0.0 <= strength < math.inf:  # the common case, quickly
+        return strength
     value = check_real("strength", strength)
     if math.isinf(value):
         raise ValueError(f"strength must be finite and >= 0, got {value!r}")

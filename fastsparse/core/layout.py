@@ -208,8 +208,8 @@ class Plan:
 def adjacent_groups(geometry: SegmentGeometry) -> bool:
     """True when group g + 1 starts one element after group g and a group's elements are one
     strided run (the "channels" of a row-major matrix or of a channels_last conv weight, the
-    "filters" of a transposed matrix): tiles then run across groups."""
-    return geometry.stride_group == 1 and geometry.groups > 1 and geometry.rows == 1
+    "filters" of a transposed matrix): tiles then run across groups (group ids in int32)."""
+    return geometry.stride_group == 1 and 1 < geometry.groups < 2**31 and geometry.rows == 1
 
 
 def _block_shape(geometry: SegmentGeometry) -> tuple[int, int, int, int]:
@@ -231,7 +231,7 @@ def vector_width(geometry: SegmentGeometry, dtype: torch.dtype) -> int:
     width = 16 // dtype.itemsize
     if adjacent_groups(geometry):
         aligned = geometry.groups % width == 0 and geometry.stride_col % width == 0
-        return width if aligned and geometry.groups < 2**31 else 0
+        return width if aligned else 0
     contiguous = geometry.rows == 1 and geometry.stride_col == 1 and geometry.cols < 2**31
     aligned = geometry.cols % width == 0 and (
         geometry.groups == 1 or geometry.stride_group % width == 0

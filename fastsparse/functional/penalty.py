@@ -8,7 +8,6 @@ anything, then routes once: DTensors to fastsparse/distributed, the "torch" back
 
 from __future__ import annotations
 
-from operator import attrgetter, is_not
 from typing import Optional
 
 import torch
@@ -224,7 +223,14 @@ def add_penalty_grad_(
         )
 
 
-_GRAD = attrgetter("grad")
+def _state(tensors) -> list:
+    """What a prepared call checks per tensor: its address, shape and strides, which tensor its
+    .grad is (the bound gradients are kept alive, so an id is not reused) and where that
+    gradient's memory is (p.grad.data = ... keeps the tensor, not its memory)."""
+    return [
+        (t.data_ptr(), t.shape, t.stride(), id(g := t.grad), g is not None and g.data_ptr())
+        for t in tensors
+    ]
 
 
 class PreparedPenaltyGrad:
@@ -267,8 +273,7 @@ class PreparedPenaltyGrad:
         self.kind, self.groups, self.backend, self.options = kind, groups, backend, options
         tensors = self.tensors
         self._general = not tensors or is_sharded(tensors) or any(t.numel() == 0 for t in tensors)
-        self._bound = None
-        self._layouts = None
+        self._bound = self._layouts = self._state = None
 
     def __call__(self, strength: float, *, value_scale: float = 1.0) -> torch.Tensor:
         """Add strength * dR/dW to each tensor's .grad; returns value_scale * R (0-dim, as
@@ -276,12 +281,13 @@ class PreparedPenaltyGrad:
         if self._general or torch.compiler.is_compiling():
             return self._general_call(strength, value_scale)
         strength = check_strength(strength)
-        tensors = self.tensors
-        layouts = [(t.data_ptr(), t.shape, t.stride()) for t in tensors]
-        if layouts != self._layouts:
-            self._bind(layouts)
-        elif self._bound is not None and any(map(is_not, map(_GRAD, tensors), self._bound.grads)):
-            self._rebind_grads()
+        try:
+            state = _state(self.tensors)
+        except RuntimeError:  # a gradient without memory (sparse): say what is wrong with it
+            check_grads(self.tensors)
+            raise
+        if state != self._state:
+            self._update(state)
         if self._bound is None:
             return self._general_call(strength, value_scale)
         return self._bound.run(strength, value_scale)
@@ -292,6 +298,17 @@ class PreparedPenaltyGrad:
             **self.options,
         )  # fmt: skip
         return value if value_scale == 1.0 else value.mul_(value_scale)
+
+    def _update(self, state) -> None:
+        """Bind anew for a moved or re-laid-out weight, else bind in the new gradients."""
+        layouts = [entry[:3] for entry in state]
+        if self._state is None or self._bound is None or layouts != self._layouts:
+            self._bind(layouts)
+        else:
+            self._rebind_grads()
+        if any(entry[4] is False for entry in state):  # with the gradients _grads() made
+            state = _state(self.tensors)
+        self._state = state
 
     def _bind(self, layouts) -> None:
         """Bind the tensors as they are now, or leave them to add_penalty_grad_ (None)."""

@@ -350,21 +350,37 @@ def address_table(plan: Plan, cls, tensors) -> torch.Tensor:
     """The class table with the current weight addresses (cached while the addresses hold)."""
     tables = class_tables(plan, cls)
     addresses = tuple(tensors[s.tensor_index].data_ptr() for s in cls.segments)
-    if tables.get("weight_addresses") != addresses:
+    tables["weight_aligned"] = all(a % 16 == 0 for a in addresses)
+
+    def build():
         rows = [[a, *r[1:]] for a, r in zip(addresses, tables["rows"])]
-        tables["table"] = torch.tensor(rows, dtype=torch.int64).to(plan.device, non_blocking=True)
-        tables["weight_addresses"] = addresses
-        tables["weight_aligned"] = all(a % 16 == 0 for a in addresses)
-    return tables["table"]
+        return torch.tensor(rows, dtype=torch.int64).to(plan.device, non_blocking=True)
+
+    return _kept(tables, "table", addresses, build)
+
+
+# Tables kept per class and role: work launched (or captured in a CUDA graph) with a table keeps
+# it alive while calls alternate between a few address sets (autograd and in-place gradients).
+KEPT_TABLES = 8
+
+
+def _kept(tables: dict, name: str, key: tuple, build) -> torch.Tensor:
+    """tables[name][key], built by build() the first time; the last KEPT_TABLES stay."""
+    kept = tables.setdefault(name, OrderedDict())
+    tensor = kept.get(key)
+    if tensor is None:
+        tensor = kept[key] = build()
+        if len(kept) > KEPT_TABLES:
+            kept.popitem(last=False)
+    else:
+        kept.move_to_end(key)
+    return tensor
 
 
 def _uploaded(plan: Plan, tables: dict, name: str, values: tuple) -> torch.Tensor:
-    """tables[name]: an int64 device tensor of `values`, copied again only when they change."""
-    if tables.get(f"{name}_key") != values:
-        tensor = torch.tensor(values, dtype=torch.int64)
-        tables[name] = tensor.to(plan.device, non_blocking=True)
-        tables[f"{name}_key"] = values
-    return tables[name]
+    """An int64 device tensor of `values`, kept in tables[name] (copied once per value set)."""
+    build = lambda: torch.tensor(values, dtype=torch.int64).to(plan.device, non_blocking=True)  # noqa: E731
+    return _kept(tables, name, values, build)
 
 
 def grad_addresses(plan: Plan, cls, grads, name: str = "grad") -> torch.Tensor:

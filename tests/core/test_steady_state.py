@@ -102,3 +102,20 @@ def test_autograd_penalty_steady_state(groups, dtype, device, host_traffic):
 
     assert _steady(host_traffic, step) == (0, 0)
     assert len({g[0].data_ptr() for g in keep}) == len(keep)  # every backward's own buffers
+
+
+def test_alternating_gradients_keep_their_tables(backend, device, host_traffic):
+    """Calls that alternate between two sets of gradients (as autograd and in-place calls on
+    one plan do) upload each table once: a table stays while work launched with it (or a CUDA
+    graph captured with it) may still read it."""
+    params = [torch.randn(s, device=device).requires_grad_(True) for s in [(16, 8, 3, 3), (24, 40)]]
+    sets = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    turn = [0]
+
+    def call():
+        turn[0] ^= 1
+        for p, g in zip(params, sets[turn[0]]):
+            p.grad = g
+        fs.add_penalty_grad_(params, "group_lasso", 1e-3, backend=backend)
+
+    assert _steady(host_traffic, call) == (0, 0)

@@ -83,6 +83,17 @@ def test_new_gradients_are_bound_in(backend, device):
     _assert_same(params, step(1e-3), expected)
 
 
+def test_new_storage_under_the_same_gradient_is_seen(backend, device):
+    params = _params(device, shapes=[(6, 3, 3, 3), (5, 7), (9,)])  # bound launches: no split
+    step = PreparedPenaltyGrad(params, "group_lasso", backend=backend)
+    step(1e-3)
+    old = [p.grad for p in params]
+    for p in params:  # the same .grad tensors, other memory
+        p.grad.data = torch.randn_like(p)
+    assert all(p.grad is g for p, g in zip(params, old))
+    _check(params, step, 1e-3, "group_lasso", backend)
+
+
 def test_gradients_of_another_dtype_or_layout(backend, device):
     params = _params(device, shapes=[(6, 5), (4, 3, 3, 3)])
     step = PreparedPenaltyGrad(params, "group_lasso", backend=backend)
