@@ -237,10 +237,11 @@ class PreparedPenaltyGrad:
     """`add_penalty_grad_` over one fixed list of tensors, validated once, for a call per step.
 
     A call checks only what may change between steps: each tensor's address, shape and strides,
-    which tensor its ``.grad`` is and that gradient's address. New gradients (after ``zero_grad(set_to_none=True)``)
-    are validated and bound in; a moved or reshaped weight binds everything anew. With cached
-    plans a call then costs a few times ``torch._foreach_add_`` over the same tensors
-    (``python -m benchmarks.host_overhead``). `Regularizer.apply_` uses one.
+    which tensor its ``.grad`` is and that gradient's address. New gradients (after
+    ``zero_grad(set_to_none=True)``) are validated and bound in; a moved or reshaped weight binds
+    everything anew. With cached plans a call then costs a few times ``torch._foreach_add_``
+    over the same tensors (``python -m benchmarks.host_overhead``). `Regularizer.apply_` uses
+    one.
 
     Args:
         tensors, kind, groups, backend, options: as in `add_penalty_grad_` (the backend is
