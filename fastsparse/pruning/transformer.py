@@ -160,17 +160,17 @@ def prune_transformer(
     mlp_norms = neuron_norms(groups["neurons"])
     expected = None
     if verify and example_inputs is not None:
-        # What the pruned model must compute: the model with its dead groups zeroed.
-        thresholded = copy.deepcopy(model)
-        reference_groups = transformer_groups(thresholded)
+        # What the pruned model must compute: the model with its dead groups zeroed. Zeroed in
+        # the working copy itself (one copy of the model, not two): the slicing below removes
+        # exactly the zeroed rows and columns and copies the others unchanged.
         for kind, norms in (("heads", head_norms), ("neurons", mlp_norms)):
             dead = []
             for n in norms:
                 mask = torch.ones_like(n, dtype=torch.bool)
                 mask[_alive(n, threshold)] = False
                 dead.append(mask)
-            zero_channels_(reference_groups[kind], dead)
-        expected = output_tensors(eval_forward(thresholded, example_inputs))
+            zero_channels_(groups[kind], dead)
+        expected = output_tensors(eval_forward(work, example_inputs))
     with torch.no_grad():
         for (_, attn, mlp), heads, neurons in zip(decoder_blocks(work), head_norms, mlp_norms):
             d = attn.head_dim

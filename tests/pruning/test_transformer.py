@@ -82,6 +82,13 @@ def test_threshold_removes_small_groups_as_the_thresholded_model():
                 m.param.index_copy_(0, m.index[:6], m.param[m.index[:6]] * 1e-4)
     small = fs.prune(model, IDS, threshold=1e-3)  # verified against the zeroed copy inside
     assert small.model.layers[0].mlp.up_proj.out_features == 42
+    # The kept rows and columns are the model's, exactly (the dead ones were zeroed to verify)
+    (up,) = [m for m in groups["neurons"][0].members if m.name.endswith("up_proj.weight")]
+    kept = up.index[6:]
+    for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+        got = getattr(small.model.layers[0].mlp, name).weight
+        expected = getattr(model.model.layers[0].mlp, name).weight.index_select(dim, kept)
+        assert torch.equal(got, expected), name
 
 
 def test_penalty_groups_are_the_removal_groups():
