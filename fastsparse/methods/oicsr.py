@@ -33,6 +33,7 @@ from fastsparse import reference
 from fastsparse.core.checks import check_kind, check_strength
 from fastsparse.core.groups import CoupledGroup
 from fastsparse.functional.penalty import add_penalty_grad_, penalty
+from fastsparse.methods.regularizer import Regularizer
 from fastsparse.pruning.graph import coupled_groups
 from fastsparse.pruning.importance import channel_energy, select_channels, zero_channels_
 
@@ -175,13 +176,7 @@ class OICSR:
                 p.grad.add_(g.to(p.grad.dtype), alpha=self.strength)
         return self.strength * value
 
-    def attach(self, optimizer: torch.optim.Optimizer):
-        """Call apply_() before every optimizer.step(); returns the hook handle (.remove())."""
-
-        def hook(_optimizer, _args, _kwargs):
-            self.apply_()
-
-        return optimizer.register_step_pre_hook(hook)
+    attach = Regularizer.attach  # apply_() before every optimizer.step()
 
     def __repr__(self) -> str:
         return (
