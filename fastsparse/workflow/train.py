@@ -650,25 +650,10 @@ def evaluate(
 def measure_inference(
     model: nn.Module, images: torch.Tensor, batch_size: int = 500, repeats: int = 10
 ) -> float:
-    """Median seconds to classify all of `images` in batches (eval mode, after one warm-up)."""
-    was_training = model.training
-    device = next(unwrap(model).parameters()).device
-    images = images.to(device)
-    model.eval()
-    times = []
-    try:
-        with flush_denormals(device):
-            for i in range(repeats + 1):
-                _sync(device)
-                start = time.perf_counter()
-                for j in range(0, len(images), batch_size):
-                    model(images[j : j + batch_size])
-                _sync(device)
-                if i:
-                    times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    return _median(times)
+    """Median seconds to classify all of `images` in batches (eval mode, no grad, after one
+    warm-up)."""
+    (median,), _ = _time_inference([model], images, repeats, batch_size)
+    return median
 
 
 def measure_inference_pair(
@@ -676,9 +661,16 @@ def measure_inference_pair(
     batch_size: int = 500,
 ) -> Tuple[float, float, float]:  # fmt: skip
     """(median seconds of a, of b, spread): both classify `images`, timed in turn (eval mode)."""
-    device = next(unwrap(model_a).parameters()).device
+    (a, b), spreads = _time_inference([model_a, model_b], images, repeats, batch_size)
+    return a, b, max(spreads)
+
+
+def _time_inference(models, images, repeats: int, batch_size: int):
+    """interleaved_medians of each model classifying `images` in batches: eval mode, no grad,
+    training flags restored."""
+    device = next(unwrap(models[0]).parameters()).device
     images = images.to(device)
-    modes = [(m, m.training) for m in (model_a, model_b)]
+    modes = [(m, m.training) for m in models]
 
     def classify(model):
         def call():
@@ -692,11 +684,10 @@ def measure_inference_pair(
         for m, _ in modes:
             m.eval()
         with torch.no_grad(), flush_denormals(device):
-            (a, b), spreads = interleaved_medians([classify(model_a), classify(model_b)], repeats)
+            return interleaved_medians([classify(m) for m in models], repeats)
     finally:
         for m, training in modes:
             m.train(training)
-    return a, b, max(spreads)
 
 
 # --------------------------------------------------------------------------- a whole run
