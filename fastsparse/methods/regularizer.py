@@ -129,27 +129,24 @@ class Regularizer:
         """True when the penalty is over coupled groups (whole prunable channels)."""
         return is_coupled(self.groups)
 
-    def _coupled_penalty(self):
-        return penalty(None, self.kind, groups=self.groups, backend=self.backend, **self.options)
-
     def _parametrized_weights(self) -> list:
         return [getattr(m, n) for m, n in self._parametrized]
 
     def _penalty(self, tensors) -> torch.Tensor:
+        """R of `tensors` with this regularizer's settings (None: its coupled groups)."""
         return penalty(tensors, self.kind, groups=self.groups, backend=self.backend, **self.options)
+
+    def _all_penalty(self) -> torch.Tensor:
+        return self._penalty(None if self.coupled else self.params + self._parametrized_weights())
 
     def __call__(self) -> torch.Tensor:
         """strength * R(params) as a differentiable loss term."""
-        if self.coupled:
-            return self.strength * self._coupled_penalty()
-        return self.strength * self._penalty(self.params + self._parametrized_weights())
+        return self.strength * self._all_penalty()
 
     def value(self) -> torch.Tensor:
         """R(params) without gradient tracking (for logging)."""
         with torch.no_grad():
-            if self.coupled:
-                return self._coupled_penalty()
-            return self._penalty(self.params + self._parametrized_weights())
+            return self._all_penalty()
 
     def apply_(self, scaler=None) -> torch.Tensor:
         """Add strength * dR/dW into the parameters' .grad in place; returns strength * R.
