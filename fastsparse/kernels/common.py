@@ -298,10 +298,10 @@ def launch_options(warps: int) -> dict:
 
 def num_warps(cls, vec: int = 0) -> int:
     elements = cls.block_groups * cls.block_size
-    # Chosen by the ahead-of-time compile table (benchmarks/gpu_static.py): the fewest warps
-    # that spill in no specialization. About 8 elements a thread up to 2048, so that 16-byte
-    # accesses fill a thread; a single group's 4096 tile with strided addressing spills at
-    # 8 warps on sm_80, the others at 16.
+    # From the ahead-of-time compile table (benchmarks/gpu_static.py). About 8 elements a
+    # thread up to 2048, so that 16-byte accesses fill a thread. A single group's 4096 tile
+    # with strided addressing needs 168-222 registers a thread at 8 warps (one block an SM);
+    # at 16 warps it fits the 128 a thread then has, without a spill.
     if elements <= 2048:
         return max(1, min(4, elements // 256))
     return 16 if cls.block_groups == 1 and not vec else 8
