@@ -356,17 +356,25 @@ def flat_layout(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) 
     """Where tensors shaped and strided like `tensors`, of `dtypes`, lie in flat buffers: one
     buffer per dtype, each tensor starting on a 16-byte boundary (so 16-byte accesses stay
     possible). Tensors of one buffer keep their distances wherever the buffer is allocated."""
+    key = tuple(zip(map(torch.Tensor.size, tensors), map(torch.Tensor.stride, tensors), dtypes))
+    try:
+        return _flat_layout(key)
+    except TypeError:  # symbolic sizes (torch.compile, dynamic shapes) do not hash
+        return _flat_layout.__wrapped__(key)
+
+
+# Cached: every backward asks twice (the op and the views), a model has hundreds of tensors.
+@functools.lru_cache(maxsize=256)
+def _flat_layout(key: tuple) -> FlatLayout:
     order, sizes, buffer, offset = [], [], [], []
-    for t, dtype in zip(tensors, dtypes):
+    for shape, stride, dtype in key:
         if dtype not in order:
             order.append(dtype)
             sizes.append(0)
         b = order.index(dtype)
         align = max(1, 16 // dtype.itemsize)
         start = -(-sizes[b] // align) * align
-        extent = (
-            0 if t.numel() == 0 else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-        )
+        extent = 0 if 0 in shape else 1 + sum((n - 1) * st for n, st in zip(shape, stride))
         buffer.append(b)
         offset.append(start)
         sizes[b] = start + extent

@@ -379,8 +379,10 @@ def _kept(tables: dict, name: str, key: tuple, build) -> torch.Tensor:
 
 def _uploaded(plan: Plan, tables: dict, name: str, values: tuple) -> torch.Tensor:
     """An int64 device tensor of `values`, kept in tables[name] (copied once per value set)."""
-    build = lambda: torch.tensor(values, dtype=torch.int64).to(plan.device, non_blocking=True)  # noqa: E731
-    return _kept(tables, name, values, build)
+    return _kept(
+        tables, name, values,
+        lambda: torch.tensor(values, dtype=torch.int64).to(plan.device, non_blocking=True),
+    )  # fmt: skip
 
 
 def grad_addresses(plan: Plan, cls, grads, name: str = "grad") -> torch.Tensor:
