@@ -256,9 +256,10 @@ def _table(plan: Plan, segments, tensors, grads, accumulate: bool) -> tuple[torc
     key = ("native", tuple(s.segment_id for s in segments), weights, gradients, accumulate)
     cached = plan.cache.get(key)
     if cached is None:
+        written = tensors if grads is None else grads  # the dtype the kernels write
         codes = tuple(
-            (DTYPE_CODES[w.dtype], DTYPE_CODES[w.dtype if grads is None else grads[i].dtype])
-            for i, w in ((s.tensor_index, tensors[s.tensor_index]) for s in segments)
+            (DTYPE_CODES[tensors[s.tensor_index].dtype], DTYPE_CODES[written[s.tensor_index].dtype])
+            for s in segments
         )
         geometry, items = _geometry(plan, segments, codes, accumulate)
         table = geometry.clone()

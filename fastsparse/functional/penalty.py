@@ -274,7 +274,7 @@ class PreparedPenaltyGrad:
         self.kind, self.groups, self.backend, self.options = kind, groups, backend, options
         tensors = self.tensors
         self._general = not tensors or is_sharded(tensors) or any(t.numel() == 0 for t in tensors)
-        self._bound = self._layouts = self._state = None
+        self._bound = self._state = None
 
     def __call__(self, strength: float, *, value_scale: float = 1.0) -> torch.Tensor:
         """Add strength * dR/dW to each tensor's .grad; returns value_scale * R (0-dim, as
@@ -302,19 +302,22 @@ class PreparedPenaltyGrad:
 
     def _update(self, state) -> None:
         """Bind anew for a moved or re-laid-out weight, else bind in the new gradients."""
-        layouts = [entry[:3] for entry in state]
-        if self._state is None or self._bound is None or layouts != self._layouts:
-            self._bind(layouts)
+        if (
+            self._state is None
+            or self._bound is None
+            or any(new[:3] != old[:3] for new, old in zip(state, self._state))
+        ):
+            self._bind()
         else:
             self._rebind_grads()
         if any(entry[4] is False for entry in state):  # with the gradients _grads() made
             state = _state(self.tensors)
         self._state = state
 
-    def _bind(self, layouts) -> None:
+    def _bind(self) -> None:
         """Bind the tensors as they are now, or leave them to add_penalty_grad_ (None)."""
         tensors = self.tensors
-        self._bound, self._layouts = None, layouts
+        self._bound = None
         name = resolve_backend(self.backend, tensors[0].device)
         grads = self._grads()
         if name == "torch" or not all(
@@ -339,7 +342,7 @@ class PreparedPenaltyGrad:
         if same:
             self._bound.rebind(grads)
         else:
-            self._bind(self._layouts)
+            self._bind()
 
     def _grads(self) -> list:
         """The tensors' gradients, validated; zeros where one is None (as add_penalty_grad_)."""

@@ -181,12 +181,10 @@ class Regularizer:
         """add_penalty_grad_ over self.params, validated once (again if the settings change);
         returns value_scale * R."""
         prepared = self._prepared
-        settings = self._prepared_settings
         if (
             prepared is None
             or self._prepared_params is not self.params
-            or settings[0] is not self.kind
-            or settings[1:] != (self.groups, self.backend, self.options)
+            or self._prepared_settings != (self.kind, self.groups, self.backend, self.options)
         ):
             prepared = self._prepared = PreparedPenaltyGrad(
                 self.params, self.kind, groups=self.groups, backend=self.backend, **self.options
