@@ -9,7 +9,8 @@ Rows, each timed in the same rounds, interleaved (these machines are shared and 
     foreach              torch._foreach_add_(grads, ones): the yardstick
     add_penalty_grad_    the function, which validates every tensor on every call
     prepared             fastsparse.functional.PreparedPenaltyGrad: validated once; a call checks
-                         each tensor's address, shape, strides and .grad
+                         each tensor's address, shape and strides, and its .grad (which tensor,
+                         and its address)
     apply_               Regularizer.apply_ (a PreparedPenaltyGrad inside)
     apply_ new grads     Regularizer.apply_ with a new set of gradients each call, as after
                          zero_grad(set_to_none=True) (two sets, alternated)
@@ -34,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import fastsparse
-from benchmarks.run import RESULTS_DIR, environment
+from benchmarks.run import RESULTS_DIR, environment, load_average
 
 TARGET_RATIO = 3.0
 TARGET_ROWS = ("prepared", "apply_")
@@ -153,7 +154,7 @@ def run(args) -> dict:
             "target_rows": list(TARGET_ROWS),
         },
         **env,
-        "load_after": environment(device)["device"]["load_before"],
+        "load_after": load_average(),
         "results": results,
     }
 

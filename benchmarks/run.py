@@ -705,14 +705,14 @@ def run_benchmarks(args: argparse.Namespace, log=print, checkpoint=None) -> dict
                 log(f"{provider.name}: cleanup failed: {_short(error)}")
         del params, model, case, oracle
         _free(device)
-        run["load_samples"].append((_load_average() or [None])[0])
+        run["load_samples"].append((load_average() or [None])[0])
         if checkpoint is not None:
             report.add_derived_metrics(run)
             checkpoint(run)
 
     run["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     run["complete"] = True
-    run["load_after"] = _load_average()
+    run["load_after"] = load_average()
     report.add_derived_metrics(run)
     return run
 
@@ -778,7 +778,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _load_average() -> Optional[list]:
+def load_average() -> Optional[list]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
@@ -807,7 +807,7 @@ def environment(device: torch.device) -> dict:
         info = {"type": "cpu", "name": _cpu_model(), "slug": "cpu"}
     info["threads"] = torch.get_num_threads()
     info["cpu_count"] = os.cpu_count()
-    info["load_before"] = _load_average()
+    info["load_before"] = load_average()
     return {
         "device": info,
         "versions": {
