@@ -1,20 +1,18 @@
 """Build script: pure Python by default.
 
-`csrc/` is installed as `fastsparse.csrc`: the native sources ship as package data and are
-compiled just in time, on first use, by fastsparse/core/native.py (see the README). So
-`pip install .` needs no compiler, and nothing here has side effects.
+The native sources in `fastsparse/backends/csrc/` ship as package data and are compiled just in
+time, on first use, by fastsparse/backends/native.py (see the README). So `pip install .` needs
+no compiler, and nothing here has side effects.
 """
 
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["fastsparse", "fastsparse.*"])
-    + ["fastsparse.data", "fastsparse.csrc"],
-    package_dir={"fastsparse": "fastsparse", "fastsparse.csrc": "csrc"},
+    packages=find_packages(include=["fastsparse", "fastsparse.*"]) + ["fastsparse.data"],
     # The bundled MNIST subset with its licence, and the native sources that
-    # fastsparse/core/native.py compiles on first use.
+    # fastsparse/backends/native.py compiles on first use.
     package_data={
         "fastsparse.data": ["*.npz", "*.LICENSE"],
-        "fastsparse.csrc": ["*.h", "*.cpp", "*.cu"],
+        "fastsparse.backends.csrc": ["*.h", "*.cpp", "*.cu"],
     },
 )

@@ -10,7 +10,7 @@ Steps, each a subprocess with its own time limit, so that one hung step cannot e
    triton 3.6 are used as they are);
 2. install: ``pip install -e . --no-deps --no-build-isolation`` (no network there);
 3. gpu tests: ``pytest -m gpu`` (dry run: only collected, which counts them);
-4. native CUDA library: built just in time by fastsparse/core/native.py (dry run: the compile
+4. native CUDA library: built just in time by fastsparse/backends/native.py (dry run: the compile
    command only);
 5. kernels: one fused penalty, gradient and prox call per dtype on the GPU, then the compiled
    Triton kernels' registers and spills as loaded (dry run: skipped, no device);
@@ -56,20 +56,20 @@ print(json.dumps(info))
 """
 
 _NATIVE = """
-from fastsparse.core import native
+from fastsparse.backends import native
 print(native.build("cuda"))
 """
 
 _NATIVE_DRY = """
 from pathlib import Path
-from fastsparse.core import native
+from fastsparse.backends import native
 print(" ".join(map(str, native.compile_command("cuda", Path("cuda_kernels.cu"), Path("out.so")))))
 """
 
 # One call of each fused path per dtype, then what the loaded Triton kernels use.
 _KERNELS = """
 import json, torch, fastsparse as fs
-from fastsparse.kernels import penalty, prox
+from fastsparse.backends.triton import penalty, prox
 report = {}
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for shape in ((512, 512, 3, 3), (4096, 11008), (11008, 4096)):

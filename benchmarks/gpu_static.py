@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_static --quick           # a bounded subset (CI)
     python -m benchmarks.gpu_static --out-dir DIR     # where the table goes
 
-The launchers of fastsparse.kernels run on CPU tensors of GPU-user shapes (LLM projections,
+The launchers of fastsparse.backends.triton run on CPU tensors of GPU-user shapes (LLM projections,
 512x512x3x3 filters, ResNet-50 and VGG-16), every kernel path in turn (penalty value and
 gradient, in place, across-group kinds, group norms, prox, group scaling, the fused optimizer
 steps); each launch is recorded instead of run, then compiled ahead of time with
@@ -82,7 +82,7 @@ def recorded_launches(launches: list):
 
 def _paths(tensors: List[torch.Tensor], grouping: str) -> List[tuple]:
     """(path name, callable) for every kernel path on `tensors` with `grouping`."""
-    from fastsparse.core import ops
+    from fastsparse import ops
     from fastsparse.core.contract import STEP_OPTIONS
     from fastsparse.core.layout import encode_groupings, group_count
 

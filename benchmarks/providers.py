@@ -47,6 +47,7 @@ import torch
 
 from benchmarks.workloads import Workload
 from fastsparse import reference
+from fastsparse.core.contract import ACROSS_GROUP_KINDS, as_groupings
 
 FASTSPARSE, BASELINE, REFERENCE = "fastsparse", "baseline", "reference"
 PENALTY_MODES = ("value", "value_grad", "inplace", "group_norms")
@@ -170,7 +171,7 @@ class Fastsparse(Provider):
             )
 
     def unavailable(self, case: Case) -> Optional[str]:
-        from fastsparse.core import backends
+        from fastsparse import backends
 
         if self.backend not in backends.BACKENDS:
             return f'this fastsparse has no backend="{self.backend}" yet'
@@ -225,7 +226,7 @@ class Fastsparse(Provider):
 
 
 def _triton_reason(case: Case) -> Optional[str]:
-    from fastsparse.core import backends
+    from fastsparse import backends
 
     if case.device.type == "cpu":
         if not case.allow_interpreter:
@@ -437,10 +438,10 @@ class Handwritten(Provider):
     description = "vectorized eager PyTorch: vector_norm stats, _foreach_norm, closed-form grad"
 
     def _groupings(self, case):
-        return reference.as_groupings(case.groups)
+        return as_groupings(case.groups)
 
     def _frobenius(self, case, ws):
-        if case.kind in reference.ACROSS_GROUP_KINDS:
+        if case.kind in ACROSS_GROUP_KINDS:
             return _whole_tensor_norms(ws)
         return [None] * len(ws)
 

@@ -74,6 +74,7 @@ from benchmarks.providers import (
 )
 from benchmarks.workloads import PROFILES, Workload, profile_workloads, select
 from fastsparse import reference
+from fastsparse.core.contract import KINDS
 
 SCHEMA = 1
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -854,7 +855,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", nargs="+", metavar="PATTERN", help="labels containing any")
     p.add_argument("--providers", nargs="+", choices=PROVIDER_NAMES, metavar="NAME")
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), metavar="MODE")
-    p.add_argument("--kind", default="l1l2", choices=reference.KINDS)
+    p.add_argument("--kind", default="l1l2", choices=KINDS)
     p.add_argument("--groups", default="filters", type=_parse_groups, help='e.g. "filters"')
     p.add_argument("--alpha", type=float, default=0.5, help="sparse_group_lasso's alpha")
     p.add_argument("--strength", type=float, default=1e-4, help="in-place gradient scale")

@@ -1,16 +1,18 @@
 """fastsparse: fused kernels for structured-sparsity regularization and filter pruning.
 
 Importing this package never imports Triton and never initializes CUDA; kernels load on first use.
-The layers, from the bottom: `core` (contract, engine, backends, ops), `reference` (the oracle),
-`distributed` (DTensors), `functional` (the public functions), `pruning`, `methods` and `optim`
-(the training-loop interfaces), `workflow` and `integrations`.
+The layers, from the bottom: `core` (contract, validators, groups, layout), `backends` (the
+resolver, Triton and native kernels), `engine` (every op from a backend's primitives), `ops` (the
+torch.library ops) beside `reference` (the oracle), `distributed` (DTensors), `functional` (the
+public functions), `pruning`, `methods` and `optim` (the training-loop interfaces), `workflow` and
+`integrations`.
 
     >>> import torch, fastsparse
     >>> w = torch.randn(16, 8, 3, 3, requires_grad=True)
     >>> fastsparse.penalty(w, "l1l2").backward()
 """
 
-from fastsparse.core.backends import BACKENDS
+from fastsparse.backends import BACKENDS
 from fastsparse.core.contract import ACROSS_GROUP_KINDS, GROUPINGS, KINDS, PROX_KINDS
 from fastsparse.core.groups import CoupledGroup
 from fastsparse.functional import add_penalty_grad_, group_norms, penalty, prox_, scale_groups_

@@ -1,10 +1,10 @@
 """Test setup: Triton runs on the CPU interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before triton decorates the kernels (first import of
-fastsparse.kernels), hence here, before any test module is imported. The test folders mirror the
-package (tests/core, tests/functional, ...); they are packages, so shared code is imported as
-`from tests.helpers import ...` and these fixtures apply in every folder. On a GPU machine the same
-Triton tests run compiled, on CUDA tensors.
+fastsparse.backends.triton), hence here, before any test module is imported. The test folders
+mirror the package (tests/core, tests/functional, ...); they are packages, so shared code is
+imported as `from tests.helpers import ...` and these fixtures apply in every folder. On a GPU
+machine the same Triton tests run compiled, on CUDA tensors.
 """
 
 import os
@@ -49,4 +49,6 @@ def nan_outputs(monkeypatch):
     """Fill every uninitialized penalty kernel output with NaN, so an unwritten element fails."""
     from tests.helpers import fill_new_empty_with_nan  # not at the top: after TRITON_INTERPRET
 
-    fill_new_empty_with_nan(monkeypatch, "fastsparse.kernels.penalty", "fastsparse.core.native")
+    fill_new_empty_with_nan(
+        monkeypatch, "fastsparse.backends.triton.penalty", "fastsparse.backends.native"
+    )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastsparse import reference as ref
-from fastsparse.reference import CoupledGroup, CoupledMember
+from fastsparse.core.groups import CoupledGroup, CoupledMember
 from fastsparse.workflow.config import RunConfig
 from fastsparse.workflow.models import VGG, LeNet5, MobileNetCIFAR, ResNetCIFAR
 

@@ -61,7 +61,7 @@ STEP_OPTIONS = {
 FLOW_REDUCTIONS = ("mean", "sum")
 RELEVANCE_KINDS = ("taylor", "magnitude", "gradient")
 
-# --- compile-time ids in every backend's kernels (csrc/fastsparse_native.h mirrors them) ---------
+# --- compile-time ids in every backend's kernels (backends/csrc/fastsparse_native.h mirrors them)
 
 KIND_IDS = {
     "l1": 0,

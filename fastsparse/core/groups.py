@@ -5,7 +5,7 @@ bias, the next BatchNorm's scale and shift, the next layer's in-channel g, ...).
 them as ordinary segments, one per (parameter, dim) touched (dim 0 is the "filters" grouping,
 dim 1 the "channels" grouping), whose groups are slices, plus `slice_groups`, the coupled group
 of every slice (-1 for slices in none). Slice statistics are then added per coupled group in a
-fixed order (fastsparse/core/engine.py).
+fixed order (fastsparse/engine.py).
 
 Builders: `fastsparse.coupled_groups` traces a model (fastsparse/pruning/graph.py);
 `attention_head_groups` and `mlp_neuron_groups` below build transformer groups from weights.

@@ -73,7 +73,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from fastsparse import reference
-from fastsparse.core.backends import resolve_backend
+from fastsparse.backends import resolve_backend
 from fastsparse.core.checks import (
     check_grads,
     check_grouping,
@@ -89,9 +89,9 @@ from fastsparse.core.contract import (
     accumulation_dtype_of,
     grad_dtype,
 )
-from fastsparse.core.engine import prox_factors
 from fastsparse.core.groups import as_coupled_list
 from fastsparse.core.layout import addressable, encode_groupings, encode_specs, group_count
+from fastsparse.engine import prox_factors
 
 __all__ = [
     "add_coupled_penalty_grad_",
@@ -260,7 +260,7 @@ def _local_element_prox_(shards, kind, threshold, grouping, backend) -> None:
     if backend == "torch":
         reference.prox_(shards, kind, threshold, grouping)
         return
-    from fastsparse.core import ops
+    from fastsparse import ops
 
     weights = [w if addressable(w, (grouping,)) else w.contiguous() for w in shards]
     ops.call(
@@ -358,7 +358,7 @@ class _Sharded:
                 ti, g = self.specs[k]
                 rows[k] = torch.stack(reference.group_stats(self.locals[ti], g), 1).to(self.acc)
             return rows
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         _, weights, specs = self._fused_args(self.locals)
         flat = ops.call(ops.group_stats_op, weights, specs, self.name).to(self.acc)
@@ -381,7 +381,7 @@ class _Sharded:
             return grads
         if self.name == "torch":
             return [g.to(w.dtype) for g, w in zip(self._oracle_grads(coefs, grad_value), locals_)]
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         used, weights, specs = self._fused_args([w.detach() for w in locals_])
         computed = ops.penalty_gradients(
@@ -418,7 +418,7 @@ class _Sharded:
                 return value
             if not self.live:
                 return value
-            from fastsparse.core import ops
+            from fastsparse import ops
 
             used, weights, specs = self._fused_args(self.locals)
             _into_like_weights(
@@ -463,7 +463,7 @@ class _Grouped(_Sharded):
         spread = self._all_local()
         if spread is None:
             return super().value_and_coefs()
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         coefs = torch.zeros(sum(self.counts), 2, dtype=self.acc, device=self._device())
         value = torch.zeros((), dtype=self.acc, device=self._device())
@@ -481,7 +481,7 @@ class _Grouped(_Sharded):
         spread = self._all_local()
         if spread is None:
             return None
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         value = torch.zeros((), dtype=self.acc, device=self._device())
         if self.live:

@@ -1,6 +1,6 @@
 """The public functions of every op: validate, then route once (DTensor | fused | oracle).
 
-One module per op, named as in fastsparse/reference and fastsparse.kernels.
+One module per op, named as in fastsparse/reference and fastsparse.backends.triton.
 """
 
 from fastsparse.functional.feature_flow import feature_flow_penalty, feature_flow_value_and_grads

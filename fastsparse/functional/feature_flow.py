@@ -7,7 +7,7 @@ For L same-shape maps F_0 .. F_{L-1}:
 
 with a = gradient_weight / M and b = curvature_weight / M, M = numel(F_l) for ``reduction="mean"``
 or 1 for ``"sum"``. The oracle is fastsparse/reference/feature_flow.py, the kernels
-fastsparse.kernels.feature_flow; the hooks that collect the maps of a model are the method
+fastsparse.backends.triton.feature_flow; the hooks that collect the maps of a model are the method
 (fastsparse/methods/feature_flow.py).
 """
 
@@ -18,7 +18,7 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 
 from fastsparse import reference
-from fastsparse.core.backends import resolve_backend
+from fastsparse.backends import resolve_backend
 from fastsparse.core.checks import check_real
 from fastsparse.core.contract import FLOW_REDUCTIONS
 from fastsparse.core.layout import is_dense
@@ -83,7 +83,7 @@ def feature_flow_penalty(
         gradient_weight: weight of sum ||F_{l+1} - F_l||^2 (>= 0).
         curvature_weight: weight of sum ||F_{l+1} - 2 F_l + F_{l-1}||^2 (>= 0).
         reduction: "mean" (divide by the elements of one map) or "sum".
-        backend: "auto", "triton" or "torch" (the oracle); see fastsparse/core/backends.py.
+        backend: "auto", "triton" or "torch" (the oracle); see fastsparse/backends/__init__.py.
 
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 maps); gradients flow to every map in its dtype.
@@ -98,7 +98,7 @@ def feature_flow_penalty(
     name = resolve_backend(backend, features[0].device, op="feature_flow")
     if name == "torch" or features[0].numel() == 0 or len(features) < 2:
         return reference.feature_flow(features, a, b, "sum")
-    from fastsparse.core import ops
+    from fastsparse import ops
 
     return ops.call(ops.feature_flow_op, _kernel_layout(features), a, b, name)
 
@@ -130,7 +130,7 @@ def feature_flow_value_and_grads(
     if name == "torch" or features[0].numel() == 0 or len(features) < 2:
         value = reference.feature_flow(features, a, b, "sum")
         return value, reference.feature_flow_grad(features, a, b, "sum")
-    from fastsparse.core import ops
+    from fastsparse import ops
 
     value, grads = ops.call(
         ops.feature_flow_value_and_grads_op, _kernel_layout(features), a, b, name

@@ -3,7 +3,7 @@
 Each function validates its input completely (fastsparse/core/checks.py) before touching
 anything, then routes once: DTensors to fastsparse/distributed, the "torch" backend to the oracle
 (fastsparse/reference/penalty.py), everything else to the fused torch.library ops
-(fastsparse/core/ops.py).
+(fastsparse/ops.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from fastsparse import reference
-from fastsparse.core.backends import resolve_backend
+from fastsparse.backends import resolve_backend
 from fastsparse.core.checks import (
     Tensors,
     as_tensor_list,
@@ -60,7 +60,7 @@ def penalty(
         groups: "filters" (dim 0), "channels" (dim 1), "kernels" (dims 0 and 1), None (whole
             tensor), or a tuple of them (the penalty is summed over the groupings).
         backend: "auto", "triton", "native", "cuda" or "torch" (the oracle); "auto" honours
-            FASTSPARSE_BACKEND (fastsparse/core/backends.py).
+            FASTSPARSE_BACKEND (fastsparse/backends/__init__.py).
         options: alpha (sparse_group_lasso only, default 0.5).
 
     Returns:
@@ -79,7 +79,7 @@ def penalty(
         layout, name = coupled_backend(coupled, backend)
         if name == "torch":
             return reference.coupled_penalty(coupled, kind, alpha)
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         value, _ = ops.call(
             ops.coupled_penalty_op,
@@ -101,7 +101,7 @@ def penalty(
     name = resolve_backend(backend, nonempty[0].device)
     if name == "torch":
         return reference.penalty(nonempty, kind, groupings, alpha)
-    from fastsparse.core import ops
+    from fastsparse import ops
 
     weights = [t if addressable(t, groupings) else t.contiguous() for t in nonempty]
     value, _ = ops.call(ops.penalty_op, weights, kind, encode_groupings(groupings), alpha, name)
@@ -168,7 +168,7 @@ def add_penalty_grad_(
                 for t, update in zip(coupled_params(coupled), updates):
                     t.grad.add_(update.to(t.grad.dtype), alpha=strength)
                 return value
-            from fastsparse.core import ops
+            from fastsparse import ops
 
             return _with_grads_like_weights(
                 layout.params,
@@ -205,7 +205,7 @@ def add_penalty_grad_(
             for t, update in zip(nonempty, updates):
                 t.grad.add_(update.to(t.grad.dtype), alpha=strength)
             return value
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         return _with_grads_like_weights(
             nonempty,
@@ -325,7 +325,7 @@ class PreparedPenaltyGrad:
             for t, g in zip(tensors, grads)
         ):
             return
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         weights = [t.detach() for t in tensors]
         groupings = encode_groupings(self.groupings)
@@ -400,7 +400,7 @@ def group_norms(
         layout, name = coupled_backend(coupled, backend)
         if name == "torch":
             return reference.coupled_group_norms(coupled)
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         flat = ops.call(
             ops.coupled_group_norms_op,
@@ -424,7 +424,7 @@ def group_norms(
     if name == "torch":
         norms = iter(n.to(dtype) for n in reference.group_norms(nonempty, grouping))
     else:
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         weights = [t if addressable(t, (grouping,)) else t.contiguous() for t in nonempty]
         flat = ops.call(ops.group_norms_op, weights, encode_groupings((grouping,)), name)

@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from fastsparse import reference
-from fastsparse.core.backends import BACKENDS, resolve_backend
+from fastsparse.backends import BACKENDS, resolve_backend
 from fastsparse.core.checks import (
     check_coupled,
     check_grouping,
@@ -119,7 +119,7 @@ def _dispatch(tensors, kind, threshold, groups, backend):
         layout, name = coupled_backend(groups, backend)
         if name == "torch" or kind not in ("group_lasso", "group_l0"):
             return reference.prox_(None, kind, threshold, groups)
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         with torch.no_grad():
             kept = ops.call(
@@ -137,7 +137,7 @@ def _dispatch(tensors, kind, threshold, groups, backend):
     name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"
     if name == "torch":
         return reference.prox_(tensors, kind, threshold, groups)
-    from fastsparse.core import ops
+    from fastsparse import ops
 
     with torch.no_grad():
         # The kernels write in place through the weights' strides; a layout they cannot
@@ -216,7 +216,7 @@ def scale_groups_(
         layout, name = coupled_backend(coupled, backend)
         if name == "torch":
             return reference.scale_groups_(None, factors, coupled)
-        from fastsparse.core import ops
+        from fastsparse import ops
 
         flat = _flat_factors(factors, layout.params[0].device, torch.float64)
         with torch.no_grad():
@@ -240,7 +240,7 @@ def scale_groups_(
     name = resolve_backend(backend, pairs[0][0].device)
     if name == "torch":
         return reference.scale_groups_([t for t, _ in pairs], [f for _, f in pairs], groups)
-    from fastsparse.core import ops
+    from fastsparse import ops
 
     with torch.no_grad():
         weights = [t.detach() for t, _ in pairs]
@@ -404,7 +404,7 @@ def _step_prox(params, states, method, options, kind, threshold, groups, backend
     if name not in ("native", "triton") or (name == "native" and params[0].device.type != "cpu"):
         return None  # the native pass is CPU code; the Triton one runs where Triton does
     t_elem, t_group = reference.prox_thresholds(kind, threshold)
-    from fastsparse.core import ops
+    from fastsparse import ops
 
     with torch.no_grad():
         flat = ops.call(

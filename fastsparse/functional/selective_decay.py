@@ -6,7 +6,7 @@ After ``loss.backward()``, every weight whose relevance r (default |g w|) is <= 
     g <- lambda * w              (keep_loss_grad=False)
 
 and the others keep g. The oracle is fastsparse/reference/selective_decay.py, the kernel
-fastsparse.kernels.selective_decay (one in-place pass over every (w, g), no host sync); the
+fastsparse.backends.triton.selective_decay (one in-place pass over every (w, g), no host sync); the
 regularizer object and the pruning schedule are the method (fastsparse/methods/selective_decay.py).
 """
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fastsparse import reference
-from fastsparse.core.backends import resolve_backend
+from fastsparse.backends import resolve_backend
 from fastsparse.core.checks import check_real
 from fastsparse.core.contract import RELEVANCE_KINDS, accumulation_dtype_of
 from fastsparse.core.groups import default_parameters
@@ -193,7 +193,7 @@ def selective_decay_(
 
 
 def _fused(params, thresholds, strength, relevance, keep_loss_grad, backend) -> torch.Tensor:
-    from fastsparse.core import ops
+    from fastsparse import ops
 
     weights, grads, spills = [], [], []
     for p in params:

@@ -31,7 +31,7 @@ from torch import nn
 
 from fastsparse import reference
 from fastsparse.core.checks import check_kind, check_strength
-from fastsparse.core.groups import CoupledGroup
+from fastsparse.core.groups import CoupledGroup, coupled_params, is_coupled
 from fastsparse.functional.penalty import add_penalty_grad_, penalty
 from fastsparse.methods.regularizer import Regularizer
 from fastsparse.pruning.graph import coupled_groups
@@ -129,11 +129,11 @@ class OICSR:
         if isinstance(groups, CoupledGroup):
             groups = [groups]
         groups = list(groups)
-        if not reference.is_coupled(groups) or not groups:
+        if not is_coupled(groups) or not groups:
             raise ValueError("groups must be a non-empty list of CoupledGroup (oicsr_groups)")
         self.alpha = check_kind(kind, options)
         self.groups = groups
-        self.params = reference.coupled_params(groups)
+        self.params = coupled_params(groups)
         self.kind = kind
         self.strength = check_strength(strength)
         self.backend = backend

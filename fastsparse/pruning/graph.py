@@ -493,7 +493,7 @@ def coupled_groups(
 ) -> List[CoupledGroup]:
     """Trace which parameter slices must be zeroed or removed together, channel by channel.
 
-    One :class:`~fastsparse.reference.CoupledGroup` per root layer (a conv or linear layer whose
+    One :class:`~fastsparse.CoupledGroup` per root layer (a conv or linear layer whose
     out-channels can go), with G = its out-channels. Member m of group g: the slices
     ``m.param.select(m.dim, m.index[j])`` with ``m.group[j] == g``; the members' tensors are the
     model's own parameters, so penalties and prox steps on the groups act on the model.

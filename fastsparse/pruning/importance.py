@@ -84,7 +84,7 @@ def zero_channels_(groups: Sequence[CoupledGroup], dead: Sequence[torch.Tensor])
 
     Example:
         >>> w = torch.ones(3, 2)
-        >>> from fastsparse.reference import CoupledMember
+        >>> from fastsparse.core.groups import CoupledMember
         >>> m = CoupledMember("w", w, 0, torch.arange(3), torch.arange(3))
         >>> zero_channels_([CoupledGroup("w", 3, (m,))], [torch.tensor([False, True, False])])
         1

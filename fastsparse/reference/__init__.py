@@ -1,4 +1,5 @@
-"""The oracle: plain PyTorch for every op of the contract, one module per op.
+"""The oracle: plain PyTorch for every op of the contract, one module per op. Only oracle
+functions are exported here; the contract's constants live in fastsparse.core.contract.
 
 Every backend is tested against these functions, and the benchmarks use them as the "eager
 oracle" provider; they are imported, never copied.
@@ -9,19 +10,6 @@ oracle" provider; they are imported, never copied.
     >>> reference.penalty(w, "l1l2").backward()
 """
 
-from fastsparse.core.contract import (
-    ACROSS_GROUP_KINDS,
-    ELEMENT_PROX_KINDS,
-    FLOW_REDUCTIONS,
-    GROUPINGS,
-    KINDS,
-    PROX_KINDS,
-    RELEVANCE_KINDS,
-    Grouping,
-    accumulation_dtype,
-    as_groupings,
-)
-from fastsparse.core.groups import CoupledGroup, CoupledMember, coupled_params, is_coupled
 from fastsparse.reference.feature_flow import feature_flow, feature_flow_grad
 from fastsparse.reference.penalty import (
     coupled_group_norms,
@@ -56,22 +44,9 @@ from fastsparse.reference.selective_decay import (
 
 __all__ = [
     "adam_prox_",
-    "ACROSS_GROUP_KINDS",
-    "ELEMENT_PROX_KINDS",
-    "FLOW_REDUCTIONS",
-    "GROUPINGS",
-    "KINDS",
-    "PROX_KINDS",
-    "RELEVANCE_KINDS",
-    "CoupledGroup",
-    "CoupledMember",
-    "Grouping",
-    "accumulation_dtype",
-    "as_groupings",
     "coupled_group_norms",
     "coupled_group_stats",
     "coupled_matrix",
-    "coupled_params",
     "coupled_penalty",
     "coupled_penalty_grad",
     "feature_flow",
@@ -80,7 +55,6 @@ __all__ = [
     "group_norms",
     "group_stats",
     "grouped_view",
-    "is_coupled",
     "penalty",
     "penalty_grad",
     "rebind",

@@ -554,8 +554,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """fastsparse study."""
+    from fastsparse.core.contract import KINDS
     from fastsparse.methods import METHODS
-    from fastsparse.reference import KINDS
     from fastsparse.workflow.study import STUDY_EPOCHS, STUDY_THRESHOLDS, run_study
 
     valid = f"valid kinds: {', '.join(KINDS)}; methods: {', '.join(METHODS)}"

@@ -222,7 +222,7 @@ class RunConfig:
         choice("lr_schedule", LR_SCHEDULES)
         choice("threshold_mode", THRESHOLD_MODES)
         choice("device", ("auto", "cpu", "cuda"))
-        from fastsparse.core.backends import BACKENDS
+        from fastsparse.backends import BACKENDS
 
         choice("backend", BACKENDS)
         groupings = self.groups if isinstance(self.groups, (list, tuple)) else [self.groups]
@@ -273,7 +273,7 @@ class RunConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             fail("device 'cuda' requested but CUDA is not available")
         if self.backend not in ("auto", "torch"):  # say now, not after loading the data
-            from fastsparse.core.backends import resolve_backend
+            from fastsparse.backends import resolve_backend
 
             device = torch.device(
                 "cuda"

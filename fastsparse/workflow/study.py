@@ -40,8 +40,8 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
+from fastsparse.core.contract import KINDS
 from fastsparse.methods import METHODS
-from fastsparse.reference import KINDS
 from fastsparse.workflow.train import (
     RunConfig,
     check_method,

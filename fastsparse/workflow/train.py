@@ -295,7 +295,7 @@ def best_fused_backend(device: torch.device) -> Tuple[Optional[str], str]:
     Returns:
         (name, "") or (None, reason).
     """
-    from fastsparse.core.backends import BACKENDS, resolve_backend
+    from fastsparse.backends import BACKENDS, resolve_backend
 
     candidates = ("triton", "native") if device.type == "cuda" else ("native",)
     reasons = []
@@ -475,7 +475,7 @@ def train(
         torch.set_rng_state(resume["rng"])
         stats.epochs = list(resume["epochs"])
     if regularizer is not None:
-        from fastsparse.core.backends import resolve_backend
+        from fastsparse.backends import resolve_backend
 
         stats.backend = resolve_backend(regularizer.backend, device)
     if method is not None:

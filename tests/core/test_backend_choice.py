@@ -4,8 +4,7 @@ FASTSPARSE_NATIVE=1 demands the native backend."""
 import pytest
 import torch
 
-from fastsparse.core import native
-from fastsparse.core.backends import resolve_backend
+from fastsparse.backends import native, resolve_backend
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Backend selection (fastsparse.core.backends): names, the environment, "auto" and its quiet
+"""Backend selection (fastsparse.backends): names, the environment, "auto" and its quiet
 fallback, and the clear error of an explicit backend that is not available (which changes
 nothing)."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastsparse as fs
-from fastsparse.core.backends import resolve_backend
+from fastsparse.backends import resolve_backend
 from tests.helpers import assert_unchanged, params_with_grad, snapshot
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastsparse as fs
-from fastsparse.core import native
+from fastsparse.backends import native
 from tests.helpers import make
 
 
@@ -48,8 +48,8 @@ def test_cuda_arch_list(monkeypatch):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_sources_compile_for_sm90(tmp_path):
-    sources = sorted(Path(str(importlib.resources.files("fastsparse.csrc"))).glob("*.cu"))
-    assert sources, "no CUDA sources found in fastsparse.csrc"
+    sources = sorted(Path(str(importlib.resources.files("fastsparse.backends.csrc"))).glob("*.cu"))
+    assert sources, "no CUDA sources found in fastsparse.backends.csrc"
     for source in sources:
         result = subprocess.run(
             ["nvcc", "-arch=sm_90", "-std=c++17", "-c", str(source), "-o", str(tmp_path / "x.o")],

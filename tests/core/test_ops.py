@@ -1,12 +1,12 @@
-"""The torch.library ops of fastsparse.core.ops: opcheck (schemas, fake kernels, autograd
+"""The torch.library ops of fastsparse.ops: opcheck (schemas, fake kernels, autograd
 registration) of every op on every fused backend, and the values of the two primitive ops the
 sharded path is built from."""
 
 import pytest
 import torch
 
+from fastsparse import ops  # noqa: F401  (registers torch.ops.fastsparse)
 from fastsparse import reference as ref
-from fastsparse.core import ops  # noqa: F401  (registers torch.ops.fastsparse)
 from tests.helpers import decay_params, feature_maps, two_weights
 
 # ------------------------------------------------------------------------------------------------

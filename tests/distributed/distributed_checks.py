@@ -24,7 +24,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from fastsparse.reference import KINDS
+from fastsparse.core.contract import KINDS
 
 GROUPINGS = ("filters", "channels", "kernels", None, ("filters", "channels"))
 PLACEMENTS = ("shard0", "shard1", "replicate", "mixed")

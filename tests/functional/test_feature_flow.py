@@ -18,7 +18,7 @@ from tests.helpers import (
 @pytest.fixture
 def nan_flow_outputs(monkeypatch):
     """Fresh kernel outputs filled with NaN, so an unwritten gradient element fails a test."""
-    fill_new_empty_with_nan(monkeypatch, "fastsparse.kernels.feature_flow")
+    fill_new_empty_with_nan(monkeypatch, "fastsparse.backends.triton.feature_flow")
 
 
 # ------------------------------------------------------------------------------------------------

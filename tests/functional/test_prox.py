@@ -12,9 +12,10 @@ import torch
 
 import fastsparse as fs
 import fastsparse.reference as ref
+from fastsparse.core.contract import PROX_KINDS
+from fastsparse.core.groups import CoupledGroup, CoupledMember
 from fastsparse.functional.prox import PROX_BACKENDS, prox_
 from fastsparse.pruning import coupled_groups
-from fastsparse.reference import PROX_KINDS, CoupledGroup, CoupledMember
 from tests.helpers import (
     coupled_models,
     explicit_prox,

@@ -9,6 +9,7 @@ from torch import nn
 
 import fastsparse
 from fastsparse import reference as ref
+from fastsparse.core.groups import CoupledGroup, CoupledMember
 from fastsparse.methods import oicsr
 from fastsparse.methods.oicsr import (
     OICSR,
@@ -18,7 +19,6 @@ from fastsparse.methods.oicsr import (
     prune_lowest_energy_,
 )
 from fastsparse.pruning import prune
-from fastsparse.reference import CoupledGroup, CoupledMember
 from fastsparse.workflow.models import VGG, LeNet5, ResNetCIFAR
 
 

@@ -4,8 +4,8 @@ and zeroing every member slice of the chosen channels' coupled groups."""
 import pytest
 import torch
 
+from fastsparse.core.groups import CoupledGroup, CoupledMember
 from fastsparse.pruning.importance import select_channels, zero_channels_
-from fastsparse.reference import CoupledGroup, CoupledMember
 
 
 def test_select_channels_ratio_threshold_and_ties():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastsparse.reference as ref
-from fastsparse.reference import CoupledGroup, CoupledMember
+from fastsparse.core.groups import CoupledGroup, CoupledMember
 from tests.helpers import explicit_rows, overlapping_groups
 
 

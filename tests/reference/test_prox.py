@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastsparse.reference as ref
-from fastsparse.reference import PROX_KINDS
+from fastsparse.core.contract import PROX_KINDS
 from tests.helpers import explicit_prox
 
 GROUPINGS = ("filters", "channels", "kernels", None)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastsparse import reference
+from fastsparse.core.contract import KINDS
 from fastsparse.workflow import bench
 
 harness = bench.load_harness()  # benchmarks.run, found through fastsparse bench's locator
@@ -193,7 +194,7 @@ def test_time_budget_skips_the_rest_and_still_writes(tmp_path):
 
 
 def test_triton_provider_runs_under_the_interpreter(tmp_path):
-    from fastsparse.core.backends import triton_interpreter_enabled
+    from fastsparse.backends import triton_interpreter_enabled
 
     run = run_quick(
         tmp_path,
@@ -253,7 +254,7 @@ def test_model_shapes_are_the_real_architectures():
 SHAPES = [(6, 4, 3, 3), (5, 7), (6,), (3, 5, 2)]
 
 
-@pytest.mark.parametrize("kind", reference.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("groups", ["filters", None, ("filters", "channels")], ids=str)
 def test_handwritten_baseline_matches_the_oracle(kind, groups):
     shapes = [s for s in SHAPES if len(s) >= 2] if groups != "filters" and groups else SHAPES

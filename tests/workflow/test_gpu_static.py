@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("triton")
 
-from fastsparse.kernels.common import launch_options  # noqa: E402  (needs triton)
+from fastsparse.backends.triton.common import launch_options  # noqa: E402  (needs triton)
 
 
 def test_quick_subset_compiles_for_sm80_and_sm90(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastsparse.core import backends
+from fastsparse import backends
 from fastsparse.methods import METHODS
 from fastsparse.workflow.models import LeNet5
 from fastsparse.workflow.train import (

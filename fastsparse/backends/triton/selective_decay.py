@@ -14,7 +14,7 @@ Tensors are addressed as flat dense blocks through a device-side int64 table
 in the item starts, as the penalty kernels do. One launch per (weight dtype, grad dtype) class.
 
 Kernel -> launcher (`selective_decay_`); the torch.library op is registered in
-fastsparse/core/ops.py and the public API is fastsparse/functional/selective_decay.py. The oracle
+fastsparse/ops.py and the public API is fastsparse/functional/selective_decay.py. The oracle
 is fastsparse.reference.selective_decay_grad.
 """
 
@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsparse.backends.triton.common import TL_DTYPES, device_table, launch_options, locate
 from fastsparse.core.contract import accumulation_dtype
-from fastsparse.kernels.common import TL_DTYPES, device_table, launch_options, locate
 
 RELEVANCE_IDS = {"taylor": 0, "magnitude": 1, "gradient": 2}
 NUM_FIELDS = 4  # weight address, grad address, numel, threshold index

@@ -16,7 +16,7 @@ Statistics, the rule and the coefficients are fp64 (COEFFICIENT_DTYPE) from exac
 of norm 1e-30 get the float64 result, not zeros, infinities or NaN.
 
 The launchers below are the Triton backend's primitives (stats, rule, apply, fused), which
-fastsparse/core/engine.py composes into the ops. One launch per launch class (common.py).
+fastsparse/engine.py composes into the ops. One launch per launch class (common.py).
 Value reductions use no atomics: per-group terms go to a buffer summed with torch, so results
 are deterministic.
 """
@@ -27,14 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.core.contract import (
-    ACROSS_GROUP_KINDS,
-    COEFFICIENT_DTYPE,
-    KIND_IDS,
-    accumulation_dtype,
-)
-from fastsparse.core.layout import Plan, PlanCache, new_empty, selected
-from fastsparse.kernels.common import (
+from fastsparse.backends.triton.common import (
     F_GROUP_OFFSET,
     F_OUT_ROW,
     TL_DTYPES,
@@ -57,6 +50,13 @@ from fastsparse.kernels.common import (
     typed_pointer,
     weight_pointer,
 )
+from fastsparse.core.contract import (
+    ACROSS_GROUP_KINDS,
+    COEFFICIENT_DTYPE,
+    KIND_IDS,
+    accumulation_dtype,
+)
+from fastsparse.core.layout import Plan, PlanCache, new_empty, selected
 
 ACROSS_KIND_IDS = tuple(KIND_IDS[k] for k in ACROSS_GROUP_KINDS)
 RULE_BLOCK = 1024
@@ -255,7 +255,7 @@ def _penalty_grad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers: the Triton backend's primitives (see fastsparse/core/engine.py)
+# Launchers: the Triton backend's primitives (see fastsparse/engine.py)
 # --------------------------------------------------------------------------------------------
 
 plans = PlanCache()

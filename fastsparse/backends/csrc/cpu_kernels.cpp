@@ -1,7 +1,7 @@
 // CPU kernels of the native backend: group statistics, coefficient rule, gradient, and the fused
 // single-pass in-place gradient. OpenMP over work items (group, chunk); every reduction runs in
 // a fixed order (per-lane partial sums, then lanes in order), so results do not depend on the
-// thread count. Built just in time by fastsparse/core/native.py; plain C ABI, no torch headers.
+// thread count. Built just in time by fastsparse/backends/native.py; plain C ABI, no torch headers.
 #include <math.h>
 
 #include <cmath>

@@ -1,6 +1,6 @@
 """Fused Triton proximal / threshold steps, in place, one read and one write per weight.
 
-Kinds (fastsparse.reference.PROX_KINDS; an element is dead when |w| <= t, a group when its l2
+Kinds (fastsparse.core.contract.PROX_KINDS; an element is dead when |w| <= t, a group when its l2
 norm n <= t):
 - "l1": soft threshold sign(w) * max(|w| - t, 0);  "l0": hard threshold w * (|w| > t);
 - "group_lasso": w * max(0, 1 - t / n);  "group_l0": w * (n > t);
@@ -21,9 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.core.contract import PROX_IDS, accumulation_dtype
-from fastsparse.core.layout import Plan, selected
-from fastsparse.kernels.common import (
+from fastsparse.backends.triton.common import (
     F_GROUP_OFFSET,
     F_OUT_ROW,
     TL_DTYPES,
@@ -43,6 +41,8 @@ from fastsparse.kernels.common import (
     tile,
     weight_pointer,
 )
+from fastsparse.core.contract import PROX_IDS, accumulation_dtype
+from fastsparse.core.layout import Plan, selected
 
 
 @triton.jit

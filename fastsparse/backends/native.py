@@ -1,10 +1,11 @@
-"""The native backend: CPU C++ (OpenMP) and CUDA C++ kernels from csrc/, through a plain C ABI.
+"""The native backend: CPU C++ (OpenMP) and CUDA C++ kernels from `csrc/`, through a plain C ABI.
 
 Why just-in-time and a C ABI (see also the README):
-- `pip install .` needs no compiler: the sources ship as package data (fastsparse.csrc) and are
-  compiled on first use into a cache (`~/.cache/fastsparse/native`, or FASTSPARSE_CACHE_DIR),
-  keyed by a hash of the sources, the compiler command and the machine. A build takes a few
-  seconds once; `python -m fastsparse.core.native` builds ahead of time.
+- `pip install .` needs no compiler: the sources ship as package data
+  (fastsparse.backends.csrc) and are compiled on first use into a cache
+  (`~/.cache/fastsparse/native`, or FASTSPARSE_CACHE_DIR), keyed by a hash of the sources, the
+  compiler command and the machine. A build takes a few seconds once;
+  `python -m fastsparse.backends.native` builds ahead of time.
 - The libraries include no torch headers and are loaded with ctypes, so one build works with
   every torch version: no C++ ABI to match, nothing that can crash on a torch upgrade.
 - -march=native is safe because the build happens on the machine that runs it.
@@ -18,7 +19,7 @@ Environment:
     CXX, NVCC                  the compilers (default c++ and nvcc).
 
 The launchers below are this backend's primitives (stats, rule, apply, fused, prox), which
-fastsparse/core/engine.py composes into the ops, as it does the Triton backend's.
+fastsparse/engine.py composes into the ops, as it does the Triton backend's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from fastsparse.core.contract import GROUP_PROX_KINDS, KIND_IDS, PROX_IDS, STEP_OPTIONS
 from fastsparse.core.layout import SPLIT_BLOCK, Plan, PlanCache, new_empty, selected
 
-# Field order of fs_segment in csrc/fastsparse_native.h.
+# Field order of fs_segment in fastsparse/backends/csrc/fastsparse_native.h.
 NATIVE_FIELDS = (
     "w",
     "grad",
@@ -109,7 +110,7 @@ def compile_command(device_type: str, source: Path, output: Path) -> list[str]:
 
 
 def _source_dir() -> Path:
-    return Path(str(importlib.resources.files("fastsparse.csrc")))
+    return Path(str(importlib.resources.files("fastsparse.backends.csrc")))
 
 
 def _machine_id() -> str:
@@ -205,7 +206,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers (same interface as fastsparse.kernels.penalty)
+# Launchers (same interface as fastsparse.backends.triton.penalty)
 # --------------------------------------------------------------------------------------------
 
 plans = PlanCache()
@@ -440,7 +441,7 @@ def step_prox(plan, tensors, grads, states, method: str, options: dict, kind, t_
     return None if status else after
 
 
-if __name__ == "__main__":  # python -m fastsparse.core.native: build ahead of time
+if __name__ == "__main__":  # python -m fastsparse.backends.native: build ahead of time
     for device_type in ("cpu", "cuda"):
         try:
             print(f"{device_type}: {build(device_type)}")

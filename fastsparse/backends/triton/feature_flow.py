@@ -15,7 +15,7 @@ addresses (no stacking copy). The value is reduced without atomics: one partial 
 added by torch, so it is deterministic.
 
 Kernel -> launchers (`value`, `grads`, `value_and_grads`); the torch.library ops are registered in
-fastsparse/core/ops.py and the public API is fastsparse/functional/feature_flow.py.
+fastsparse/ops.py and the public API is fastsparse/functional/feature_flow.py.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsparse.backends.triton.common import TL_DTYPES, device_table, launch_options
 from fastsparse.core.contract import accumulation_dtype
 from fastsparse.core.layout import new_empty
-from fastsparse.kernels.common import TL_DTYPES, device_table, launch_options
 
 BLOCK = 1024  # element positions per program
 

@@ -5,9 +5,9 @@ mutate, and have fake kernels so that `torch.compile(fullgraph=True)` traces thr
 go through `call(op, ...)`: the op itself under torch.compile, its implementation (with the same
 autograd) in eager mode, where a torch.library op would cost dispatcher time per call and import
 torch._dynamo (seconds) at its first call. They
-run fastsparse/core/engine.py on a backend of fastsparse/core/backends.py ("triton": the kernels
-of fastsparse.kernels; "native": the CPU and CUDA C++ of fastsparse/core/native.py), imported on
-first call so that `import fastsparse` never imports triton or initializes CUDA.
+run fastsparse/engine.py on a backend of fastsparse/backends/ ("triton": the Triton kernels;
+"native": the CPU and CUDA C++), imported on first call so that `import fastsparse` never
+imports triton or initializes CUDA.
 
 `groups` strings say which segments a tensor list is cut into (fastsparse/core/layout.py): a
 groupings list ("filters,channels", "none" for None) or explicit specs ("@0:filters,1:channels",
@@ -22,9 +22,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastsparse.core import engine
-from fastsparse.core.backends import fused_backend as _backend
-from fastsparse.core.backends import op_kernels
+from fastsparse import engine
+from fastsparse.backends import fused_backend as _backend
+from fastsparse.backends import op_kernels
 from fastsparse.core.contract import COEFFICIENT_DTYPE, STEP_OPTIONS
 from fastsparse.core.contract import accumulation_dtype_of as _acc_dtype
 from fastsparse.core.layout import decode_specs, group_count

@@ -2,7 +2,7 @@
 // per work item (segment, group, chunk). Block reductions use a fixed tree in shared memory and
 // chunk partials are added in order, so results are deterministic (no atomics). Plain C ABI:
 // the segment table, stats and coefficients are device buffers owned by torch tensors, and the
-// caller passes torch's current stream. Built just in time by fastsparse/core/native.py.
+// caller passes torch's current stream. Built just in time by fastsparse/backends/native.py.
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>

@@ -1,19 +1,18 @@
 """The engine: every fused op composed from a backend's few primitives.
 
-A backend (the Triton kernels of fastsparse.kernels, the C++ kernels of fastsparse/core/native.py)
-implements the `Backend` protocol below. `select` = (pass index, split) picks segments (None:
-any). This module holds what is the same for every backend: which segments take the one-pass
-path, the order of passes, the fp32 buffers of multi-pass gradients, coupled groups that span
-tensors, and the masks of prox steps. Everything here runs on the device without host
-synchronization.
+A backend (the Triton kernels of fastsparse.backends.triton, the C++ kernels of
+fastsparse.backends.native) implements the `Backend` protocol of fastsparse/backends/__init__.py.
+`select` = (pass index, split) picks segments (None: any). This module holds what is the same
+for every backend: which segments take the one-pass path, the order of passes, the fp32 buffers
+of multi-pass gradients, coupled groups that span tensors, and the masks of prox steps.
+Everything here runs on the device without host synchronization.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
-
 import torch
 
+from fastsparse.backends import Backend
 from fastsparse.core.contract import (
     ACROSS_GROUP_KINDS,
     COEFFICIENT_DTYPE,
@@ -24,8 +23,6 @@ from fastsparse.core.contract import (
 from fastsparse.core.layout import (
     ALL,
     FlatLayout,
-    Plan,
-    PlanCache,
     Select,
     flat_layout,
     flat_views,
@@ -34,76 +31,6 @@ from fastsparse.core.layout import (
     segment_of_group_map,
     segment_sums,
 )
-
-
-class Backend(Protocol):
-    """The primitives a fused backend gives; every op of fastsparse/core/ops.py is built from them.
-
-    All tensors are on the plan's device; statistics, coefficients and factors are fp64
-    (COEFFICIENT_DTYPE), computed exactly for tiny groups too (docs/design.md, "Exact on tiny
-    norms").
-    """
-
-    plans: PlanCache
-
-    def stats(
-        self, plan: Plan, tensors, select: Select, element_threshold: Optional[float] = None
-    ) -> torch.Tensor:
-        """[total groups, 2] = (s1, s2) of the selected segments' groups (the others are 0).
-
-        With `element_threshold`, only elements with |w| > threshold count (l0 + group prox)."""
-
-    def rule(
-        self,
-        stats: torch.Tensor,
-        segment_of_group: torch.Tensor,
-        sums: torch.Tensor,
-        kind: str,
-        alpha: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values [groups], coefs [groups, 2] = (a_g, b_g)) from the statistics; `sums` holds
-        each segment's (L, F^2) for the across-group kinds."""
-
-    def apply(
-        self,
-        plan: Plan,
-        tensors,
-        grads,
-        coefs: torch.Tensor,
-        select: Select,
-        *,
-        accumulate: bool,
-        scale: float,
-        scale_tensor: Optional[torch.Tensor] = None,
-    ) -> None:
-        """grads [+]= scale * scale_tensor * (a_g sign(w) + b_g w) on the selected segments."""
-
-    def fused(
-        self,
-        plan: Plan,
-        tensors,
-        grads,
-        select: Select,
-        kind: str,
-        alpha: float,
-        scale: float,
-        values: torch.Tensor,
-    ) -> None:
-        """Statistics, rule and gradient of one-block groups in one pass; values[g] written."""
-
-    def prox(
-        self,
-        plan: Plan,
-        tensors,
-        select: Select,
-        kind: str,
-        t_elem: float,
-        t_group: float,
-        factors: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """Prox step in place on the selected segments; [total groups, 2] (s1, s2) after it.
-
-        `factors` (per group) replace the computed group factors ("scale", split groups)."""
 
 
 def _plan_rule(backend: Backend, plan, stats, kind, alpha):

@@ -1,10 +1,11 @@
 """Choosing a backend, and the registry of fused backends: "auto" | "triton" | "native" | "cuda"
-| "torch". Every op resolves its backend here, once, and nowhere else.
+| "torch". Every op resolves its backend here, once, and nowhere else. The engine
+(fastsparse/engine.py) composes every op from the primitives of the `Backend` protocol below.
 
-- "triton": the fused Triton kernels of fastsparse.kernels (CUDA tensors, or CPU tensors when
-  Triton's interpreter is on: TRITON_INTERPRET=1, slow, for tests).
-- "native": the C++ kernels of csrc/ for the tensors' device (OpenMP on CPU, CUDA C++ on GPU),
-  compiled on first use (fastsparse/core/native.py). "cuda" is "native" for CUDA tensors only.
+- "triton": the fused Triton kernels of `triton/` (CUDA tensors, or CPU tensors when Triton's
+  interpreter is on: TRITON_INTERPRET=1, slow, for tests).
+- "native": the C++ kernels of `csrc/` for the tensors' device (OpenMP on CPU, CUDA C++ on GPU),
+  compiled on first use (`native.py`). "cuda" is "native" for CUDA tensors only.
 - "torch": the plain-PyTorch oracle (fastsparse.reference), any device.
 - "auto": the fastest available for the device: Triton, then native, on CUDA; native on CPU;
   the oracle when nothing else can run (quietly).
@@ -22,11 +23,11 @@ from __future__ import annotations
 import importlib.util
 import os
 from types import ModuleType, SimpleNamespace
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 
-from fastsparse.core.engine import Backend
+from fastsparse.core.layout import Plan, PlanCache, Select
 
 BACKENDS = ("auto", "triton", "native", "cuda", "torch")
 # Ops with a Triton kernel and no native one.
@@ -57,7 +58,7 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 
 def native_unavailable_reason(device: torch.device) -> Optional[str]:
     """Why the native kernels cannot run on this device, or None (may build them once)."""
-    from fastsparse.core import native
+    from fastsparse.backends import native
 
     return native.unavailable_reason(device)
 
@@ -117,15 +118,85 @@ resolve_backend._dynamo_marked_constant = True
 
 
 def _native_allowed_in_auto() -> bool:
-    from fastsparse.core import native
+    from fastsparse.backends import native
 
     return native.native_mode() in ("auto", "1")
 
 
 def _native_required() -> bool:
-    from fastsparse.core import native
+    from fastsparse.backends import native
 
     return native.native_mode() == "1"
+
+
+class Backend(Protocol):
+    """The primitives a fused backend gives; every op of fastsparse/ops.py is built from them.
+
+    All tensors are on the plan's device; statistics, coefficients and factors are fp64
+    (COEFFICIENT_DTYPE), computed exactly for tiny groups too (docs/design.md, "Exact on tiny
+    norms").
+    """
+
+    plans: PlanCache
+
+    def stats(
+        self, plan: Plan, tensors, select: Select, element_threshold: Optional[float] = None
+    ) -> torch.Tensor:
+        """[total groups, 2] = (s1, s2) of the selected segments' groups (the others are 0).
+
+        With `element_threshold`, only elements with |w| > threshold count (l0 + group prox)."""
+
+    def rule(
+        self,
+        stats: torch.Tensor,
+        segment_of_group: torch.Tensor,
+        sums: torch.Tensor,
+        kind: str,
+        alpha: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [groups], coefs [groups, 2] = (a_g, b_g)) from the statistics; `sums` holds
+        each segment's (L, F^2) for the across-group kinds."""
+
+    def apply(
+        self,
+        plan: Plan,
+        tensors,
+        grads,
+        coefs: torch.Tensor,
+        select: Select,
+        *,
+        accumulate: bool,
+        scale: float,
+        scale_tensor: Optional[torch.Tensor] = None,
+    ) -> None:
+        """grads [+]= scale * scale_tensor * (a_g sign(w) + b_g w) on the selected segments."""
+
+    def fused(
+        self,
+        plan: Plan,
+        tensors,
+        grads,
+        select: Select,
+        kind: str,
+        alpha: float,
+        scale: float,
+        values: torch.Tensor,
+    ) -> None:
+        """Statistics, rule and gradient of one-block groups in one pass; values[g] written."""
+
+    def prox(
+        self,
+        plan: Plan,
+        tensors,
+        select: Select,
+        kind: str,
+        t_elem: float,
+        t_group: float,
+        factors: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Prox step in place on the selected segments; [total groups, 2] (s1, s2) after it.
+
+        `factors` (per group) replace the computed group factors ("scale", split groups)."""
 
 
 # --- the registry of fused backends --------------------------------------------------------------
@@ -138,7 +209,7 @@ def fused_backend(name: str) -> Backend:
     backend = _FUSED.get(name)
     if backend is None:
         if name == "triton":
-            from fastsparse.kernels import penalty, prox, step_prox
+            from fastsparse.backends.triton import penalty, prox, step_prox
 
             backend = SimpleNamespace(
                 plans=penalty.plans,
@@ -151,7 +222,7 @@ def fused_backend(name: str) -> Backend:
                 step_prox=step_prox.step_prox,
             )
         elif name == "native":
-            from fastsparse.core import native as backend
+            from fastsparse.backends import native as backend
         else:
             raise ValueError(f"no fused implementation for backend {name!r}")
         _FUSED[name] = backend
@@ -166,7 +237,7 @@ def op_kernels(op: str, name: str) -> ModuleType:
             "(or 'torch', the oracle)"
         )
     if op == "feature_flow":
-        from fastsparse.kernels import feature_flow as module
+        from fastsparse.backends.triton import feature_flow as module
     else:
-        from fastsparse.kernels import selective_decay as module
+        from fastsparse.backends.triton import selective_decay as module
     return module

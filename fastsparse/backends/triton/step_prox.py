@@ -16,9 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.core.contract import PROX_IDS, accumulation_dtype
-from fastsparse.core.layout import Plan
-from fastsparse.kernels.common import (
+from fastsparse.backends.triton.common import (
     F_OUT_ROW,
     TL_DTYPES,
     address_table,
@@ -38,7 +36,9 @@ from fastsparse.kernels.common import (
     typed_pointer,
     weight_pointer,
 )
-from fastsparse.kernels.prox import element_step, prox_factor
+from fastsparse.backends.triton.prox import element_step, prox_factor
+from fastsparse.core.contract import PROX_IDS, accumulation_dtype
+from fastsparse.core.layout import Plan
 
 _METHODS = {"sgd": 0, "adam": 1}
 

@@ -2,7 +2,7 @@
 //
 // The native libraries expose a plain C ABI (extern "C", raw addresses and int64 fields) and
 // include no torch headers, so one build works with any torch version: Python passes tensor
-// addresses through ctypes (fastsparse/core/native.py). Everything here must compile both as C++17
+// addresses through ctypes (fastsparse/backends/native.py). Everything here must compile both as C++17
 // and as CUDA C++.
 #pragma once
 
@@ -14,13 +14,13 @@
 #define FS_HD inline
 #endif
 
-// dtype codes shared with fastsparse/core/native.py
+// dtype codes shared with fastsparse/backends/native.py
 enum { FS_F32 = 0, FS_F64 = 1, FS_F16 = 2, FS_BF16 = 3 };
 
 // One (tensor, grouping) pair; see fastsparse/core/layout.py. The elements of group g are
 // w + g*stride_group + r*stride_row + c*stride_col for r < rows, c < cols. A group is processed
 // in chunks of chunk_len elements (chunk_len = rows*cols when the group fits one chunk).
-// Mirrors NATIVE_FIELDS in fastsparse/core/native.py: keep the order in sync.
+// Mirrors NATIVE_FIELDS in fastsparse/backends/native.py: keep the order in sync.
 typedef struct {
   int64_t w;             // weight address
   int64_t grad;          // gradient address (same strides as the weight), 0 if unused

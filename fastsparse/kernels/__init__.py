@@ -1,1 +1,0 @@
-"""Triton kernels of fastsparse, installed as `fastsparse.kernels`. Importing this needs triton."""
