@@ -1,5 +1,6 @@
 """fastsparse's benchmark harness (a source-checkout package, not installed with fastsparse).
 
 Run it with ``python -m benchmarks.run`` from the repository root, or ``fastsparse bench``
-(which finds this directory through fastsparse.workflow.bench). See benchmarks/results/README.md.
+(fastsparse.workflow.bench finds this directory and runs it in a child process: the package never
+imports the harness). See benchmarks/results/README.md.
 """

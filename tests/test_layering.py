@@ -1,5 +1,6 @@
 """The folders are the architecture: no import cycle, the layer contract holds, few top modules."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -62,6 +63,79 @@ def test_no_import_cycle_between_modules():
     for p in packages:
         graph.remove_module(p)
     assert _cycles(graph) == []
+
+
+def _rooms() -> list:
+    """Every subpackage and top module of fastsparse (the rooms the layers contract must name)."""
+    package = ROOT / "fastsparse"
+    rooms = [f"fastsparse.{p.name}" for p in package.iterdir() if (p / "__init__.py").is_file()]
+    rooms += [f"fastsparse.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"]
+    return sorted(rooms)
+
+
+def _layers() -> list:
+    """The rooms named by the layers contract of pyproject.toml, from the top."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
+    return [re.split(r"\s*[|:]\s*", layer.strip()) for layer in contract["layers"]]
+
+
+def _room_graph(graph, depth: int):
+    """The import graph of whole rooms: a module counts as its first `depth` name parts."""
+    rooms = grimp.ImportGraph()
+    names = {m: ".".join(m.split(".")[:depth]) for m in graph.modules if m.count(".") >= 1}
+    for room in set(names.values()):
+        rooms.add_module(room)
+    for importer, room in names.items():
+        for imported in graph.find_modules_directly_imported_by(importer):
+            other = names.get(imported)
+            if other is not None and other != room:
+                rooms.add_import(importer=room, imported=other)
+    return rooms
+
+
+def test_the_layers_contract_names_every_subpackage_and_top_module():
+    named = sorted(room for layer in _layers() for room in layer)
+    assert named == _rooms()
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_no_import_cycle_between_packages(depth):
+    # depth 2: fastsparse.core, fastsparse.backends, ...; depth 3: also fastsparse.backends.triton
+    assert _cycles(_room_graph(_graph(), depth)) == []
+
+
+def test_the_package_never_imports_the_benchmark_harness():
+    graph = grimp.build_graph("fastsparse", include_external_packages=True)
+    assert "torch" in graph.modules  # external imports are in this graph
+    assert "benchmarks" not in graph.modules
+
+
+@pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter not installed")
+def test_a_planted_upward_import_breaks_the_layers_contract(tmp_path):
+    # A copy of the package in which the bottom layer imports the top one.
+    shutil.copytree(
+        ROOT / "fastsparse",
+        tmp_path / "fastsparse",
+        ignore=shutil.ignore_patterns("__pycache__", "*.npz", "*.cpp", "*.cu", "*.h"),
+    )
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    planted = tmp_path / "fastsparse" / "core" / "contract.py"
+    planted.write_text(planted.read_text() + "\nfrom fastsparse.workflow import cli  # noqa\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(
+        ["lint-imports", "--no-cache"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0, out.stdout
+    assert "BROKEN" in out.stdout and "fastsparse.core.contract -> fastsparse.workflow.cli" in (
+        out.stdout
+    ), out.stdout
 
 
 def test_the_cycle_finder_finds_a_cycle():

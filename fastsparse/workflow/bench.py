@@ -1,16 +1,18 @@
 """`fastsparse bench`: run the benchmark harness of a fastsparse source checkout.
 
 The harness lives in the repository's `benchmarks/` directory (next to the results it writes)
-and is not installed with the package. This module finds it and calls
-``benchmarks.run.main(argv)``:
+and is not installed with the package. This module finds it and runs ``benchmarks.run`` in a
+child Python process, so the package never imports the harness (the harness imports the
+package, never the other way round):
 
 1. the directory named by the environment variable FASTSPARSE_BENCHMARKS_DIR, else
 2. ``<repository>/benchmarks`` beside this package (an editable install, ``pip install -e .``,
    or running from the checkout).
 
-It is loaded under its package name ``benchmarks`` from that path, whatever sys.path holds, so
-an unrelated installed module of that name is never picked up by mistake. Importing this module
-imports neither the harness nor triton, and does not touch CUDA.
+The child puts that directory's parent first on its import path, so an unrelated module named
+``benchmarks`` elsewhere is never picked up, and it keeps the caller's working directory, so
+relative paths in the arguments mean what they say. Importing this module imports neither the
+harness nor triton, and does not touch CUDA.
 
     >>> from fastsparse.workflow import bench
     >>> bench.main(["--device", "cpu", "--quick"])  # doctest: +SKIP
@@ -18,15 +20,19 @@ imports neither the harness nor triton, and does not touch CUDA.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import List, Optional
 
 ENV_VAR = "FASTSPARSE_BENCHMARKS_DIR"
+
+# The child's whole program: the checkout's root goes first on sys.path, then the harness runs.
+_CHILD = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from benchmarks.run import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def find_harness() -> Optional[Path]:
@@ -41,46 +47,18 @@ def find_harness() -> Optional[Path]:
     return None
 
 
-def load_harness() -> ModuleType:
-    """Import and return ``benchmarks.run`` from the directory find_harness() gives.
-
-    Raises:
-        RuntimeError: no checkout found, or another module named ``benchmarks`` is loaded.
-    """
-    directory = find_harness()
-    if directory is None:
-        raise RuntimeError(
-            "fastsparse bench needs the benchmark harness of a source checkout: clone the "
-            "repository and run `pip install -e .` there (or `python -m benchmarks.run` from "
-            f"its root), or set {ENV_VAR} to its benchmarks/ directory"
-        )
-    loaded = sys.modules.get("benchmarks")
-    if loaded is not None:
-        where = Path(getattr(loaded, "__file__", "") or "").resolve().parent
-        if where != directory:
-            raise RuntimeError(
-                f"a different module named 'benchmarks' is already imported (from {where}); "
-                f"expected {directory}"
-            )
-    else:
-        spec = importlib.util.spec_from_file_location(
-            "benchmarks", directory / "__init__.py", submodule_search_locations=[str(directory)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["benchmarks"] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules["benchmarks"]
-            raise
-    return importlib.import_module("benchmarks.run")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the harness with command-line arguments `argv`; return its exit code."""
-    try:
-        harness = load_harness()
-    except RuntimeError as error:
-        print(f"fastsparse bench: {error}", file=sys.stderr)
+    directory = find_harness()
+    if directory is None:
+        print(
+            "fastsparse bench: fastsparse bench needs the benchmark harness of a source "
+            "checkout: clone the "
+            "repository and run `pip install -e .` there (or `python -m benchmarks.run` from "
+            f"its root), or set {ENV_VAR} to its benchmarks/ directory",
+            file=sys.stderr,
+        )
         return 2
-    return harness.main(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = [sys.executable, "-c", _CHILD, str(directory.parent), *argv]
+    return subprocess.run(command, check=False).returncode

@@ -10,14 +10,13 @@ import math
 import pytest
 import torch
 
+# The checkout's root is on sys.path under pytest (tests/ is a package beside benchmarks/).
+from benchmarks import providers as bp
+from benchmarks import report, workloads
+from benchmarks import run as harness
 from fastsparse import reference
 from fastsparse.core.contract import KINDS
 from fastsparse.workflow import bench
-
-harness = bench.load_harness()  # benchmarks.run, found through fastsparse bench's locator
-
-from benchmarks import providers as bp  # noqa: E402  (registered by load_harness)
-from benchmarks import report, workloads  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STATUSES = {"ok", "skipped", "failed"}
@@ -284,9 +283,22 @@ def test_handwritten_baseline_matches_the_oracle(kind, groups):
             torch.testing.assert_close(got, ref.flatten())
 
 
-def test_fastsparse_bench_finds_the_checkout(capsys, monkeypatch, tmp_path):
+def test_fastsparse_bench_finds_the_checkout(capfd, monkeypatch, tmp_path):
     assert bench.find_harness() == (harness.REPO_ROOT / "benchmarks")
     assert bench.main(["--list"]) == 0
-    assert "eager-oracle" in capsys.readouterr().out
+    assert "eager-oracle" in capfd.readouterr().out
     monkeypatch.setenv(bench.ENV_VAR, str(tmp_path))  # not a harness: falls back to the checkout
     assert bench.find_harness() == (harness.REPO_ROOT / "benchmarks")
+
+
+def test_fastsparse_bench_runs_the_checkout_not_a_namesake(capfd, monkeypatch, tmp_path):
+    # A `benchmarks` package in the working directory must not shadow the checkout's harness.
+    decoy = tmp_path / "benchmarks"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("")
+    (decoy / "run.py").write_text("def main(argv):\n    print('decoy')\n    return 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--list"]) == 0
+    out = capfd.readouterr().out
+    assert "eager-oracle" in out and "decoy" not in out
+
