@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastsparse import reference as ref
+from fastsparse.core.contract import as_groupings
 from fastsparse.core.groups import CoupledGroup, CoupledMember
 from fastsparse.workflow.config import RunConfig
 from fastsparse.workflow.models import VGG, LeNet5, MobileNetCIFAR, ResNetCIFAR
@@ -116,7 +117,7 @@ def term_magnitude(w: torch.Tensor, kind: str, groups, alpha: float = 0.5) -> to
     """
     w64 = w.double()
     total = torch.zeros_like(w64)
-    for grouping in ref.as_groupings(groups):
+    for grouping in as_groupings(groups):
         a, b = contract_coefficients(w64, kind, grouping, alpha)
         view = ref.grouped_view(w64, grouping)
         mag = a.abs()[:, None] + (b[:, None] * view).abs()

@@ -1,5 +1,7 @@
-"""From a sparse model to a smaller one: trace coupled groups (graph), score channels
-(importance), zero the weak ones (threshold), remove them for real (prune), measure (report).
+"""From a sparse model to a smaller one: decide once whether it is a decoder transformer or
+traced (structure), trace coupled groups (graph; decoder blocks: transformer), score channels
+(importance), zero the weak ones (threshold), remove them for real (prune, surgery), measure
+(report).
 """
 
 from fastsparse.pruning.common import LeftWholeWarning, PruningError

@@ -1,9 +1,9 @@
 """What every pruning module shares: the error, the layer kinds, running a model on its example
-inputs and reading its outputs."""
+inputs and reading its outputs, checking a pruned copy against them."""
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Sequence
 
 import torch
 from torch import nn
@@ -80,3 +80,44 @@ def eval_forward(model: nn.Module, example_inputs: Any):
     finally:
         for m, training in modes:
             m.train(training)
+
+
+def copy_flags(work: nn.Module, model: nn.Module) -> None:
+    """Give `work` (a pruned copy of `model`, the same modules in the same order) each module's
+    training mode and each parameter's ``requires_grad`` of `model`: layers the surgery made
+    anew start in training mode and with gradients."""
+    for m, original in zip(work.modules(), model.modules()):
+        m.train(original.training)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in work.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+
+
+def output_tolerance(dtype: torch.dtype) -> float:
+    """How far a pruned model's outputs may be from the unpruned one's, times 1 + the largest
+    output: summation order only (removing zero slices changes what is added, not the sum)."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
+
+
+def check_outputs_unchanged(
+    model: nn.Module, expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], hint: str
+) -> None:
+    """Raise PruningError unless the pruned copy of `model` computed `expected` (eval mode, on
+    the example inputs): the same shapes and, for floating outputs, a max abs difference within
+    `output_tolerance` times 1 + the largest output. `hint`: the likely cause, for the message.
+
+    Example::
+
+        >>> check_outputs_unchanged(nn.Identity(), [torch.ones(2)], [torch.ones(2)], "")
+    """
+    for a, b in zip(expected, got):
+        if a.shape != b.shape:
+            raise PruningError(f"pruning changed an output shape: {a.shape} -> {b.shape}")
+        if a.is_floating_point():
+            diff = (a - b).abs().max().item() if a.numel() else 0.0
+            scale = 1.0 + (a.abs().max().item() if a.numel() else 0.0)
+            if not diff <= output_tolerance(a.dtype) * scale:
+                raise PruningError(
+                    f"pruning {type(model).__name__} is not lossless on the example inputs "
+                    f"(max abs difference {diff:.3g}); {hint}"
+                )

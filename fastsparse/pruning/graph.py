@@ -14,6 +14,7 @@ parameters (LayerNorm, GroupNorm and RMSNorm normalize across channels; transpos
 dimension (attention heads, channel shuffles), or whose indices blow up in the graph
 (`INDEX_BUDGET`) is left whole, with the reason, naming the layer, in `Traced.skipped` (and the
 sparsity report, and `prune`'s LeftWholeWarning); the rest of the model is still pruned.
+Removing the channels of a traced group is `fastsparse.pruning.surgery`'s.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from fastsparse.pruning.common import (
     output_tensors,
     run_model,
 )
-from fastsparse.pruning.transformer import decoder_blocks, transformer_groups
+from fastsparse.pruning.structure import Structure, structure_of
+from fastsparse.pruning.transformer import block_groups, blocks_named
 
 
 @dataclass
@@ -56,32 +58,15 @@ class Traced:
     balance: List[List[Tuple[torch.Tensor, int]]] = field(default_factory=list)
 
 
-# Tracing and grouping cost time and memory in proportion to the model (ViT-B/16, 86 M parameters:
-# about 8 s and 2.3 GB on 2 cores), and pruning copies it first: larger models are refused before
-# any copy is made. Raise it to trace larger models on a larger machine.
-MAX_TRACED_PARAMETERS = 150_000_000
-
-
-def check_traceable(model: nn.Module) -> None:
-    """Raise PruningError if `model` has more than MAX_TRACED_PARAMETERS parameters."""
-    count = sum(p.numel() for p in model.parameters())
-    if count > MAX_TRACED_PARAMETERS:
-        raise PruningError(
-            f"{type(model).__name__} has {count / 1e6:.0f} M parameters, more than the "
-            f"{MAX_TRACED_PARAMETERS / 1e6:.0f} M the dependency graph is traced for in bounded "
-            "time and memory; prune its blocks one at a time, or raise "
-            "fastsparse.pruning.graph.MAX_TRACED_PARAMETERS"
-        )
-
-
 def trace(model: nn.Module, example_inputs: Any, strict: bool = False) -> Traced:
     """Build Torch-Pruning's dependency graph on `model` (modified: use a copy) and its groups.
 
     A group that touches a layer whose channels cannot be removed losslessly is left whole and
-    listed in `skipped` with the reason (`strict`: raise PruningError instead)."""
+    listed in `skipped` with the reason (`strict`: raise PruningError instead). Whether the model
+    is small enough to trace is the caller's to check, before it copies the model
+    (`fastsparse.pruning.structure.structure_of`)."""
     import torch_pruning as tp
 
-    check_traceable(model)
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module):
             raise PruningError(
@@ -426,68 +411,6 @@ def _split_by_reshape(grad_fn) -> Optional[Tuple[List[int], List[int]]]:
     return None
 
 
-def balanced_channels(
-    channels: List[int], norms: torch.Tensor, balance: List[Tuple[torch.Tensor, int]]
-) -> List[int]:
-    """The largest subset of `channels` that leaves every grouped conv with as many channels in
-    each of its conv groups as in the others: per conv, each conv group gives up as many as the
-    conv group with the fewest (the lowest-norm ones go); repeated until no conv asks more."""
-    keep = set(channels)
-    changed = True
-    while changed:
-        changed = False
-        for blocks, count in balance:
-            per_block: List[List[int]] = [[] for _ in range(count)]
-            for c in keep:
-                if blocks[c] >= 0:
-                    per_block[int(blocks[c])].append(c)
-            k = min(len(b) for b in per_block)
-            for b in per_block:
-                if len(b) > k:
-                    b.sort(key=lambda c: (float(norms[c]), c))
-                    keep.difference_update(b[k:])
-                    changed = True
-    return sorted(keep)
-
-
-def remove_channels(graph, root: nn.Module, channels: List[int]) -> None:
-    """Remove `channels` of `root`'s coupled group: Torch-Pruning's surgery, except for the
-    in-channels of grouped convolutions, which it does not remove per conv group."""
-    pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
-    group = graph.get_pruning_group(root, pruning_fn, channels)
-    for dep, idxs in group:
-        module = dep.target.module
-        if (
-            isinstance(module, CONV)
-            and is_grouped(module)
-            and graph.is_in_channel_pruning_fn(dep.handler)
-        ):
-            _remove_grouped_in_channels(module, sorted({int(i) for i in idxs}))
-        else:
-            dep(idxs)
-
-
-@torch.no_grad()
-def _remove_grouped_in_channels(conv: nn.Module, channels: List[int]) -> None:
-    groups, size = conv.groups, conv.in_channels // conv.groups
-    removed = set(channels)
-    kept = [
-        [c - b * size for c in range(b * size, (b + 1) * size) if c not in removed]
-        for b in range(groups)
-    ]
-    if len({len(k) for k in kept}) != 1:
-        raise PruningError(f"{conv} would keep different numbers of in-channels in its conv groups")
-    weight = conv.weight
-    out_size, kernel = weight.shape[0] // groups, weight.shape[2:]
-    index = torch.tensor(kept, device=weight.device).view(groups, 1, -1, *(1,) * len(kernel))
-    index = index.expand(groups, out_size, index.shape[2], *kernel)
-    new = weight.detach().reshape(groups, out_size, size, *kernel).gather(2, index)
-    conv.weight = nn.Parameter(
-        new.reshape(weight.shape[0], -1, *kernel).contiguous(), weight.requires_grad
-    )
-    conv.in_channels = len(kept[0]) * groups
-
-
 def coupled_groups(
     model: nn.Module, example_inputs: Any, *, strict: bool = False
 ) -> List[CoupledGroup]:
@@ -532,10 +455,16 @@ def coupled_groups(
         CoupledGroup(root='features.3', num_groups=50, members=[features.3.weight[dim 0], \
 features.3.bias[dim 0], classifier.0.weight[dim 1]])
     """
-    if decoder_blocks(model):  # their channels mix across the residual stream: heads, neurons
-        groups = transformer_groups(model)
+    return coupled_groups_as(structure_of(model), model, example_inputs, strict=strict)
+
+
+def coupled_groups_as(
+    structure: Structure, model: nn.Module, example_inputs: Any, *, strict: bool = False
+) -> List[CoupledGroup]:
+    """`coupled_groups` of a model whose `structure_of` the caller has decided."""
+    if structure.is_decoder:  # their channels mix across the residual stream: heads, neurons
+        groups = block_groups(blocks_named(model, structure.block_names))
         return groups["heads"] + groups["neurons"]
-    check_traceable(model)
     traced = trace(copy.deepcopy(model), example_inputs, strict)
     params = dict(model.named_parameters())
     return [

@@ -30,6 +30,7 @@ __all__ = [
     "dead_masks",
     "filter_scores",
     "producer_norms",
+    "removable_masks",
     "select_channels",
     "zero_channels_",
 ]
@@ -133,15 +134,30 @@ def dead_masks(groups: List[CoupledGroup], threshold: float, norms=None) -> List
     return [n <= threshold for n in norms]
 
 
+def removable_masks(norms: Sequence[torch.Tensor], threshold: float) -> List[torch.Tensor]:
+    """Per group, bool [G] (CPU): the channels to remove, those whose norm is <= threshold, but
+    never all of a layer's: when all are dead, the one with the largest norm stays.
+
+    `norms`: one [G] tensor per group of what decides whether a channel is dead (`producer_norms`
+    for traced groups, `fastsparse.pruning.transformer.removal_norms` for heads and neurons).
+
+    Example:
+        >>> removable_masks([torch.tensor([0.0, 2.0]), torch.tensor([0.0, 0.5])], 1.0)
+        [tensor([ True, False]), tensor([ True, False])]
+    """
+    masks = []
+    for n in norms:
+        dead = (n <= threshold).cpu()
+        if bool(dead.all()) and n.numel():
+            dead[int(torch.argmax(n))] = False
+        masks.append(dead)
+    return masks
+
+
 def dead_channels(groups: List[CoupledGroup], threshold: float, norms=None) -> List[List[int]]:
-    """Per group, the dead channels to remove (`dead_masks`), but never all of a layer's."""
+    """Per group, the dead channels to remove (`removable_masks` of the producers' norms)."""
     norms = producer_norms(groups) if norms is None else norms
-    dead = []
-    for n, is_dead in zip(norms, dead_masks(groups, threshold, norms)):
-        if bool(is_dead.all()) and n.numel():
-            is_dead[int(torch.argmax(n))] = False
-        dead.append(torch.nonzero(is_dead).flatten().tolist())
-    return dead
+    return [torch.nonzero(dead).flatten().tolist() for dead in removable_masks(norms, threshold)]
 
 
 def channel_scales(groups: List[CoupledGroup]) -> List[Optional[torch.Tensor]]:

@@ -35,28 +35,22 @@ from fastsparse.pruning.common import (
     CONV,
     LeftWholeWarning,
     PruningError,
+    check_outputs_unchanged,
+    copy_flags,
     eval_forward,
     is_depthwise,
     output_tensors,
 )
-from fastsparse.pruning.graph import (
-    Traced,
-    balanced_channels,
-    check_traceable,
-    remove_channels,
-    trace,
-)
+from fastsparse.pruning.graph import Traced, trace
 from fastsparse.pruning.importance import (
     dead_channels,
     dead_masks,
     producer_norms,
     zero_channels_,
 )
-from fastsparse.pruning.transformer import decoder_blocks, prune_transformer
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
+from fastsparse.pruning.structure import Structure, structure_of
+from fastsparse.pruning.surgery import balanced_channels, remove_channels
+from fastsparse.pruning.transformer import prune_blocks
 
 
 def prune_traced(traced: Traced, example_inputs: Any, threshold: float, verify: bool):
@@ -88,18 +82,8 @@ def prune_traced(traced: Traced, example_inputs: Any, threshold: float, verify: 
                 f"({type(e).__name__}: {e}); an operation the dependency graph does not model "
                 "probably ties channels"
             ) from e
-        for a, b in zip(expected, got):
-            if a.shape != b.shape:
-                raise PruningError(f"pruning changed an output shape: {a.shape} -> {b.shape}")
-            if a.is_floating_point():
-                diff = (a - b).abs().max().item() if a.numel() else 0.0
-                scale = 1.0 + (a.abs().max().item() if a.numel() else 0.0)
-                if not diff <= _tolerance(a.dtype) * scale:
-                    raise PruningError(
-                        f"pruning {type(model).__name__} is not lossless on the example inputs "
-                        f"(max abs difference {diff:.3g}); an operation the dependency graph "
-                        "does not model probably mixes channels"
-                    )
+        hint = "an operation the dependency graph does not model probably mixes channels"
+        check_outputs_unchanged(model, expected, got, hint)
     return model
 
 
@@ -151,22 +135,32 @@ def prune(
         Conv2d(1, 15, kernel_size=(5, 5), stride=(1, 1))
     """
     threshold = check_real("threshold", threshold)
-    if decoder_blocks(model):  # transformers: heads and neurons (see pruning/transformer.py)
-        return prune_transformer(model, example_inputs, threshold, verify=verify)
-    check_traceable(model)
+    return prune_as(
+        structure_of(model), model, example_inputs, threshold, verify=verify, strict=strict
+    )
+
+
+def prune_as(
+    structure: Structure,
+    model: nn.Module,
+    example_inputs: Any,
+    threshold: float,
+    *,
+    verify: bool,
+    strict: bool,
+) -> nn.Module:
+    """`prune` of a model whose `structure_of` the caller has decided (threshold checked)."""
+    if structure.is_decoder:  # transformers: heads and neurons (see pruning/transformer.py)
+        return prune_blocks(model, structure.block_names, example_inputs, threshold, verify=verify)
     work = copy.deepcopy(model)
     traced = trace(work, example_inputs, strict)
     if traced.skipped:
         where = "; ".join(f"{root!r}: {why}" for root, why in traced.skipped)
         warnings.warn(
-            LeftWholeWarning(f"left whole (not prunable): {where}", traced.skipped), stacklevel=2
+            LeftWholeWarning(f"left whole (not prunable): {where}", traced.skipped), stacklevel=3
         )
     prune_traced(traced, example_inputs, threshold, verify)
-    for m, original in zip(work.modules(), model.modules()):
-        m.train(original.training)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for n, p in work.named_parameters():
-        p.requires_grad_(flags.get(n, True))
+    copy_flags(work, model)
     return work
 
 

@@ -13,15 +13,11 @@ from torch import nn
 from fastsparse.core.checks import check_real
 from fastsparse.core.groups import CoupledGroup
 from fastsparse.pruning.common import CONV, eval_forward
-from fastsparse.pruning.graph import check_traceable, trace
+from fastsparse.pruning.graph import trace
 from fastsparse.pruning.importance import producer_norms
 from fastsparse.pruning.prune import prune_traced
-from fastsparse.pruning.transformer import (
-    decoder_blocks,
-    neuron_norms,
-    prune_transformer,
-    transformer_groups,
-)
+from fastsparse.pruning.structure import Structure, structure_of
+from fastsparse.pruning.transformer import block_groups, blocks_named, prune_blocks, removal_norms
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> Dict[str, int]:
@@ -177,14 +173,24 @@ def sparsity_report(
         >>> print(report)  # doctest: +SKIP
     """
     threshold = check_real("threshold", threshold)
-    if not decoder_blocks(model):
-        check_traceable(model)
+    return sparsity_report_as(structure_of(model), model, example_inputs, threshold)
+
+
+def sparsity_report_as(
+    structure: Structure, model: nn.Module, example_inputs: Any, threshold: float
+) -> SparsityReport:
+    """`sparsity_report` of a model whose `structure_of` the caller has decided (threshold
+    checked)."""
     work = copy.deepcopy(model)
-    if decoder_blocks(work):  # heads and neurons, as fastsparse.prune removes them
-        transformer = transformer_groups(work)
+    if structure.is_decoder:  # heads and neurons, as fastsparse.prune removes them
+        names = structure.block_names
+        transformer = block_groups(blocks_named(work, names))
         groups, skipped = transformer["heads"] + transformer["neurons"], []
-        norms = producer_norms(transformer["heads"]) + neuron_norms(transformer["neurons"])
-        prune_work = lambda: prune_transformer(work, example_inputs, threshold)  # noqa: E731
+        norms = removal_norms(transformer)
+        norms = norms["heads"] + norms["neurons"]
+        prune_work = lambda: prune_blocks(  # noqa: E731
+            work, names, example_inputs, threshold, verify=True
+        )
     else:
         traced = trace(work, example_inputs)  # first: a model that cannot be traced fails here
         groups, skipped = traced.groups, list(traced.skipped)

@@ -16,11 +16,11 @@ from torch import nn
 
 from fastsparse.core.checks import check_real
 from fastsparse.pruning.common import unwrap
-from fastsparse.pruning.graph import check_traceable, coupled_groups
+from fastsparse.pruning.graph import coupled_groups, coupled_groups_as
 from fastsparse.pruning.importance import PRUNE_CRITERIA, filter_scores, zero_channels_
-from fastsparse.pruning.prune import prune
-from fastsparse.pruning.report import sparsity_report
-from fastsparse.pruning.transformer import decoder_blocks
+from fastsparse.pruning.prune import prune_as
+from fastsparse.pruning.report import sparsity_report_as
+from fastsparse.pruning.structure import Structure, structure_of
 
 THRESHOLD_MODES = ("relative", "global", "absolute")
 
@@ -35,14 +35,6 @@ def prunable_weights(model: nn.Module, example_inputs: Any) -> List[Tuple[str, n
     return [
         (g.root, model.get_submodule(g.root).weight) for g in coupled_groups(model, example_inputs)
     ]
-
-
-def filter_norms(model: nn.Module, example_inputs: Any) -> Dict[str, torch.Tensor]:
-    """Layer name -> l2 norm of each filter (weight row) of every prunable layer."""
-    return {
-        name: w.detach().flatten(1).float().norm(dim=1)
-        for name, w in prunable_weights(model, example_inputs)
-    }
 
 
 @dataclass
@@ -95,13 +87,31 @@ def threshold_(
         >>> zeroed = threshold_(model, x, 0.5)  # relative: half the layer's strongest filter
         >>> small = fastsparse.prune(model, x)  # doctest: +SKIP
     """
+    threshold = _checked(threshold, mode, criterion)
+    model = unwrap(model)
+    return threshold_as_(structure_of(model), model, example_inputs, threshold, mode, criterion)
+
+
+def _checked(threshold: float, mode: str, criterion: str) -> float:
+    """The threshold, checked with the mode and criterion before anything is copied."""
     threshold = check_real("threshold", threshold)
     if mode not in THRESHOLD_MODES:
         raise ValueError(f"unknown threshold mode {mode!r}; valid: {', '.join(THRESHOLD_MODES)}")
     if criterion not in PRUNE_CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(PRUNE_CRITERIA)}")
-    model = unwrap(model)
-    groups = coupled_groups(model, example_inputs)
+    return threshold
+
+
+def threshold_as_(
+    structure: Structure,
+    model: nn.Module,
+    example_inputs: Any,
+    threshold: float,
+    mode: str,
+    criterion: str,
+) -> Dict[str, torch.Tensor]:
+    """`threshold_` of a model whose `structure_of` the caller has decided (arguments checked)."""
+    groups = coupled_groups_as(structure, model, example_inputs)
     scores = filter_scores(groups, model, criterion)
     overall = max((float(s.max()) for s in scores if s.numel()), default=0.0)
     weak = {}
@@ -135,12 +145,12 @@ def threshold_and_prune(
         >>> result.kept["features.0"][1]  # filters before
         20
     """
+    threshold = _checked(threshold, mode, criterion)
     model = unwrap(model)
-    if not decoder_blocks(model):
-        check_traceable(model)
+    structure = structure_of(model)  # before the copy: a model too large to trace is refused
     work = copy.deepcopy(model)
-    weak = threshold_(work, example_inputs, threshold, mode, criterion)
-    report = sparsity_report(work, example_inputs, threshold=0.0)
-    pruned = prune(work, example_inputs, threshold=0.0)
+    weak = threshold_as_(structure, work, example_inputs, threshold, mode, criterion)
+    report = sparsity_report_as(structure, work, example_inputs, 0.0)
+    pruned = prune_as(structure, work, example_inputs, 0.0, verify=True, strict=False)
     kept = {root: (int((~dead).sum()), dead.numel()) for root, dead in weak.items()}
     return PruneResult(pruned, work, report, kept)

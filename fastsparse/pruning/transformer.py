@@ -5,7 +5,9 @@ A decoder block is a module with ``self_attn`` (``q_proj``, ``k_proj``, ``v_proj
 and ``head_dim``) and ``mlp`` (``gate_proj``, ``up_proj``, ``down_proj``), as transformers'
 Llama-family models are built; nothing of transformers is imported. Their channels mix across the
 residual stream, so the dependency graph of `fastsparse.pruning.graph` is not used: the groups are
-the ones of `attention_head_groups` and `mlp_neuron_groups`, the same the penalty trains.
+the ones of `attention_head_groups` and `mlp_neuron_groups`, the same the penalty trains. Whether a
+model is one is decided once per call (`fastsparse.pruning.structure`); the functions below that
+take `names` (its blocks' module names) are given that decision.
 
 Dead rule (lossless, as for filters: what produces the channel is zero). A key/value group (one
 k/v head with the query heads that share it) is dead when its q, k and v rows (and biases) are
@@ -29,8 +31,14 @@ from fastsparse.core.groups import (
     attention_head_groups,
     mlp_neuron_groups,
 )
-from fastsparse.pruning.common import PruningError, eval_forward, output_tensors
-from fastsparse.pruning.importance import producer_norms, zero_channels_
+from fastsparse.pruning.common import (
+    PruningError,
+    check_outputs_unchanged,
+    copy_flags,
+    eval_forward,
+    output_tensors,
+)
+from fastsparse.pruning.importance import producer_norms, removable_masks, zero_channels_
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -52,6 +60,12 @@ def decoder_blocks(model: nn.Module) -> List[Tuple[str, nn.Module, nn.Module]]:
     return blocks
 
 
+def blocks_named(model: nn.Module, names) -> List[Tuple[str, nn.Module, nn.Module]]:
+    """(block name, attention module, MLP module) of the blocks `names` of `model` (the names
+    `decoder_blocks` found on it or on a model it was copied from)."""
+    return [(n, model.get_submodule(n).self_attn, model.get_submodule(n).mlp) for n in names]
+
+
 def _heads(attn: nn.Module) -> Tuple[int, int]:
     d = attn.head_dim
     return attn.q_proj.out_features // d, attn.k_proj.out_features // d
@@ -71,8 +85,14 @@ def transformer_groups(model: nn.Module) -> Dict[str, List[CoupledGroup]]:
         >>> groups = transformer_groups(model)  # doctest: +SKIP
         >>> fastsparse.penalty(None, "group_lasso", groups=groups["heads"])  # doctest: +SKIP
     """
+    return block_groups(decoder_blocks(model))
+
+
+def block_groups(blocks) -> Dict[str, List[CoupledGroup]]:
+    """`transformer_groups` of the `blocks` given ((name, attention, MLP), as `decoder_blocks`
+    lists them)."""
     heads, neurons = [], []
-    for name, attn, mlp in decoder_blocks(model):
+    for name, attn, mlp in blocks:
         prefix = f"{name}." if name else ""
         num_heads, num_kv = _heads(attn)
         names = tuple(f"{prefix}self_attn.{p}.weight" for p in _ATTENTION)
@@ -111,6 +131,12 @@ def neuron_norms(groups: List[CoupledGroup]) -> List[torch.Tensor]:
     return out
 
 
+def removal_norms(groups: Dict[str, List[CoupledGroup]]) -> Dict[str, List[torch.Tensor]]:
+    """Per kind of `block_groups`, the [G] norms that say whether a group is dead: the producers'
+    norm of each key/value group (q, k, v rows and biases), `neuron_norms` of each neuron."""
+    return {"heads": producer_norms(groups["heads"]), "neurons": neuron_norms(groups["neurons"])}
+
+
 def _sliced(layer: nn.Linear, rows=None, columns=None) -> nn.Linear:
     weight = layer.weight.detach()
     bias = None if layer.bias is None else layer.bias.detach()
@@ -125,16 +151,7 @@ def _sliced(layer: nn.Linear, rows=None, columns=None) -> nn.Linear:
         new.weight.copy_(weight)
         if bias is not None:
             new.bias.copy_(bias)
-    new.weight.requires_grad_(layer.weight.requires_grad)
     return new
-
-
-def _alive(norms: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Indices of the groups with norm > threshold; the strongest stays if none does."""
-    alive = norms > threshold
-    if not bool(alive.any()) and norms.numel():
-        alive[int(norms.argmax())] = True
-    return torch.nonzero(alive).flatten().cpu()
 
 
 def prune_transformer(
@@ -152,31 +169,35 @@ def prune_transformer(
     ``fastsparse.load_pruned(fresh_model, state_dict)``.
     """
     threshold = check_real("threshold", threshold)
-    if not decoder_blocks(model):
+    names = tuple(name for name, _, _ in decoder_blocks(model))
+    if not names:
         raise PruningError(f"{type(model).__name__} has no decoder block with self_attn and mlp")
+    return prune_blocks(model, names, example_inputs, threshold, verify=verify)
+
+
+def prune_blocks(
+    model: nn.Module, names, example_inputs: Any, threshold: float, *, verify: bool
+) -> nn.Module:
+    """`prune_transformer` of the decoder blocks `names` of `model` (threshold checked)."""
     work = copy.deepcopy(model)
-    groups = transformer_groups(work)
-    head_norms = producer_norms(groups["heads"])
-    mlp_norms = neuron_norms(groups["neurons"])
+    blocks = blocks_named(work, names)
+    groups = block_groups(blocks)
+    norms = removal_norms(groups)
+    removed = {kind: removable_masks(norms[kind], threshold) for kind in groups}
     expected = None
     if verify and example_inputs is not None:
         # What the pruned model must compute: the model with its dead groups zeroed. Zeroed in
         # the working copy itself (one copy of the model, not two): the slicing below removes
         # exactly the zeroed rows and columns and copies the others unchanged.
-        for kind, norms in (("heads", head_norms), ("neurons", mlp_norms)):
-            dead = []
-            for n in norms:
-                mask = torch.ones_like(n, dtype=torch.bool)
-                mask[_alive(n, threshold)] = False
-                dead.append(mask)
-            zero_channels_(groups[kind], dead)
+        for kind in groups:
+            zero_channels_(groups[kind], removed[kind])
         expected = output_tensors(eval_forward(work, example_inputs))
     with torch.no_grad():
-        for (_, attn, mlp), heads, neurons in zip(decoder_blocks(work), head_norms, mlp_norms):
+        for (_, attn, mlp), heads, neurons in zip(blocks, removed["heads"], removed["neurons"]):
             d = attn.head_dim
             num_heads, num_kv = _heads(attn)
             per_kv = num_heads // num_kv
-            kept_kv = _alive(heads, threshold)
+            kept_kv = torch.nonzero(~heads).flatten()
             kv_rows = (kept_kv[:, None] * d + torch.arange(d)).flatten()
             q_heads = (kept_kv[:, None] * per_kv + torch.arange(per_kv)).flatten()
             q_rows = (q_heads[:, None] * d + torch.arange(d)).flatten()
@@ -187,20 +208,15 @@ def prune_transformer(
             for attr, value in (("num_heads", len(q_heads)), ("num_key_value_heads", len(kept_kv))):
                 if hasattr(attn, attr):  # older transformers read these in forward
                     setattr(attn, attr, value)
-            kept = _alive(neurons, threshold)
+            kept = torch.nonzero(~neurons).flatten()
             mlp.gate_proj = _sliced(mlp.gate_proj, rows=kept)
             mlp.up_proj = _sliced(mlp.up_proj, rows=kept)
             mlp.down_proj = _sliced(mlp.down_proj, columns=kept)
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = len(kept)
-    for m, original in zip(work.modules(), model.modules()):
-        m.train(original.training)
+    copy_flags(work, model)
     if expected is not None:
         got = output_tensors(eval_forward(work, example_inputs))
-        for a, b in zip(expected, got):
-            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-                raise PruningError(
-                    f"removing the dead heads and neurons of {type(model).__name__} changed its "
-                    "outputs; nothing was returned"
-                )
+        hint = "a layer the head and neuron groups do not cover probably mixes their channels"
+        check_outputs_unchanged(model, expected, got, hint)
     return work

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import fastsparse as fs
 from fastsparse import reference as ref
+from fastsparse.core.groups import coupled_params
 from fastsparse.pruning import coupled_groups
 from tests.conftest import FUSED_BACKENDS
 from tests.helpers import (
@@ -366,7 +367,7 @@ def test_coupled_penalty_value_grad_and_norms(kind, backend, device):
     for model, x in coupled_models():
         model = model.to(device)
         groups = coupled_groups(model, x.to(device))
-        params = reference_params = ref.coupled_params(groups)
+        params = reference_params = coupled_params(groups)
         value = fs.penalty(None, kind, groups=groups, backend=backend)
         grads = torch.autograd.grad(value, params)
         expected = ref.coupled_penalty(groups, kind)
@@ -390,7 +391,7 @@ def test_coupled_gradcheck_float64(backend, device):
     model, x = coupled_models()[0]
     model = model.double().to(device)
     groups = coupled_groups(model, x.double().to(device))
-    params = ref.coupled_params(groups)
+    params = coupled_params(groups)
 
     def f(*_params):  # the groups hold the model's parameters: gradcheck perturbs them in place
         return fs.penalty(None, "l1l2", groups=groups, backend=backend)

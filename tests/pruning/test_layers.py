@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from fastsparse.pruning import PruningError, coupled_groups, load_pruned, prune
-from fastsparse.pruning.graph import balanced_channels, trace
+from fastsparse.pruning.graph import trace
+from fastsparse.pruning.surgery import balanced_channels
 from tests.helpers import eval_out
 
 

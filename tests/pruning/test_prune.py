@@ -355,11 +355,11 @@ def test_non_lossless_pruning_is_refused():
 
 
 def test_models_too_large_to_trace_are_refused_before_any_copy(monkeypatch):
-    from fastsparse.pruning import graph
+    from fastsparse.pruning import structure
 
     model, x = LeNet5(), torch.randn(1, 1, 28, 28)
-    monkeypatch.setattr(graph, "MAX_TRACED_PARAMETERS", 1000)
+    monkeypatch.setattr(structure, "MAX_TRACED_PARAMETERS", 1000)
     monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("copied before the check"))
-    for call in (fs.prune, fs.coupled_groups, fs.sparsity_report):
+    for call in (fs.prune, fs.coupled_groups, fs.sparsity_report, fs.threshold_and_prune):
         with pytest.raises(fs.PruningError, match="M parameters, more than the"):
-            call(model, x)
+            call(model, x, 0.5) if call is fs.threshold_and_prune else call(model, x)

@@ -135,3 +135,15 @@ def test_a_neuron_with_only_its_up_row_zero_is_dead():
         torch.testing.assert_close(pruned(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
     report = fs.sparsity_report(model, IDS)
     assert {layer.name: layer.alive for layer in report.layers}["model.layers.0.mlp.up_proj"] == 46
+
+
+def test_pruned_layers_keep_the_frozen_flags_of_the_model():
+    model = _qwen2()  # q/k/v biases: the sliced layers' biases are new parameters too
+    for name, p in model.named_parameters():
+        p.requires_grad_("layers.0." not in name)
+    _zero_producers(transformer_groups(model)["heads"], [torch.tensor([1]), torch.tensor([0])])
+    pruned = fs.prune(model, IDS)
+    assert pruned.model.layers[0].self_attn.k_proj.out_features < model.config.hidden_size
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert {n: p.requires_grad for n, p in pruned.named_parameters()} == flags
+    assert not pruned.model.layers[0].self_attn.q_proj.bias.requires_grad

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastsparse.reference as ref
+from fastsparse.core.contract import KINDS
 from fastsparse.core.groups import CoupledGroup, CoupledMember
 from tests.helpers import explicit_rows, overlapping_groups
 
@@ -30,7 +31,7 @@ def test_coupled_matrix_handles_uneven_groups():
     assert s1.tolist() == [0 + 1 + 2 + 6 + 7 + 8, 3 + 4 + 9 + 10, 5 + 11]
 
 
-@pytest.mark.parametrize("kind", ref.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_coupled_penalty_and_grad(kind):
     groups, params = overlapping_groups()
     expected = sum(

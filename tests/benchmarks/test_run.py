@@ -301,4 +301,3 @@ def test_fastsparse_bench_runs_the_checkout_not_a_namesake(capfd, monkeypatch, t
     assert bench.main(["--list"]) == 0
     out = capfd.readouterr().out
     assert "eager-oracle" in out and "decoy" not in out
-
