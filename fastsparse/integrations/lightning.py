@@ -60,8 +60,15 @@ class SparsityCallback(Callback):
             self.sparsifier.after_step()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if self.log and self.sparsifier is not None:
+        if self.sparsifier is None:
+            return
+        self.sparsifier.end_epoch()
+        if self.log:
             pl_module.log("sparsity", self.sparsifier.sparsity()["total"])
+
+    def on_fit_end(self, trainer, pl_module):
+        if self.sparsifier is not None:
+            self.sparsifier.close()
 
     def state_dict(self) -> dict:
         return {} if self.sparsifier is None else self.sparsifier.state_dict()

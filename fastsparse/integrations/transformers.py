@@ -52,6 +52,13 @@ class SparsityCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.sparsifier.after_step()
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.sparsifier.end_epoch()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.sparsifier is not None:
+            self.sparsifier.close()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log or self.sparsifier is None or logs is None:
             return

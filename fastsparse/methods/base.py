@@ -32,13 +32,17 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from fastsparse.core.step import StepHooks
+
 __all__ = ["METHODS", "Method", "build_method", "method_options"]
 
 METHODS = ("oicsr", "feature_flow", "selective_decay", "slimming")
 
 
-class Method:
-    """A sparsity method as a training loop sees it. Subclasses override what they use."""
+class Method(StepHooks):
+    """A sparsity method as a training loop sees it: the step protocol (`StepHooks`:
+    before_step, after_step, end_epoch, close), a loss term and a pruning rule. Subclasses
+    override what they use."""
 
     name = "none"
 
@@ -51,12 +55,6 @@ class Method:
         p = next(self.model.parameters())
         return torch.zeros((), dtype=torch.float32, device=p.device)
 
-    def before_step(self) -> None:
-        """After backward, before optimizer.step(): in-place gradient work."""
-
-    def after_step(self) -> None:
-        """After optimizer.step(): e.g. keep pruned weights at zero."""
-
     def attach(self, optimizer: torch.optim.Optimizer):
         """Run before_step / after_step around every optimizer.step(); returns the handles."""
 
@@ -68,14 +66,8 @@ class Method:
 
         return optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)
 
-    def end_epoch(self, metric: Optional[float] = None) -> None:
-        """Once per epoch, with the validation metric (higher is better) if there is one."""
-
     def before_prune(self, threshold: float = 0.0) -> None:
         """Zero, by the method's own rule, what fastsparse.prune should then remove."""
-
-    def close(self) -> None:
-        """Remove hooks."""
 
 
 class _OICSRMethod(Method):
@@ -93,7 +85,7 @@ class _OICSRMethod(Method):
 
     def before_step(self):
         if self.inplace:
-            self.reg.apply_()
+            self.reg.before_step()
 
 
 class _FeatureFlowMethod(Method):

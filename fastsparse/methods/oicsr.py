@@ -13,13 +13,13 @@ layer tied to channel c). Any kind of the contract applies to them: group_lasso 
 paper's main variant), l1l2, group_l1l2, hoyer_square, group_hoyer_square, sparse_group_lasso,
 l1, l2.
 
-Penalty backend: the coupled-group penalty is computed by ``fastsparse.penalty(params, kind,
-groups=coupled)`` (the fused coupled-group engine); the one line ``FUSED_COUPLED = False`` below
-routes it to the oracle ``fastsparse.reference.coupled_penalty`` instead.
+The regularizer is a `fastsparse.Regularizer` over these coupled groups (``reg()`` /
+``reg.apply_()``, any backend: ``backend="torch"`` is the oracle
+``fastsparse.reference.coupled_penalty``).
 
-API: :func:`oicsr_groups`, :class:`OICSR` (the regularizer: ``reg()`` / ``reg.apply_()``),
-:func:`channel_energy` and :func:`prune_lowest_energy_` (the paper's global pruning by
-out-in-channel energy), :func:`oicsr_regularizer` (the study entry point).
+API: :func:`oicsr_groups`, :func:`oicsr_regularizer` (the regularizer, and the study entry
+point), :func:`prune_lowest_energy_` (the paper's global pruning by out-in-channel energy,
+`fastsparse.pruning.importance.channel_energy`).
 """
 
 from __future__ import annotations
@@ -29,26 +29,12 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-from fastsparse import reference
-from fastsparse.core.checks import check_kind, check_strength
-from fastsparse.core.groups import CoupledGroup, coupled_params, is_coupled
-from fastsparse.functional.penalty import add_penalty_grad_, penalty
+from fastsparse.core.groups import CoupledGroup
 from fastsparse.methods.regularizer import Regularizer
 from fastsparse.pruning.graph import coupled_groups
 from fastsparse.pruning.importance import channel_energy, select_channels, zero_channels_
 
-__all__ = [
-    "OICSR",
-    "channel_energy",
-    "oicsr_groups",
-    "oicsr_regularizer",
-    "prune_lowest_energy_",
-]
-
-# True: the penalty and its gradient go through fastsparse.penalty / add_penalty_grad_ with
-# groups=coupled (the fused coupled-group engine, any backend); False: the oracle
-# (reference.coupled_penalty / coupled_penalty_grad), for comparisons.
-FUSED_COUPLED = True
+__all__ = ["oicsr_groups", "oicsr_regularizer", "prune_lowest_energy_"]
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
@@ -97,103 +83,16 @@ features.3.weight[dim 1]])
     return out
 
 
-class OICSR:
-    """OICSR regularizer: a penalty kind over out-in-channel (coupled) groups.
-
-    Args:
-        groups: from :func:`oicsr_groups` (or ``fastsparse.coupled_groups``).
-        kind: any of ``fastsparse.KINDS``; "group_lasso" is OICSR-GL.
-        strength: multiplier (>= 0), may be changed between steps.
-        backend: as in ``fastsparse.penalty`` (used once the fused coupled path is on).
-        options: alpha for "sparse_group_lasso".
-
-    Use ``loss = loss + reg()`` (autograd) or ``reg.apply_()`` after backward (in place), or
-    ``reg.attach(optimizer)``.
-
-    Example:
-        >>> from fastsparse.workflow.models import LeNet5
-        >>> model, x = LeNet5(), torch.randn(2, 1, 28, 28)
-        >>> reg = OICSR(oicsr_groups(model, x[:1]), "group_lasso", 1e-4)
-        >>> (model(x).square().mean() + reg()).backward()
-    """
-
-    def __init__(
-        self,
-        groups: List[CoupledGroup],
-        kind: str = "group_lasso",
-        strength: float = 1e-4,
-        *,
-        backend: Optional[str] = "auto",
-        **options,
-    ):
-        if isinstance(groups, CoupledGroup):
-            groups = [groups]
-        groups = list(groups)
-        if not is_coupled(groups) or not groups:
-            raise ValueError("groups must be a non-empty list of CoupledGroup (oicsr_groups)")
-        self.alpha = check_kind(kind, options)
-        self.groups = groups
-        self.params = coupled_params(groups)
-        self.kind = kind
-        self.strength = check_strength(strength)
-        self.backend = backend
-        self.options = options
-
-    def _penalty(self) -> torch.Tensor:
-        if FUSED_COUPLED:
-            return penalty(
-                self.params, self.kind, groups=self.groups, backend=self.backend, **self.options
-            )
-        return reference.coupled_penalty(self.groups, self.kind, self.alpha)
-
-    def __call__(self) -> torch.Tensor:
-        """strength * R as a differentiable loss term."""
-        return self.strength * self._penalty()
-
-    def value(self) -> torch.Tensor:
-        """R without gradient tracking (for logging)."""
-        with torch.no_grad():
-            return self._penalty()
-
-    def apply_(self) -> torch.Tensor:
-        """Add strength * dR/dW into the parameters' .grad in place; returns strength * R."""
-        if FUSED_COUPLED:
-            value = add_penalty_grad_(
-                self.params,
-                self.kind,
-                self.strength,
-                groups=self.groups,
-                backend=self.backend,
-                **self.options,
-            )
-            return self.strength * value
-        with torch.no_grad():
-            value = reference.coupled_penalty(self.groups, self.kind, self.alpha)
-            grads = reference.coupled_penalty_grad(self.groups, self.kind, self.alpha)
-            for p, g in zip(self.params, grads):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.add_(g.to(p.grad.dtype), alpha=self.strength)
-        return self.strength * value
-
-    attach = Regularizer.attach  # apply_() before every optimizer.step()
-
-    def __repr__(self) -> str:
-        return (
-            f"OICSR(kind={self.kind!r}, strength={self.strength}, groups={len(self.groups)}, "
-            f"channels={sum(g.num_groups for g in self.groups)}, backend={self.backend!r})"
-        )
-
-
 def prune_lowest_energy_(
     groups: List[CoupledGroup], ratio: float, *, normalize: bool = True
 ) -> List[torch.Tensor]:
     """Zero the `ratio` share of out-in-channels with the lowest energy, over the whole model.
 
     One round of OICSR's global pruning: channels are ranked together across layers by
-    :func:`channel_energy` and the lowest are zeroed group-wide (every member slice), so
-    ``fastsparse.prune(model, x)`` removes them losslessly. Iterate with fine-tuning in between
-    for the paper's greedy schedule. Returns the dead masks, one bool [G] per group.
+    `fastsparse.pruning.importance.channel_energy` and the lowest are zeroed group-wide (every
+    member slice), so ``fastsparse.prune(model, x)`` removes them losslessly. Iterate with
+    fine-tuning in between for the paper's greedy schedule. Returns the dead masks, one bool [G]
+    per group.
 
     Example:
         >>> from fastsparse.workflow.models import LeNet5
@@ -218,18 +117,31 @@ def oicsr_regularizer(
     batchnorm: bool = True,
     backend: Optional[str] = "auto",
     **options,
-) -> OICSR:
-    """OICSR on every prunable layer of `model` (the study entry point).
+) -> Regularizer:
+    """OICSR on every prunable layer of `model`: a `fastsparse.Regularizer` over the
+    out-in-channel groups of :func:`oicsr_groups`.
+
+    Args:
+        model, example_inputs: the model and a batch to trace it with.
+        strength: multiplier (>= 0), may be changed between steps.
+        kind: any of ``fastsparse.KINDS``; "group_lasso" is OICSR-GL.
+        batchnorm: as in :func:`oicsr_groups`.
+        backend, options: as in ``fastsparse.penalty`` (alpha for "sparse_group_lasso").
 
     In the training loop: ``loss = criterion(model(x), y) + reg()``, or ``reg.apply_()`` after
-    backward. After training, ``fastsparse.prune(model, x, threshold=t)`` removes the channels
-    whose out-in-channel group norm is <= t (the same groups).
+    backward (``reg.attach(optimizer)``). After training, ``fastsparse.prune(model, x,
+    threshold=t)`` removes the channels whose out-in-channel group norm is <= t (the same
+    groups).
 
     Example:
         >>> from fastsparse.workflow.models import LeNet5
-        >>> reg = oicsr_regularizer(LeNet5(), torch.randn(1, 1, 28, 28), 1e-4)
+        >>> model, x = LeNet5(), torch.randn(2, 1, 28, 28)
+        >>> reg = oicsr_regularizer(model, x[:1], 1e-4)
+        >>> (model(x).square().mean() + reg()).backward()
+        >>> len(reg.groups), reg.coupled
+        (3, True)
     """
     groups = oicsr_groups(model, example_inputs, batchnorm=batchnorm)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no prunable out-in-channel group")
-    return OICSR(groups, kind, strength, backend=backend, **options)
+    return Regularizer(None, kind, strength, groups=groups, backend=backend, **options)

@@ -11,10 +11,11 @@ from torch.nn.utils import parametrize
 from fastsparse.core.checks import check_coupled, check_kind, check_strength, prepare
 from fastsparse.core.contract import Grouping
 from fastsparse.core.groups import as_coupled_list, coupled_params, default_layers, is_coupled
+from fastsparse.core.step import StepHooks
 from fastsparse.functional.penalty import PreparedPenaltyGrad, add_penalty_grad_, penalty
 
 
-class Regularizer:
+class Regularizer(StepHooks):
     """A structured-sparsity penalty over a model's weights.
 
     Args:
@@ -39,8 +40,9 @@ class Regularizer:
 
     Use either the autograd path, ``loss = loss + reg()``, or the in-place path,
     ``reg.apply_()`` after ``loss.backward()`` (or ``reg.attach(optimizer)`` once, which calls
-    ``apply_()`` before every optimizer step). With AMP's GradScaler, ``attach`` is right as is
-    (the scaler unscales the gradients before the step); a direct ``apply_()`` before
+    ``apply_()`` before every optimizer step). As `fastsparse.core.step.StepHooks` (what a
+    training loop calls), ``before_step()`` is ``apply_()``. With AMP's GradScaler, ``attach`` is
+    right as is (the scaler unscales the gradients before the step); a direct ``apply_()`` before
     ``scaler.step(optimizer)`` must be told the scale: ``reg.apply_(scaler)``.
 
     Non-finite weights give a non-finite penalty (inf or NaN), as in plain PyTorch; nothing is
@@ -192,6 +194,10 @@ class Regularizer:
             self._prepared_params = self.params
             self._prepared_settings = (self.kind, self.groups, self.backend, self.options)
         return prepared(strength, value_scale=value_scale)
+
+    def before_step(self) -> None:
+        """The step protocol's gradient work: ``apply_()``, the in-place path."""
+        self.apply_()
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call apply_() before every optimizer.step(); returns the hook handle (.remove())."""

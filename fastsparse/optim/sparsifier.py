@@ -18,12 +18,14 @@ from torch import nn
 
 from fastsparse.core.contract import ELEMENT_PROX_KINDS, PROX_KINDS, grad_dtype
 from fastsparse.core.layout import group_count
+from fastsparse.core.step import StepHooks
 from fastsparse.functional import add_penalty_grad_, group_norms, prox_, scale_groups_
 from fastsparse.optim.rules import Rule, Target, resolve
 
 
-class Sparsifier:
-    """Structured-sparsity rules applied around the steps of an optimizer.
+class Sparsifier(StepHooks):
+    """Structured-sparsity rules applied around the steps of an optimizer: the step protocol
+    (`fastsparse.core.step.StepHooks`) over `Rule`s.
 
     Args:
         model: the module whose parameters the rules name (or a {name: tensor} dict, or a

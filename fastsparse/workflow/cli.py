@@ -12,6 +12,10 @@ Commands:
 
 Bad settings (unknown kind, missing data directory, malformed config) are reported in one line
 on stderr with exit status 2, before anything is trained.
+
+This module parses the command line and runs the commands; config files are read in config.py,
+what the commands print is composed in reports.py, checkpoint files are written and read in
+checkpoints.py, and the runs themselves are run.py's.
 """
 
 from __future__ import annotations
@@ -24,26 +28,16 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Dict, List, Optional
 
-from fastsparse.workflow.train import ConfigError, RunConfig
+from fastsparse.workflow import checkpoints
+from fastsparse.workflow.config import ConfigError, RunConfig, load_config_file, parse_groups
 
 PROG = "fastsparse"
 
 # The demo: LeNet-5 on the bundled subset with the l1/l2 ratio across filters (group_l1l2, which
 # removes filters; the per-filter l1l2 does not, see results/study-lenet5), 10 epochs.
 DEMO_CONFIG = RunConfig(kind="group_l1l2", strength=0.05, epochs=10, threshold=0.05)
-
-
-# How a threshold reads in the reports, per threshold mode.
-_THRESHOLD_WORDS = {
-    "relative": " x its layer's largest",
-    "global": " x the largest of all layers",
-    "absolute": "",
-}
-
-# p80/p20 of repeated timings above which the demo says the machine was busy.
-BUSY_SPREAD = 1.5
 
 
 class UsageError(Exception):
@@ -58,17 +52,6 @@ def _floats(text: str) -> List[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _groups(text: Any) -> Any:
-    """``"filters"`` | ``"none"`` | ``"filters,channels"`` (or a list) → a grouping."""
-    if isinstance(text, (list, tuple)):
-        return tuple(_groups(t) for t in text)
-    if not isinstance(text, str):
-        return text
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    parts = [None if p.lower() == "none" else p for p in parts]
-    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _parse_method_options(specs: Optional[List[str]], kinds: List[str]) -> Dict[str, dict]:
@@ -116,44 +99,6 @@ def _json_table(text: str, flag: str) -> dict:
     return value
 
 
-def load_config_file(path: str) -> Dict[str, Any]:
-    """Read a JSON (``.json``) or TOML (``.toml``) config file into a dict (UsageError if bad)."""
-    file = Path(path).expanduser()
-    if file.is_dir():
-        raise UsageError(f"config file {path} is a folder; give the path of a .json or .toml file")
-    if not file.is_file():
-        raise UsageError(f"config file {path} does not exist")
-    text = file.read_text()
-    if file.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python < 3.11
-            try:
-                import tomli as tomllib
-            except ImportError:
-                raise UsageError(
-                    "reading TOML needs Python >= 3.11 or `pip install tomli`"
-                ) from None
-        try:
-            values = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"config file {path} is not valid TOML: {e}") from None
-    elif file.suffix == ".json":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"config file {path} is not valid JSON: {e}") from None
-    else:
-        raise UsageError(f"config file {path}: expected a .json or .toml file")
-    if not isinstance(values, dict):
-        raise UsageError(f"config file {path}: expected a table of settings at the top level")
-    if "groups" in values:
-        values["groups"] = _groups(values["groups"])
-    if values.get("kind") == "none":
-        values["kind"] = None
-    return values
-
-
 # Flags shared by demo and train, mapped onto RunConfig fields (None: not given).
 _RUN_FLAGS = {
     "model": dict(help="model name (lenet5, vgg16_bn, resnet56, ...)"),
@@ -165,7 +110,7 @@ _RUN_FLAGS = {
         "selective_decay, slimming; or none"
     ),
     "strength": dict(type=float, help="penalty multiplier (default: a per-kind value)"),
-    "groups": dict(type=_groups, help="filters | channels | kernels | none, or a comma list"),
+    "groups": dict(type=parse_groups, help="filters | channels | kernels | none, or a comma list"),
     "alpha": dict(type=float, help="sparse_group_lasso's l1 share (default 0.5)"),
     "method_options": dict(
         type=lambda text: _json_table(text, "--method-options"),
@@ -260,142 +205,12 @@ def _config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
 # --------------------------------------------------------------------------- demo
 
 
-def _table(rows: List[tuple]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, r in enumerate(rows):
-        cells = [str(r[0]).ljust(widths[0])] + [str(c).rjust(w) for c, w in zip(r[1:], widths[1:])]
-        lines.append("  ".join(cells))
-        if j == 0:
-            lines.append("-" * len(lines[0]))
-    return "\n".join(lines)
-
-
-def _regularizer_cost_lines(result, data) -> List[str]:
-    """The measured regularizer cost: fused backend against the eager oracle, per step."""
-    import torch
-
-    from fastsparse.workflow.train import best_fused_backend, make_regularizer, regularizer_cost
-
-    config = result.config
-    device = torch.device(result.device)
-    example = data.test_images[:1].to(device)
-    reg = make_regularizer(
-        result.model,
-        example,
-        config.penalty_kind,
-        1.0,
-        groups=config.groups,
-        regularize=config.regularize,
-        backend="torch",
-    )
-    step_without = result.train.step_seconds - result.train.regularizer_seconds
-
-    def share(cost: float) -> str:
-        return f"{1e3 * cost:.2f} ms/step = {100 * cost / (step_without + cost):.1f}% of a step"
-
-    kwargs = dict(groups=config.groups, mode=config.mode, repeats=5, warmup=1)
-    fused, reason = best_fused_backend(device)
-    backends = ["torch"] if fused is None else ["torch", fused]
-    # Rounds of each backend in turn (median of rounds of 5), so that both see the same load.
-    calls = [
-        (lambda b=b: regularizer_cost(reg.params, config.penalty_kind, backend=b, **kwargs))
-        for b in backends
-    ]
-    costs = [[] for _ in backends]
-    for _ in range(7):
-        for k, call in enumerate(calls):
-            costs[k].append(call())
-    oracle = sorted(costs[0])[3]
-    lines = [f"  eager oracle (torch):  {share(oracle)}"]
-    if fused is None:
-        lines.insert(0, f"  no fused {device.type.upper()} backend is available ({reason})")
-    else:
-        cost = sorted(costs[1])[3]
-        lines.insert(
-            0,
-            f"  fused ({fused}):{' ' * max(1, 15 - len(fused))}{share(cost)}  "
-            f"({_speedup(oracle, cost)} than the oracle)",
-        )
-    return lines
-
-
-def _change(before: float, after: float, digits: int = 1) -> str:
-    """Relative change as a signed percentage; "none" when equal."""
-    if before == after:
-        return "none"
-    return f"{100 * (after - before) / before:+.{digits}f}%"
-
-
-def _speedup(before: float, after: float) -> str:
-    ratio = before / after
-    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
-
-
-def _count_row(label: str, before: int, after: int, digits: int = 1) -> tuple:
-    return (label, f"{before:,}", f"{after:,}", _change(before, after, digits))
-
-
-def _print_demo(result, data, out: Optional[TextIO] = None) -> None:
-    """The before/after table and the timing lines of the demo."""
-    out = sys.stdout if out is None else out
-    config, report, stats = result.config, result.report, result.train
-    acc_before, acc_after = 100 * result.accuracy_before, 100 * result.accuracy_after
-    rows = [
-        ("", "before", "after", "change"),
-        (
-            "test accuracy",
-            f"{acc_before:.2f}%",
-            f"{acc_after:.2f}%",
-            f"{acc_after - acc_before:+.2f} points",
-        ),
-    ]
-    for layer in report.layers:
-        unit = "filters" if "Conv" in layer.type else "neurons"
-        change = _change(layer.filters, layer.filters_after, 0)
-        rows.append(
-            (f"{unit} {layer.name} ({layer.type})", layer.filters, layer.filters_after, change)
-        )
-    rows.append(_count_row("parameters", report.params, report.params_after))
-    rows.append(_count_row("FLOPs (multiply-adds / image)", report.macs, report.macs_after))
-    rows.append(
-        (
-            f"inference time ({min(len(data.test_labels), 2000)} test images)",
-            f"{1e3 * result.inference_before:.1f} ms",
-            f"{1e3 * result.inference_after:.1f} ms",
-            _speedup(result.inference_before, result.inference_after),
-        )
-    )
-    relative = _THRESHOLD_WORDS[config.threshold_mode]
-    print(
-        f"\nthreshold: filters with l2 norm <= {config.threshold:g}{relative} are removed with "
-        "their coupled slices (bias, BatchNorm, next layer's inputs)",
-        file=out,
-    )
-    print(_table(rows), file=out)
-    print(
-        f"\ntraining: {stats.seconds:.1f} s, {1e3 * stats.step_seconds:.1f} ms per step; the "
-        f"regularizer ({stats.backend} backend, {config.mode} path) took "
-        f"{1e3 * stats.regularizer_seconds:.2f} ms of it ({100 * stats.regularizer_share:.1f}%)",
-        file=out,
-    )
-    print("regularizer cost per training step, fused backend vs eager oracle:", file=out)
-    for line in _regularizer_cost_lines(result, data):
-        print(line, file=out)
-    if result.timing_spread > BUSY_SPREAD:
-        print(
-            f"note: repeated timings varied by {100 * (result.timing_spread - 1):.0f}% "
-            "(p80 vs p20): the machine was busy while this ran, so the times above are "
-            "inflated; the before/after ratios were measured in turn and hold better",
-            file=out,
-        )
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """fastsparse demo."""
     import torch
 
-    from fastsparse.workflow.train import load_data, resolve_device, run
+    from fastsparse.workflow.reports import print_demo
+    from fastsparse.workflow.run import load_data, resolve_device, run
 
     start = time.perf_counter()
     config = _config_from_args(args, DEMO_CONFIG)
@@ -423,25 +238,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{config.epochs} epochs of SGD (lr {config.resolved_lr:g}, {config.lr_schedule})"
     )
     result = run(config, data=data, progress=not args.no_progress)
-    _print_demo(result, data)
+    print_demo(result, data)
     print(f"\ndone in {time.perf_counter() - start:.0f} s")
     return 0
 
 
 # --------------------------------------------------------------------------- train
-
-
-def save_atomically(obj, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: never a half-written file."""
-    import torch
-
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 # The flags a resumed run still takes: the rest of its settings are the checkpoint's.
@@ -450,8 +252,6 @@ _RESUME_FLAGS = ("resume", "checkpoint_every", "no_progress", "threads")
 
 def _resume_state(args: argparse.Namespace) -> tuple:
     """(config, output folder, state) of `fastsparse train --resume DIR`."""
-    import torch
-
     given = [
         f"--{name.replace('_', '-')}"
         for name in [*_RUN_FLAGS, "amp", "compile", "config"]
@@ -462,12 +262,11 @@ def _resume_state(args: argparse.Namespace) -> tuple:
             f"{given[0]} cannot be combined with --resume: a resumed run keeps its settings"
         )
     out = Path(args.resume).expanduser()
-    path = out / "checkpoint.pt"
+    path = out / checkpoints.CHECKPOINT_NAME
     if not path.is_file():
-        raise UsageError(f"--resume {args.resume}: no checkpoint.pt there")
+        raise UsageError(f"--resume {args.resume}: no {checkpoints.CHECKPOINT_NAME} there")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        config = RunConfig.from_dict(state["config"], source=str(path))
+        config, state = checkpoints.load_checkpoint(path)
     except (KeyError, RuntimeError, EOFError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -479,7 +278,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """fastsparse train."""
     import torch
 
-    from fastsparse.workflow.train import load_data, run
+    from fastsparse.workflow.reports import pruning_report
+    from fastsparse.workflow.run import load_data, run
 
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
@@ -493,10 +293,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = output_folder(args.out)
     data = load_data(config)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    last = out / "checkpoint.pt"
+    last = out / checkpoints.CHECKPOINT_NAME
 
     def checkpoint(state):
-        save_atomically(state, last)
+        checkpoints.save_atomically(state, last)
 
     print(
         f"training {config.model} on {data.name} with "
@@ -521,16 +321,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     torch.save(result.model.state_dict(), out / "model.pt")
     torch.save(result.pruned.state_dict(), out / "pruned.pt")
-    relative = _THRESHOLD_WORDS[config.threshold_mode]
-    score = {
-        "filter_norm": "l2 norm",
-        "bn_scale": "BatchNorm |scale|",
-        "group_norm": "coupled-group l2 norm",
-    }[config.prune_criterion]
-    report = (
-        f"every filter with {score} <= {config.threshold:g}{relative} was zeroed with its "
-        f"coupled slices, then the zero groups were removed:\n{result.report.format()}"
-    )
+    report = pruning_report(result)
     (out / "report.txt").write_text(report + "\n")
     metrics = {"summary": result.summary(), "epochs": result.train.epochs}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,8 +1,10 @@
-"""The configuration of one sparse-training run (`RunConfig`), checked before any work starts."""
+"""The configuration of one sparse-training run (`RunConfig`), checked before any work starts,
+and the JSON / TOML config files it is read from (`load_config_file`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,3 +286,69 @@ class RunConfig:
                 resolve_backend(self.backend, device)
             except RuntimeError as e:
                 fail(f"{e} (device {device})")
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def parse_groups(text: Any) -> Any:
+    """A grouping from its text: ``"filters"`` | ``"none"`` | ``"filters,channels"`` (or a list
+    of these); anything else as it is.
+
+    >>> parse_groups("filters,none")
+    ('filters', None)
+    """
+    if isinstance(text, (list, tuple)):
+        return tuple(parse_groups(t) for t in text)
+    if not isinstance(text, str):
+        return text
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [None if p.lower() == "none" else p for p in parts]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a JSON (``.json``) or TOML (``.toml``) config file into a dict of `RunConfig`
+    settings (not yet validated); ConfigError, in one line, for a missing or malformed file.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.json"
+        >>> _ = path.write_text('{"kind": "l1", "groups": "filters,channels"}')
+        >>> load_config_file(str(path))
+        {'kind': 'l1', 'groups': ('filters', 'channels')}
+    """
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the path of a .json or .toml file")
+    if not file.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = file.read_text()
+    if file.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ConfigError(
+                    "reading TOML needs Python >= 3.11 or `pip install tomli`"
+                ) from None
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    elif file.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    else:
+        raise ConfigError(f"config file {path}: expected a .json or .toml file")
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected a table of settings at the top level")
+    if "groups" in values:
+        values["groups"] = parse_groups(values["groups"])
+    if values.get("kind") == "none":
+        values["kind"] = None
+    return values

@@ -42,15 +42,11 @@ import torch
 
 from fastsparse.core.contract import KINDS
 from fastsparse.methods import METHODS
-from fastsparse.workflow.train import (
-    RunConfig,
-    check_method,
-    evaluate,
-    load_data,
-    measure_inference,
-    run,
-    threshold_and_prune,
-)
+from fastsparse.pruning.threshold import threshold_and_prune
+from fastsparse.workflow.config import RunConfig
+from fastsparse.workflow.loop import evaluate
+from fastsparse.workflow.run import check_method, load_data, run
+from fastsparse.workflow.timing import measure_inference
 
 __all__ = [
     "read_rows",

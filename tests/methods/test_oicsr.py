@@ -1,6 +1,7 @@
 """OICSR: the out-in-channel groups (against hand-built groups on LeNet-5 and the residual ties of
-a ResNet), the regularizer on the oracle path and on the fused coupled-group path of every fused
-backend (values, gradients, gradcheck in float64), the in-place path, global energy pruning with
+a ResNet), the regularizer (a Regularizer over these coupled groups) on the oracle backend and on
+the fused coupled-group path of every fused backend (values, gradients, gradcheck in float64),
+the in-place path, global energy pruning with
 lossless removal, and a large model on a GPU (`gpu`)."""
 
 import pytest
@@ -9,25 +10,18 @@ from torch import nn
 
 import fastsparse
 from fastsparse import reference as ref
-from fastsparse.core.groups import CoupledGroup, CoupledMember
-from fastsparse.methods import oicsr
-from fastsparse.methods.oicsr import (
-    OICSR,
-    channel_energy,
-    oicsr_groups,
-    oicsr_regularizer,
-    prune_lowest_energy_,
-)
+from fastsparse.core.groups import CoupledGroup, CoupledMember, coupled_params
+from fastsparse.methods import Regularizer
+from fastsparse.methods.oicsr import oicsr_groups, oicsr_regularizer, prune_lowest_energy_
 from fastsparse.pruning import prune
+from fastsparse.pruning.importance import channel_energy
 from fastsparse.workflow.models import VGG, LeNet5, ResNetCIFAR
 
 
-@pytest.fixture(params=["oracle", "triton", "native"])
-def path(request, monkeypatch):
-    """The penalty path: fastsparse.penalty(groups=coupled) on a fused backend (the default) or
-    the oracle (the one-line switch oicsr.FUSED_COUPLED = False); returns the backend name."""
-    monkeypatch.setattr(oicsr, "FUSED_COUPLED", request.param != "oracle")
-    return "torch" if request.param == "oracle" else request.param
+@pytest.fixture(params=["torch", "triton", "native"])
+def path(request):
+    """The penalty backend: the oracle (``"torch"``) or a fused one."""
+    return request.param
 
 
 class Tiny(nn.Module):
@@ -104,19 +98,19 @@ def test_every_kind_matches_the_oracle(kind, path):
     groups = oicsr_groups(model, x)
     assert [g.num_groups for g in groups] == [3, 2]
     options = {"alpha": 0.3} if kind == "sparse_group_lasso" else {}
-    reg = OICSR(groups, kind, 0.5, backend=path, **options)
+    reg = Regularizer(None, kind, 0.5, groups=groups, backend=path, **options)
     value = reg()
     value.backward()
     alpha = options.get("alpha", 0.5)
     torch.testing.assert_close(value, 0.5 * ref.coupled_penalty(groups, kind, alpha))
-    params = ref.coupled_params(groups)
+    params = coupled_params(groups)
     for p, e in zip(params, ref.coupled_penalty_grad(groups, kind, alpha)):
         torch.testing.assert_close(p.grad, 0.5 * e, rtol=1e-4, atol=1e-6)
 
 
 def _rebound(groups, tensors):
     """The same groups on other tensors (for gradcheck's inputs)."""
-    index = {id(p): i for i, p in enumerate(ref.coupled_params(groups))}
+    index = {id(p): i for i, p in enumerate(coupled_params(groups))}
     return [
         CoupledGroup(
             cg.root,
@@ -134,10 +128,10 @@ def _rebound(groups, tensors):
 def test_gradcheck_float64(kind, path):
     model, x = tiny(torch.float64)
     groups = oicsr_groups(model, x)
-    leaves = tuple(p.detach().clone().requires_grad_(True) for p in ref.coupled_params(groups))
+    leaves = tuple(p.detach().clone().requires_grad_(True) for p in coupled_params(groups))
 
     def f(*tensors):
-        return OICSR(_rebound(groups, tensors), kind, 1.0, backend=path)()
+        return Regularizer(None, kind, 1.0, groups=_rebound(groups, tensors), backend=path)()
 
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7)
 
@@ -199,23 +193,31 @@ def test_global_energy_pruning():
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="CoupledGroup"):
-        OICSR([], "group_lasso", 0.1)
+def test_the_regularizer_is_over_the_oicsr_groups():
     model, x = small_resnet()
-    groups = oicsr_groups(model, x[:1])
+    reg = oicsr_regularizer(model, x[:1], 0.1, "group_l1l2", batchnorm=False, backend="torch")
+    assert isinstance(reg, Regularizer) and reg.coupled and reg.kind == "group_l1l2"
+    expected = oicsr_groups(model, x[:1], batchnorm=False)
+    assert [[m.name for m in g.members] for g in reg.groups] == [
+        [m.name for m in g.members] for g in expected
+    ]
+
+
+def test_bad_input():
+    model, x = small_resnet()
+    with pytest.raises(ValueError, match="no prunable out-in-channel group"):
+        oicsr_regularizer(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), x[:1], 0.1)  # output only
     with pytest.raises(ValueError, match="unknown kind"):
-        OICSR(groups, "group_l0", 0.1)
+        oicsr_regularizer(model, x[:1], 0.1, "group_l0")
     with pytest.raises(ValueError, match="strength"):
-        OICSR(groups, "group_lasso", -1.0)
+        oicsr_regularizer(model, x[:1], -1.0)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["group_lasso", "group_l1l2"])
-def test_gpu_resnet18_fused(kind, monkeypatch):
+def test_gpu_resnet18_fused(kind):
     from fastsparse.workflow.models import resnet18_cifar
 
-    monkeypatch.setattr(oicsr, "FUSED_COUPLED", True)
     torch.manual_seed(0)
     model = resnet18_cifar().cuda()
     reg = oicsr_regularizer(model, torch.randn(1, 3, 32, 32, device="cuda"), 1.0, kind)

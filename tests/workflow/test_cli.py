@@ -15,7 +15,7 @@ import torch
 
 from fastsparse.pruning import load_pruned
 from fastsparse.workflow import cli
-from fastsparse.workflow import train as training
+from fastsparse.workflow import run as runs
 from fastsparse.workflow.models import get_model
 
 TINY = ["--epochs", "1", "--train-samples", "256", "--test-samples", "128", "--no-progress"]
@@ -34,7 +34,7 @@ def no_training(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("training started despite a bad setting")
 
-    monkeypatch.setattr(training, "train", forbidden)
+    monkeypatch.setattr(runs, "train", forbidden)
 
 
 # --------------------------------------------------------------------------- demo

@@ -4,9 +4,10 @@ weights, bit for bit; checkpoints are written atomically, every N steps and ever
 import pytest
 import torch
 
-from fastsparse.workflow import cli
+from fastsparse.workflow import checkpoints, cli
 from fastsparse.workflow.config import RunConfig
-from fastsparse.workflow.train import build_model, load_data, make_regularizer, train
+from fastsparse.workflow.loop import train
+from fastsparse.workflow.run import build_model, load_data, make_regularizer
 
 SMALL = ["--epochs", "2", "--train-samples", "320", "--test-samples", "64", "--batch-size", "64"]
 
@@ -48,7 +49,7 @@ def test_cli_resume_after_an_interrupt(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", "--out", str(whole), "--no-progress", *SMALL]) == 0
 
     saves = []
-    real_save = cli.save_atomically
+    real_save = checkpoints.save_atomically
 
     def interrupt_after_three(obj, path):
         real_save(obj, path)
@@ -56,7 +57,7 @@ def test_cli_resume_after_an_interrupt(tmp_path, capsys, monkeypatch):
         if len(saves) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "save_atomically", interrupt_after_three)
+    monkeypatch.setattr(checkpoints, "save_atomically", interrupt_after_three)
     status = cli.main(
         ["train", "--out", str(part), "--no-progress", "--checkpoint-every", "2", *SMALL]
     )
@@ -64,7 +65,7 @@ def test_cli_resume_after_an_interrupt(tmp_path, capsys, monkeypatch):
     assert status == 130
     assert f"last checkpoint: {part / 'checkpoint.pt'}" in err
     assert f"fastsparse train --resume {part}" in err
-    monkeypatch.setattr(cli, "save_atomically", real_save)
+    monkeypatch.setattr(checkpoints, "save_atomically", real_save)
     assert cli.main(["train", "--resume", str(part), "--no-progress"]) == 0
     a = torch.load(whole / "model.pt", weights_only=True)
     b = torch.load(part / "model.pt", weights_only=True)
@@ -82,7 +83,7 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
 
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    cli.save_atomically({"a": torch.ones(2)}, path)
+    checkpoints.save_atomically({"a": torch.ones(2)}, path)
 
     def broken_save(obj, f):
         with open(f, "wb") as half:
@@ -91,7 +92,7 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        cli.save_atomically({"a": torch.zeros(2)}, path)
+        checkpoints.save_atomically({"a": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert not list(tmp_path.glob(".*.tmp"))

@@ -43,7 +43,7 @@ def test_study_and_train_errors(argv, message, tmp_path, capsys, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr("fastsparse.workflow.train.train", no_training)
+    monkeypatch.setattr("fastsparse.workflow.run.train", no_training)
     status = cli.main([*argv, "--out", str(tmp_path / "o")] if argv[0] != "demo" else argv)
     _, err = capsys.readouterr()
     assert status == 2 and message in err and "Traceback" not in err
@@ -59,16 +59,16 @@ def test_bad_method_options_flag(text, message, capsys):
 
 
 def test_study_options_per_method(tmp_path, capsys, monkeypatch):
-    import fastsparse.workflow.train as training
+    import fastsparse.workflow.run as runs
 
     seen = []
-    original = training.make_method
+    original = runs.make_sparsity
 
     def spy(model, x, config):
         seen.append((config.kind, dict(config.method_options)))
         return original(model, x, config)
 
-    monkeypatch.setattr(training, "make_method", spy)
+    monkeypatch.setattr(runs, "make_sparsity", spy)
     status = cli.main(
         ["study", "--out", str(tmp_path / "s"), "--kinds", "oicsr,selective_decay,l1",
          "--method-options", 'selective_decay={"final_sparsity": 0.5, "rounds": 1}',
@@ -77,7 +77,7 @@ def test_study_options_per_method(tmp_path, capsys, monkeypatch):
          "--epochs", "1", "--train-samples", "64", "--test-samples", "32"]
     )  # fmt: skip
     assert status == 0, capsys.readouterr().err
-    options = dict(seen)  # check_method's calls, then the runs': the same options
+    options = dict(seen)  # what each run's penalty or method was built with
     assert options["oicsr"] == {"backend": "torch"}
     assert options["selective_decay"] == {"final_sparsity": 0.5, "rounds": 1, "backend": "torch"}
     assert options["l1"] == {}

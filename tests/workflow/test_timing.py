@@ -5,9 +5,10 @@ import dataclasses
 import io
 import itertools
 
-from fastsparse.workflow import cli
 from fastsparse.workflow.config import RunConfig
-from fastsparse.workflow.train import interleaved_medians, load_data, run, spread
+from fastsparse.workflow.reports import print_demo
+from fastsparse.workflow.run import load_data, run
+from fastsparse.workflow.timing import interleaved_medians, spread
 
 
 def test_spread():
@@ -19,7 +20,7 @@ def test_spread():
 def test_interleaved_ratios_survive_a_load_that_comes_and_goes(monkeypatch):
     clock = itertools.count()
     now = [0.0]
-    monkeypatch.setattr("fastsparse.workflow.train.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("fastsparse.workflow.timing.time.perf_counter", lambda: now[0])
 
     def work(cost):
         def call():
@@ -39,7 +40,7 @@ def test_demo_says_when_the_machine_was_busy():
     data = load_data(config)
     result = run(config, data=data, progress=False, inference_repeats=2)
     quiet, busy = io.StringIO(), io.StringIO()
-    cli._print_demo(dataclasses.replace(result, timing_spread=1.0), data, out=quiet)
-    cli._print_demo(dataclasses.replace(result, timing_spread=2.0), data, out=busy)
+    print_demo(dataclasses.replace(result, timing_spread=1.0), data, out=quiet)
+    print_demo(dataclasses.replace(result, timing_spread=2.0), data, out=busy)
     assert "the machine was busy" not in quiet.getvalue()
     assert "the machine was busy" in busy.getvalue() and "varied by 100%" in busy.getvalue()

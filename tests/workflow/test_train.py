@@ -1,5 +1,6 @@
-"""The training workflow (fastsparse.workflow.train): schedules, the progress bar, train/evaluate,
-runs, the regularizer cost, and the sparsity methods inside a run.
+"""The training workflow (fastsparse.workflow.loop, .run, .timing): schedules, the progress bar,
+train/evaluate through the step protocol (a penalty on either path, a method, a Sparsifier), runs,
+the regularizer cost, and the sparsity methods inside a run.
 
 Runs are tiny (one epoch on a few hundred images) and use the oracle backend, so they take
 seconds and do not depend on which fused backends this machine has. The methods' runs check the
@@ -16,21 +17,20 @@ import torch
 from torch import nn
 
 from fastsparse import backends
-from fastsparse.methods import METHODS
+from fastsparse.core.step import StepHooks
+from fastsparse.methods import METHODS, Method, Regularizer
+from fastsparse.optim import Rule, Sparsifier
+from fastsparse.workflow.config import ConfigError, RunConfig
+from fastsparse.workflow.loop import AutogradPenalty, scheduled_strength, train
 from fastsparse.workflow.models import LeNet5
-from fastsparse.workflow.train import (
-    ConfigError,
-    ProgressBar,
-    RunConfig,
-    best_fused_backend,
+from fastsparse.workflow.run import (
     load_data,
     make_method,
     make_regularizer,
-    regularizer_cost,
+    make_sparsity,
     run,
-    scheduled_strength,
-    train,
 )
+from fastsparse.workflow.timing import ProgressBar, best_fused_backend, regularizer_cost
 from tests.helpers import TINY_RUN as TINY
 
 X = torch.zeros(1, 1, 28, 28)
@@ -42,12 +42,10 @@ def data():
 
 
 def _model_and_reg(config, seed=0):
+    """LeNet-5 and the config's penalty on the config's path (AutogradPenalty or Regularizer)."""
     torch.manual_seed(seed)
     model = LeNet5()
-    reg = make_regularizer(
-        model, X, config.kind, config.strength, groups=config.groups, backend=config.backend
-    )
-    return model, reg
+    return model, make_sparsity(model, X, config)
 
 
 # --------------------------------------------------------------------------- schedules
@@ -109,9 +107,10 @@ def test_train_learns_and_measures(data):
 
 def test_autograd_and_inplace_paths_agree(data):
     weights = []
-    for mode in ("autograd", "inplace"):
+    for mode, path in (("autograd", AutogradPenalty), ("inplace", Regularizer)):
         config = dataclasses.replace(TINY, mode=mode, schedule="constant")
         model, reg = _model_and_reg(config)
+        assert type(reg) is path
         train(model, data, config, reg, progress=False)
         weights.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*weights):
@@ -233,7 +232,7 @@ def test_run_with_each_method(method, method_data, monkeypatch):
             setattr(built, name, wrapped)
         return built
 
-    monkeypatch.setattr("fastsparse.workflow.train.make_method", spy)
+    monkeypatch.setattr("fastsparse.workflow.run.make_method", spy)
     config = RunConfig(kind=method, model=MODEL_OF[method], strength=1e-3, **METHOD_TINY)
     result = run(config, data=method_data, progress=False, inference_repeats=1)
     steps = 3  # 96 images, batches of 32
@@ -276,3 +275,44 @@ def test_a_method_that_cannot_apply_fails_before_training(
     config = RunConfig(kind=kind, model=model, method_options=options, **METHOD_TINY)
     with pytest.raises(ConfigError, match=message):
         make_method(LeNet5(), method_data.test_images[:1], config)
+
+
+# --------------------------------------------------------------------------- the step protocol
+
+
+def test_the_sparsity_objects_share_one_step_protocol():
+    for cls in (Regularizer, Method, Sparsifier, AutogradPenalty):
+        assert issubclass(cls, StepHooks), cls
+    model = nn.Linear(8, 4)
+    sparsifier = Sparsifier(model, [Rule(prox="l1")], torch.optim.SGD(model.parameters(), lr=0.1))
+    sparsifier.end_epoch(metric=0.5)  # the protocol's calls, the inherited ones included
+    sparsifier.close()
+
+
+def test_a_sparsifier_trains_through_the_same_loop(data):
+    """train() drives a Sparsifier as it drives a penalty or a method: its rules act around every
+    step of the run's optimizer (here a proximal group lasso, which zeroes filters)."""
+    torch.manual_seed(0)
+    model = LeNet5()
+    config = dataclasses.replace(TINY, kind=None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.resolved_lr, momentum=0.9)
+    rule = Rule("features.0.weight", prox="group_lasso", strength=10.0)
+    sparsifier = Sparsifier(model, [rule], optimizer, backend="torch")
+    stats = train(model, data, config, sparsifier, optimizer=optimizer, progress=False)
+    assert sparsifier.steps == stats.steps == 4
+    assert sparsifier.sparsity()["features.0.weight"] > 0
+    assert stats.backend == "torch" and stats.regularizer_seconds > 0
+    assert "penalty" not in stats.epochs[0] and "strength" not in stats.epochs[0]
+
+
+def test_resuming_a_method_run_is_refused(method_data):
+    model = LeNet5()
+    method = make_method(model, method_data.test_images[:1], RunConfig(kind="oicsr", **METHOD_TINY))
+    with pytest.raises(ValueError, match="resuming a run of 'oicsr' is not supported"):
+        train(model, method_data, RunConfig(**METHOD_TINY), method, resume={}, progress=False)
+
+
+def test_a_run_without_sparsity_measures_no_regularizer(data):
+    torch.manual_seed(0)
+    stats = train(LeNet5(), data, dataclasses.replace(TINY, kind=None), None, progress=False)
+    assert stats.regularizer_seconds == 0.0 and stats.backend == "" and stats.step_seconds > 0
