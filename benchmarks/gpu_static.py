@@ -83,16 +83,17 @@ def recorded_launches(launches: list):
 def _paths(tensors: List[torch.Tensor], grouping: str) -> List[tuple]:
     """(path name, callable) for every kernel path on `tensors` with `grouping`."""
     from fastsparse import ops
-    from fastsparse.core.contract import STEP_OPTIONS
+    from fastsparse.core.contract import AdamStepOptions, SGDStepOptions
     from fastsparse.core.layout import encode_groupings, group_count
 
     groups = encode_groupings((grouping,))
     grads = [torch.zeros_like(t) for t in tensors]
     total = sum(group_count(t.shape, grouping) for t in tensors)
     factors = torch.ones(total, dtype=torch.float64)
-    sgd = [0.1, 0.9, 0.0, 0.0, 0.0, 0.0]
-    adam = [1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 1e-2, 0.03]
-    assert len(sgd) == len(STEP_OPTIONS["sgd"]) and len(adam) == len(STEP_OPTIONS["adam"])
+    sgd = SGDStepOptions(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                         first=False)  # fmt: skip
+    adam = AdamStepOptions.at_step(10, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                                   decoupled=True)  # fmt: skip
 
     def penalty(kind):
         return lambda: ops.call(ops.penalty_op, tensors, kind, groups, 0.5, "triton")
@@ -120,12 +121,12 @@ def _paths(tensors: List[torch.Tensor], grouping: str) -> List[tuple]:
         ("prox l1", lambda: ops.call(ops.prox_op, tensors, groups, "l1", 1e-4, 1e-4, "triton")),
         ("selective decay", selective_decay),
         ("scale groups", lambda: ops.call(ops.scale_groups_op, tensors, groups, factors, "triton")),
-        ("sgd step + prox", lambda: ops.call(
-            ops.step_prox_op, tensors, grads, [torch.zeros_like(t) for t in tensors], groups,
-            "sgd", sgd, "group_lasso", 0.0, 1e-3, "triton")),
-        ("adamw step + prox", lambda: ops.call(
-            ops.step_prox_op, tensors, grads, [torch.zeros_like(t) for t in tensors * 2], groups,
-            "adam", adam, "group_lasso", 0.0, 1e-3, "triton")),
+        ("sgd step + prox", lambda: ops.step_prox(
+            tensors, grads, [torch.zeros_like(t) for t in tensors], groups, sgd, "group_lasso",
+            0.0, 1e-3, "triton")),
+        ("adamw step + prox", lambda: ops.step_prox(
+            tensors, grads, [torch.zeros_like(t) for t in tensors * 2], groups, adam,
+            "group_lasso", 0.0, 1e-3, "triton")),
     ]  # fmt: skip
 
 

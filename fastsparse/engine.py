@@ -17,6 +17,7 @@ from fastsparse.core.contract import (
     ACROSS_GROUP_KINDS,
     COEFFICIENT_DTYPE,
     GROUP_PROX_KINDS,
+    StepOptions,
     accumulation_dtype,
     accumulation_dtype_of,
 )
@@ -123,14 +124,14 @@ def add_penalty_grad(backend: Backend, grads, tensors, kind, specs, alpha, stren
     return values.sum().to(accumulation_dtype_of(tensors))
 
 
-class BoundPenaltyGrad:
-    """add_penalty_grad over these very tensors, resolved once: `run(strength)` -> value.
+class PreparedAddPenaltyGrad:
+    """add_penalty_grad over these very tensors, prepared once: `run(strength)` -> value.
 
     Within-group kinds on groups that are not split go straight to the backend's fused launches
-    bound to the tensors' addresses (`bind_fused`, where a backend has it): no plan or table
-    lookup per call. Other calls run add_penalty_grad. The caller keeps the tensors alive, calls
-    `rebind(grads)` for new gradients of the same dtypes and layouts, and binds anew when a
-    weight's address or layout changes.
+    prepared for the tensors' addresses (`prepare_fused`): no plan or table lookup per call.
+    Other calls run add_penalty_grad. The caller keeps the tensors alive, calls
+    `prepare_grads(grads)` for new gradients of the same dtypes and layouts, and prepares anew
+    when a weight's address or layout changes.
     """
 
     def __init__(self, backend: Backend, grads, tensors, kind, specs, alpha):
@@ -139,20 +140,21 @@ class BoundPenaltyGrad:
         )  # fmt: skip
         self.plan = backend.plans.get(tensors, specs, [g.dtype for g in grads])
         split = any(c.split for c in self.plan.classes)
-        self.fused = hasattr(backend, "bind_fused") and kind not in ACROSS_GROUP_KINDS and not split
+        self.fused = kind not in ACROSS_GROUP_KINDS and not split
         groups, device = self.plan.total_groups, self.plan.device
         self.values = new_empty((groups,), dtype=torch.float64, device=device)
         self.scale_vector = self.scale_value = None
         # .float() costs half of .to(torch.float32) on a 0-dim tensor
         fp64 = accumulation_dtype_of(tensors) == torch.float64
         self.cast = torch.Tensor.double if fp64 else torch.Tensor.float
-        self.rebind(grads)
+        self.prepare_grads(grads)
 
-    def rebind(self, grads) -> None:
+    def prepare_grads(self, grads) -> None:
+        """Prepare the launches for these gradients (same dtypes and layouts as before)."""
         self.grads = grads
         if self.fused:
             launches = (
-                self.backend.bind_fused(
+                self.backend.prepare_fused(
                     self.plan, self.tensors, grads, Select(p, split=False), self.kind, self.alpha
                 )
                 for p in passes(self.plan)
@@ -349,15 +351,12 @@ def coupled_scale_groups_(backend: Backend, tensors, specs, slice_groups, group_
 
 
 def step_prox_(
-    backend: Backend, tensors, grads, states, specs, method, options: dict, kind, t_elem, t_group
+    backend: Backend, tensors, grads, states, specs, options: StepOptions, kind, t_elem, t_group
 ):
-    """An optimizer step (`method`: "sgd" as torch.optim.SGD, "adam" as Adam / AdamW, with
-    `options` and per tensor its state buffers) and the prox in one pass over each group; the
+    """An optimizer step (`options`: `SGDStepOptions` as torch.optim.SGD, `AdamStepOptions` as
+    Adam / AdamW; per tensor its state buffers) and the prox in one pass over each group; the
     flat kept mask [groups], or None where the backend has no such pass for these tensors
     (nothing is then modified)."""
-    step = getattr(backend, "step_prox", None)
-    if step is None:
-        return None
     plan = backend.plans.get(tensors, specs)
-    after = step(plan, tensors, grads, states, method, options, kind, t_elem, t_group)
+    after = backend.step_prox(plan, tensors, grads, states, options, kind, t_elem, t_group)
     return None if after is None else after[:, 1] > 0

@@ -17,6 +17,7 @@ used for coupled groups, with `slice_groups` and `group_counts`: see fastsparse/
 from __future__ import annotations
 
 import functools
+import typing
 from typing import List, Optional, Tuple
 
 import torch
@@ -25,7 +26,12 @@ from torch import Tensor
 from fastsparse import engine
 from fastsparse.backends import fused_backend as _backend
 from fastsparse.backends import op_kernels
-from fastsparse.core.contract import COEFFICIENT_DTYPE, STEP_OPTIONS
+from fastsparse.core.contract import (
+    COEFFICIENT_DTYPE,
+    AdamStepOptions,
+    SGDStepOptions,
+    StepOptions,
+)
 from fastsparse.core.contract import accumulation_dtype_of as _acc_dtype
 from fastsparse.core.layout import decode_specs, group_count
 
@@ -217,19 +223,19 @@ def _(grads, weights, kind, groups, alpha, strength, backend):
     return _scalar(weights)
 
 
-def bind_add_penalty_grad(
+def prepare_add_penalty_grad(
     grads, weights, kind: str, groups: str, alpha: float, backend: str
-) -> engine.BoundPenaltyGrad:
-    """add_penalty_grad_op's eager call bound to these tensors (`.run(strength)` -> value), run
-    with their CUDA device current as every op is: for training loops that call it every step.
-    Not for torch.compile, which calls the op itself."""
-    bound = engine.BoundPenaltyGrad(
+) -> engine.PreparedAddPenaltyGrad:
+    """add_penalty_grad_op's eager call prepared for these tensors (`.run(strength)` -> value),
+    run with their CUDA device current as every op is: for training loops that call it every
+    step. Not for torch.compile, which calls the op itself."""
+    prepared = engine.PreparedAddPenaltyGrad(
         _backend(backend), grads, weights, kind, _specs(weights, groups), alpha
     )
     device = _cuda_device_of((weights,))
     if device is not None:
-        bound.run = _on_tensor_device(bound.run, device)
-    return bound
+        prepared.run = _on_tensor_device(prepared.run, device)
+    return prepared
 
 
 @_op("group_norms", mutates_args=())
@@ -433,6 +439,40 @@ def _(weights, slice_groups, groups, group_counts, factors, backend):
     return None
 
 
+# The step op's schema takes the options as a family name and a flat float list: the fields of
+# the family's NamedTuple in order, floats for the flags too. Rebuilt inside the op with each
+# field's own type.
+_STEP_FAMILIES = {"sgd": SGDStepOptions, "adam": AdamStepOptions}
+_FAMILY_OF_OPTIONS = {cls: method for method, cls in _STEP_FAMILIES.items()}
+_STEP_FIELD_TYPES = {
+    method: tuple(typing.get_type_hints(cls)[name] for name in cls._fields)
+    for method, cls in _STEP_FAMILIES.items()
+}
+
+
+def step_prox(
+    weights, grads, states, groups: str, options: StepOptions, kind, t_elem, t_group, backend
+) -> Tensor:
+    """step_prox_op on typed options (`SGDStepOptions`, `AdamStepOptions`)."""
+    method, values = step_op_options(options)
+    return call(
+        step_prox_op, weights, grads, states, groups, method, values, kind, t_elem, t_group,
+        backend,
+    )  # fmt: skip
+
+
+def step_op_options(options: StepOptions) -> Tuple[str, List[float]]:
+    """The (method, options) arguments of step_prox_op for typed options: the one place they are
+    flattened (`_step_options` rebuilds them inside the op)."""
+    return _FAMILY_OF_OPTIONS[type(options)], [float(v) for v in options]
+
+
+def _step_options(method: str, values: List[float]) -> StepOptions:
+    """The typed options of step_prox_op's (method, options), as `step_op_options` made them."""
+    types = _STEP_FIELD_TYPES[method]
+    return _STEP_FAMILIES[method]._make(field_type(v) for field_type, v in zip(types, values))
+
+
 @_op("step_prox_", mutates_args=("weights", "states"))
 def step_prox_op(
     weights: List[Tensor],
@@ -450,14 +490,13 @@ def step_prox_op(
     the backend has no such pass for these tensors (nothing is then modified).
 
     `states` holds each tensor's state buffers, state by state (SGD: the momentum buffers;
-    Adam: the first moments, then the second); `options` the method's values in the order of
-    `STEP_OPTIONS`."""
+    Adam: the first moments, then the second); `method` ("sgd", "adam") and `options` the step
+    options as `step_op_options` flattens them."""
     per_state = len(states) // max(len(weights), 1)
     by_tensor = [states[i :: len(weights)][:per_state] for i in range(len(weights))]
-    named = dict(zip(STEP_OPTIONS[method], options))
     kept = engine.step_prox_(
-        _backend(backend), weights, grads, by_tensor, _specs(weights, groups), method, named,
-        kind, t_elem, t_group,
+        _backend(backend), weights, grads, by_tensor, _specs(weights, groups),
+        _step_options(method, options), kind, t_elem, t_group,
     )  # fmt: skip
     if kept is None:
         return weights[0].new_zeros((0,), dtype=torch.bool)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import importlib.util
 import os
 from types import ModuleType, SimpleNamespace
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
+from fastsparse.core.contract import StepOptions
 from fastsparse.core.layout import Plan, PlanCache, Select
 
 BACKENDS = ("auto", "triton", "native", "cuda", "torch")
@@ -184,6 +185,12 @@ class Backend(Protocol):
     ) -> None:
         """Statistics, rule and gradient of one-block groups in one pass; values[g] written."""
 
+    def prepare_fused(
+        self, plan: Plan, tensors, grads, select: Select, kind: str, alpha: float
+    ) -> Optional[Callable[[float, torch.Tensor], None]]:
+        """`fused` prepared for these tensors' addresses: launch(scale, values) runs it (None
+        when nothing is selected). The caller keeps the tensors alive and unchanged."""
+
     def prox(
         self,
         plan: Plan,
@@ -197,6 +204,21 @@ class Backend(Protocol):
         """Prox step in place on the selected segments; [total groups, 2] (s1, s2) after it.
 
         `factors` (per group) replace the computed group factors ("scale", split groups)."""
+
+    def step_prox(
+        self,
+        plan: Plan,
+        tensors,
+        grads,
+        states,
+        options: StepOptions,
+        kind: str,
+        t_elem: float,
+        t_group: float,
+    ) -> Optional[torch.Tensor]:
+        """The optimizer step of `options` (per tensor its state buffers, laid out like it) and
+        the prox in one pass per group; [total groups, 2] (s1, s2) after it, or None where the
+        backend has no such pass for this plan (nothing is then modified)."""
 
 
 # --- the registry of fused backends --------------------------------------------------------------
@@ -217,7 +239,7 @@ def fused_backend(name: str) -> Backend:
                 rule=penalty.rule,
                 apply=penalty.apply,
                 fused=penalty.fused,
-                bind_fused=penalty.bind_fused,
+                prepare_fused=penalty.prepare_fused,
                 prox=prox.prox,
                 step_prox=step_prox.step_prox,
             )

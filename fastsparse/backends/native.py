@@ -18,8 +18,9 @@ Environment:
     FASTSPARSE_CACHE_DIR       where built libraries are kept.
     CXX, NVCC                  the compilers (default c++ and nvcc).
 
-The launchers below are this backend's primitives (stats, rule, apply, fused, prox), which
-fastsparse/engine.py composes into the ops, as it does the Triton backend's.
+The launchers below are this backend's primitives (stats, rule, apply, fused, prepare_fused,
+prox, step_prox), which fastsparse/engine.py composes into the ops, as it does the Triton
+backend's.
 """
 
 from __future__ import annotations
@@ -32,12 +33,20 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import typing
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from fastsparse.core.contract import GROUP_PROX_KINDS, KIND_IDS, PROX_IDS, STEP_OPTIONS
+from fastsparse.core.contract import (
+    GROUP_PROX_KINDS,
+    KIND_IDS,
+    PROX_IDS,
+    AdamStepOptions,
+    SGDStepOptions,
+    StepOptions,
+)
 from fastsparse.core.layout import SPLIT_BLOCK, Plan, PlanCache, new_empty, selected
 
 # Field order of fs_segment in fastsparse/backends/csrc/fastsparse_native.h.
@@ -60,6 +69,23 @@ NATIVE_FIELDS = (
 )
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _W_COLUMN, _GRAD_COLUMN = NATIVE_FIELDS.index("w"), NATIVE_FIELDS.index("grad")
+
+
+def _step_struct(options_type: type) -> type:
+    """The ctypes mirror of a step-options NamedTuple: fs_sgd_step / fs_adam_step of
+    csrc/fastsparse_native.h, its fields in the NamedTuple's order (floats as double, flags as
+    int)."""
+    hints = typing.get_type_hints(options_type)
+    c_types = {float: ctypes.c_double, bool: ctypes.c_int}
+    fields = [(name, c_types[hints[name]]) for name in options_type._fields]
+    return type(f"{options_type.__name__}Struct", (ctypes.Structure,), {"_fields_": fields})
+
+
+# The C struct each step family passes its options in, and the library function that reads it.
+_STEP_STRUCTS = {SGDStepOptions: _step_struct(SGDStepOptions),
+                 AdamStepOptions: _step_struct(AdamStepOptions)}  # fmt: skip
+_STEP_FUNCTIONS = {SGDStepOptions: "sgd_prox", AdamStepOptions: "adam_prox"}
+
 # --------------------------------------------------------------------------------------------
 # Building and loading
 # --------------------------------------------------------------------------------------------
@@ -166,10 +192,9 @@ def _declare(lib: ctypes.CDLL, device_type: str) -> None:
         "fused": [p, i64, *items, i32, f64, f64, p, *stream],
     }
     if device_type == "cpu":
-        signatures["sgd_prox"] = [p, i64, p, f64, f64, f64, f64, i32, i32, i32, f64, f64, p]
-        signatures["adam_prox"] = [
-            p, i64, p, p, f64, f64, f64, f64, f64, i32, f64, f64, i32, f64, f64, p,
-        ]  # fmt: skip
+        sgd, adam = (ctypes.POINTER(_STEP_STRUCTS[t]) for t in (SGDStepOptions, AdamStepOptions))
+        signatures["sgd_prox"] = [p, i64, p, sgd, i32, f64, f64, p]
+        signatures["adam_prox"] = [p, i64, p, p, adam, i32, f64, f64, p]
     for name, argtypes in signatures.items():
         fn = getattr(lib, prefix + name)
         fn.argtypes = argtypes
@@ -361,8 +386,8 @@ def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tenso
     )
 
 
-def bind_fused(plan, tensors, grads, select, kind, alpha):
-    """`fused` over these tensors' addresses, resolved once: launch(scale, values) runs it
+def prepare_fused(plan, tensors, grads, select, kind, alpha):
+    """`fused` prepared for these tensors' addresses: launch(scale, values) runs it
     (None when no segment is selected). The caller keeps the tensors alive and unchanged."""
     segments = selected(plan.segments, select)
     if not segments:
@@ -388,7 +413,7 @@ def bind_fused(plan, tensors, grads, select, kind, alpha):
 
 def fused(plan, tensors, grads, select, kind, alpha, scale, values):
     """One pass per group for within-group kinds: values[g] and grads += scale * dR/dw."""
-    launch = bind_fused(plan, tensors, grads, select, kind, alpha)
+    launch = prepare_fused(plan, tensors, grads, select, kind, alpha)
     if launch is not None:
         launch(float(scale), values)
 
@@ -407,10 +432,11 @@ def prox(plan, tensors, select, kind, t_elem, t_group, factors):
     )
 
 
-def step_prox(plan, tensors, grads, states, method: str, options: dict, kind, t_elem, t_group):
-    """An optimizer step (`method` "sgd" or "adam", `states`: per tensor its state buffers, laid
-    out like it) and the prox in one pass per group (CPU, whole groups, fp32 / fp64); returns
-    [total_groups, 2] (s1, s2) after it, or None where the plan does not qualify."""
+def step_prox(plan, tensors, grads, states, options: StepOptions, kind, t_elem, t_group):
+    """An optimizer step (`options`: `SGDStepOptions` or `AdamStepOptions`; `states`: per tensor
+    its state buffers, laid out like it) and the prox in one pass per group (CPU, whole groups,
+    fp32 / fp64); returns [total_groups, 2] (s1, s2) after it, or None where the plan does not
+    qualify."""
     segments = plan.segments
     if plan.device.type != "cpu" or any(s.chunks > 1 for s in segments):
         return None
@@ -420,24 +446,17 @@ def step_prox(plan, tensors, grads, states, method: str, options: dict, kind, t_
     if not segments:
         return after
     table, _ = _table(plan, segments, tensors, grads, False)
+    # One address array per state (SGD: the momentum buffers; Adam: exp_avg, then exp_avg_sq).
     addresses = [
         torch.tensor([state[s.tensor_index].data_ptr() for s in segments], dtype=torch.int64)
         for state in zip(*states)
     ]
-    values = [float(options[name]) for name in STEP_OPTIONS[method]]
-    lib = library("cpu")
-    if method == "sgd":
-        status = lib.fs_cpu_sgd_prox(
-            table.data_ptr(), len(segments), addresses[0].data_ptr(), *values[:4],
-            int(values[4]), int(values[5]), PROX_IDS[kind], float(t_elem), float(t_group),
-            after.data_ptr(),
-        )  # fmt: skip
-    else:
-        status = lib.fs_cpu_adam_prox(
-            table.data_ptr(), len(segments), addresses[0].data_ptr(), addresses[1].data_ptr(),
-            *values[:5], int(values[5]), values[6], values[7], PROX_IDS[kind], float(t_elem),
-            float(t_group), after.data_ptr(),
-        )  # fmt: skip
+    step = _STEP_STRUCTS[type(options)](*options)
+    fn = getattr(library("cpu"), f"fs_cpu_{_STEP_FUNCTIONS[type(options)]}")
+    status = fn(
+        table.data_ptr(), len(segments), *(a.data_ptr() for a in addresses), ctypes.byref(step),
+        PROX_IDS[kind], float(t_elem), float(t_group), after.data_ptr(),
+    )  # fmt: skip
     return None if status else after
 
 

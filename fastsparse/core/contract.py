@@ -11,7 +11,7 @@ the public API can all read these names.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -47,14 +47,70 @@ PROX_KINDS = ("l1", "group_lasso", "l0", "group_l0", "l0_group_lasso")
 ELEMENT_PROX_KINDS = ("l1", "l0")  # act element by element; the grouping only shapes the masks
 GROUP_PROX_KINDS = ("group_lasso", "group_l0", "l0_group_lasso")
 
-# The optimizer steps fused with the prox (torch.optim.SGD; Adam and AdamW) and the order of
-# their options in the fused op and the native functions.
-STEP_OPTIONS = {
-    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "first"),
-    "adam": (
-        "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "step_size", "bias2_sqrt",
-    ),
-}  # fmt: skip
+# The optimizer steps fused with the prox (torch.optim.SGD; Adam and AdamW): the options their
+# kernels read, one NamedTuple per family. Built where an optimizer's hyperparameters are read,
+# passed as they are down to the kernels; the fused op's schema takes their values as floats, in
+# the order of the fields (fastsparse/ops.py), and the native library reads them as the structs
+# fs_sgd_step and fs_adam_step of backends/csrc/fastsparse_native.h, field for field.
+
+
+class SGDStepOptions(NamedTuple):
+    """torch.optim.SGD's step: d = grad + weight_decay * w; with momentum, buf = d at the first
+    step (`first`: the buffers' contents are not read; always true without momentum), else
+    momentum * buf + (1 - dampening) * d, and d = buf (Nesterov: d + momentum * buf);
+    w -= lr * d.
+
+    >>> SGDStepOptions(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+    ...                first=True).momentum
+    0.9
+    """
+
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    first: bool
+
+
+class AdamStepOptions(NamedTuple):
+    """torch.optim.Adam's and AdamW's step (`decoupled`: AdamW's weight decay) at one step t,
+    its bias corrections folded in: step_size = lr / (1 - beta1^t), bias2_sqrt =
+    sqrt(1 - beta2^t). `at_step` computes them.
+
+    >>> AdamStepOptions.at_step(1, lr=0.1, betas=(0.5, 0.75), eps=1e-8, weight_decay=0.0,
+    ...                         decoupled=True).step_size
+    0.2
+    """
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    step_size: float
+    bias2_sqrt: float
+
+    @classmethod
+    def at_step(
+        cls, step: int, *, lr: float, betas, eps: float, weight_decay: float, decoupled: bool
+    ) -> AdamStepOptions:
+        """The options of step `step` (1 at the first) with these hyperparameters."""
+        lr, (beta1, beta2) = float(lr), (float(b) for b in betas)
+        return cls(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(eps),
+            weight_decay=float(weight_decay),
+            decoupled=bool(decoupled),
+            step_size=lr / (1 - beta1**step),
+            bias2_sqrt=(1 - beta2**step) ** 0.5,
+        )
+
+
+StepOptions = Union[SGDStepOptions, AdamStepOptions]
 
 # --- the other methods' options ------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from fastsparse.core.contract import AdamStepOptions, SGDStepOptions
 from fastsparse.optim.rules import Rule
 from fastsparse.optim.sparsifier import Sparsifier
 
@@ -165,9 +166,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         return done
 
     def _fused_sgd(self, target, group, kind, threshold) -> bool:
-        from fastsparse.functional import sgd_prox_
+        from fastsparse.functional.prox import step_prox_
 
-        params, momentum = target.params, group["momentum"]
+        params, momentum = target.params, float(group["momentum"])
         states, bufs, first = [], None, True
         if momentum != 0:  # torch's SGD keeps no state without momentum
             states = [self.state[p] for p in params]
@@ -176,27 +177,25 @@ class SparseOptimizer(torch.optim.Optimizer):
                 return False  # some buffers exist, some not: the optimizer steps them
             first = old[0] is None
             bufs = [torch.empty_like(p) for p in params] if first else old
-        masks = sgd_prox_(
-            params,
-            kind,
-            threshold,
-            lr=group["lr"],
+        options = SGDStepOptions(
+            lr=float(group["lr"]),
             momentum=momentum,
-            dampening=group["dampening"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            bufs=bufs,
+            dampening=float(group["dampening"]),
+            weight_decay=float(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]),
             first=first,
-            groups=target.grouping,
-            backend=self.sparsifier.backend,
         )
+        masks = step_prox_(
+            params, kind, threshold, options, [] if bufs is None else [bufs],
+            groups=target.grouping, backend=self.sparsifier.backend,
+        )  # fmt: skip
         if masks is not None and first and momentum != 0:
             for st, buf in zip(states, bufs):
                 st["momentum_buffer"] = buf
         return masks is not None
 
     def _fused_adam(self, target, group, kind, threshold) -> bool:
-        from fastsparse.functional import adam_prox_
+        from fastsparse.functional.prox import step_prox_
 
         params = target.params
         states = [self.state[p] for p in params]
@@ -218,21 +217,18 @@ class SparseOptimizer(torch.optim.Optimizer):
         decoupled = group.get(
             "decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW)
         )
-        masks = adam_prox_(
-            params,
-            kind,
-            threshold,
-            lr=group["lr"],
-            step=int(counts.pop()) + 1,
-            exp_avgs=exp_avgs,
-            exp_avg_sqs=exp_avg_sqs,
+        options = AdamStepOptions.at_step(
+            int(counts.pop()) + 1,
+            lr=float(group["lr"]),
             betas=group["betas"],
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decoupled=decoupled,
-            groups=target.grouping,
-            backend=self.sparsifier.backend,
         )
+        masks = step_prox_(
+            params, kind, threshold, options, [exp_avgs, exp_avg_sqs], groups=target.grouping,
+            backend=self.sparsifier.backend,
+        )  # fmt: skip
         if masks is None:
             return False
         for st, step, m, v in zip(states, steps, exp_avgs, exp_avg_sqs):

@@ -4,6 +4,7 @@ Numerical parity of every op, kind, grouping and dtype with the oracle runs in t
 (tests/functional are parametrized over the fused backends, "native" included).
 """
 
+import ctypes
 import importlib.resources
 import os
 import shutil
@@ -44,6 +45,39 @@ def test_cuda_arch_list(monkeypatch):
     monkeypatch.setenv("FASTSPARSE_CUDA_ARCH_LIST", " ")
     with pytest.raises(ValueError, match="names no architecture"):
         native.cuda_arch_flags()
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is None, reason="no C++ compiler")
+def test_step_option_structs_match_the_header(tmp_path):
+    """The ctypes mirrors of SGDStepOptions / AdamStepOptions lay their fields out where the C
+    structs fs_sgd_step / fs_adam_step of fastsparse_native.h have them: same names, order,
+    offsets and sizes (a field added on one side only fails to compile or to match here)."""
+    from fastsparse.core.contract import AdamStepOptions, SGDStepOptions
+
+    header = (
+        Path(str(importlib.resources.files("fastsparse.backends.csrc"))) / "fastsparse_native.h"
+    )
+    structs = {"fs_sgd_step": SGDStepOptions, "fs_adam_step": AdamStepOptions}
+    lines, expected = [], []
+    for c_name, options in structs.items():
+        mirror = native._STEP_STRUCTS[options]
+        lines.append(f'printf("%zu\\n", sizeof({c_name}));')
+        expected.append(ctypes.sizeof(mirror))
+        for field in options._fields:
+            lines.append(f'printf("%zu %zu\\n", offsetof({c_name}, {field}), '
+                         f"sizeof((({c_name}*)0)->{field}));")  # fmt: skip
+            expected.append(f"{getattr(mirror, field).offset} {getattr(mirror, field).size}")
+    program = tmp_path / "layout.cpp"
+    program.write_text(
+        f'#include <cstddef>\n#include <cstdio>\n#include "{header}"\n'
+        "int main() {\n" + "\n".join(lines) + "\nreturn 0;\n}\n"
+    )
+    compiler = os.environ.get("CXX") or "c++"
+    built = subprocess.run([compiler, "-std=c++17", str(program), "-o", str(tmp_path / "layout")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    printed = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True).stdout
+    assert printed.split("\n")[:-1] == [str(e) for e in expected]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

@@ -7,6 +7,7 @@ import torch
 
 from fastsparse import ops  # noqa: F401  (registers torch.ops.fastsparse)
 from fastsparse import reference as ref
+from fastsparse.core.contract import AdamStepOptions, SGDStepOptions
 from tests.helpers import decay_params, feature_maps, two_weights
 
 # ------------------------------------------------------------------------------------------------
@@ -158,13 +159,43 @@ def test_opcheck_step_prox(method, device, backend):
     weights = [w.detach().clone() for w in two_weights(device)]
     grads = [torch.randn_like(w) for w in weights]
     states = [torch.zeros_like(w) for _ in range(1 if method == "sgd" else 2) for w in weights]
-    options = [0.1, 0.9, 0.0, 0.0, 0.0, 0.0] if method == "sgd" else [
-        1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 1e-2, 0.03,
-    ]  # fmt: skip
-    args = (weights, grads, states, "filters", method, options, "group_lasso", 0.0, 0.05,
-            backend)  # fmt: skip
+    if method == "sgd":
+        options = SGDStepOptions(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                                 nesterov=False, first=False)  # fmt: skip
+    else:
+        options = AdamStepOptions.at_step(3, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                          weight_decay=0.01, decoupled=True)  # fmt: skip
+    args = (weights, grads, states, "filters", *ops.step_op_options(options), "group_lasso",
+            0.0, 0.05, backend)  # fmt: skip
     result = torch.library.opcheck(torch.ops.fastsparse.step_prox_.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("method", ["sgd", "adam"])
+def test_step_options_cross_the_op_boundary_unchanged(method, monkeypatch):
+    """Flattened into the op's float list and rebuilt inside it: the same NamedTuple, each
+    field of its own type (the flags bools again), reaching the engine."""
+    if method == "sgd":
+        options = SGDStepOptions(lr=0.1, momentum=0.9, dampening=0.25, weight_decay=1e-4,
+                                 nesterov=False, first=True)  # fmt: skip
+    else:
+        options = AdamStepOptions.at_step(3, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                          weight_decay=0.01, decoupled=False)  # fmt: skip
+    received = []
+
+    def engine_step(backend, tensors, grads, states, specs, options, *rest):
+        received.append(options)
+        return None
+
+    monkeypatch.setattr(ops.engine, "step_prox_", engine_step)
+    w = torch.randn(4, 3)
+    states = [torch.zeros_like(w) for _ in range(1 if method == "sgd" else 2)]
+    kept = ops.step_prox([w], [torch.randn_like(w)], states, "filters", options, "group_lasso",
+                         0.0, 0.1, "native")  # fmt: skip
+    assert kept.numel() == 0  # the engine declined: nothing written
+    (got,) = received
+    assert got == options and type(got) is type(options)
+    assert [type(v) for v in got] == [type(v) for v in options]
 
 
 # ------------------------------------------------------------------------------------------------

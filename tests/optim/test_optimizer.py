@@ -15,6 +15,7 @@ from torch import nn
 
 import fastsparse as fs
 import fastsparse.reference as ref
+from fastsparse.core.contract import AdamStepOptions, SGDStepOptions
 from fastsparse.optim import RULE_PROX_KINDS, Rule, SparseOptimizer
 from tests.helpers import coupled_models
 
@@ -542,17 +543,18 @@ STEPS = {
 @pytest.mark.parametrize("optimizer", list(STEPS))
 @pytest.mark.parametrize("kind", ["group_lasso", "group_l0", "l1", "l0_group_lasso"])
 def test_fused_step_equals_the_step_then_the_prox(kind, optimizer, dtype, monkeypatch):
-    import fastsparse.functional as functional
+    import fastsparse.functional.prox as prox
 
     calls = []
-    name = "adam_prox_" if optimizer.startswith("adam") else "sgd_prox_"
-    real = getattr(functional, name)
+    family = AdamStepOptions if optimizer.startswith("adam") else SGDStepOptions
+    real = prox.step_prox_
 
-    def counted(*args, **kwargs):
-        calls.append(real(*args, **kwargs))
+    def counted(params, kind, threshold, options, *args, **kwargs):
+        assert type(options) is family  # built once, from the param group, and passed on
+        calls.append(real(params, kind, threshold, options, *args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(functional, name, counted)
+    monkeypatch.setattr(prox, "step_prox_", counted)
     x = _batch(dtype)
     runs = []
     for fuse in (True, False):

@@ -328,13 +328,8 @@ void chunk_prox(const fs_segment& s, int64_t g, int64_t chunk, int kind, A t_ele
 // The SGD step of torch.optim.SGD (weight decay, momentum with dampening, Nesterov) followed by
 // the prox element step, on one run of elements; adds (s1, s2) of the new weights. The weight,
 // its gradient and its momentum buffer share strides. first: the buffer starts as the gradient.
-struct SgdStep {
-  double lr, momentum, dampening, weight_decay;
-  int nesterov, first;
-};
-
 template <typename A>
-void run_sgd_prox(A* w, const A* grad, A* buf, int64_t n, int64_t stride, const SgdStep& o,
+void run_sgd_prox(A* w, const A* grad, A* buf, int64_t n, int64_t stride, const fs_sgd_step& o,
                   int kind, A t, A* s1_out, A* s2_out) {
   const A lr = (A)o.lr, mu = (A)o.momentum, keep = (A)(1.0 - o.dampening), wd = (A)o.weight_decay;
   const bool use_momentum = o.momentum != 0;
@@ -381,15 +376,9 @@ void run_sgd_prox(A* w, const A* grad, A* buf, int64_t n, int64_t stride, const 
 
 // Adam's step (torch.optim.Adam / AdamW: decoupled weight decay; bias corrections folded into
 // step_size and bias2_sqrt) followed by the prox element step on one run; adds (s1, s2).
-struct AdamStep {
-  double lr, beta1, beta2, eps, weight_decay;
-  int decoupled;
-  double step_size, bias2_sqrt;
-};
-
 template <typename A>
-void run_adam_prox(A* w, const A* grad, A* m, A* v, int64_t n, int64_t stride, const AdamStep& o,
-                   int kind, A t, A* s1_out, A* s2_out) {
+void run_adam_prox(A* w, const A* grad, A* m, A* v, int64_t n, int64_t stride,
+                   const fs_adam_step& o, int kind, A t, A* s1_out, A* s2_out) {
   const A decay = o.decoupled ? (A)(1.0 - o.lr * o.weight_decay) : A(1);
   const A wd = o.decoupled ? A(0) : (A)o.weight_decay;
   const A keep1 = (A)(1.0 - o.beta1), b2 = (A)o.beta2, keep2 = (A)(1.0 - o.beta2);
@@ -686,10 +675,10 @@ int fs_cpu_prox(const fs_segment* segs, int64_t nseg, int kind, double t_elem, d
 // One fused SGD step and prox over whole groups (every segment: chunks == 1, weight, gradient
 // and buffer of one floating dtype, the buffer addresses in bufs[segment]); after[group] = (s1, s2)
 // once thresholded. l0_group_lasso's element stage uses t_elem, its group stage t_group.
-int fs_cpu_sgd_prox(const fs_segment* segs, int64_t nseg, const int64_t* bufs, double lr,
-                    double momentum, double dampening, double weight_decay, int nesterov,
-                    int first, int kind, double t_elem, double t_group, double* after) {
-  const SgdStep o{lr, momentum, dampening, weight_decay, nesterov, first};
+int fs_cpu_sgd_prox(const fs_segment* segs, int64_t nseg, const int64_t* bufs,
+                    const fs_sgd_step* step, int kind, double t_elem, double t_group,
+                    double* after) {
+  const fs_sgd_step& o = *step;
   return step_prox_groups(segs, nseg, kind, t_group, after, [&](int64_t si, auto tag) {
     using A = decltype(tag);
     A* w = reinterpret_cast<A*>(segs[si].w);
@@ -704,10 +693,9 @@ int fs_cpu_sgd_prox(const fs_segment* segs, int64_t nseg, const int64_t* bufs, d
 // One fused Adam / AdamW step and prox, as fs_cpu_sgd_prox; exp_avg and exp_avg_sq addresses in
 // ms[segment] and vs[segment]; step_size = lr / (1 - beta1^t), bias2_sqrt = sqrt(1 - beta2^t).
 int fs_cpu_adam_prox(const fs_segment* segs, int64_t nseg, const int64_t* ms, const int64_t* vs,
-                     double lr, double beta1, double beta2, double eps, double weight_decay,
-                     int decoupled, double step_size, double bias2_sqrt, int kind, double t_elem,
-                     double t_group, double* after) {
-  const AdamStep o{lr, beta1, beta2, eps, weight_decay, decoupled, step_size, bias2_sqrt};
+                     const fs_adam_step* step, int kind, double t_elem, double t_group,
+                     double* after) {
+  const fs_adam_step& o = *step;
   return step_prox_groups(segs, nseg, kind, t_group, after, [&](int64_t si, auto tag) {
     using A = decltype(tag);
     A* w = reinterpret_cast<A*>(segs[si].w);

@@ -33,6 +33,22 @@ typedef struct {
   int64_t accumulate;    // 1: grad += update, 0: grad = update
 } fs_segment;
 
+// The fused optimizer steps' options, field for field SGDStepOptions and AdamStepOptions of
+// fastsparse/core/contract.py (floats as double, flags as int): fastsparse/backends/native.py
+// builds its ctypes mirrors from those NamedTuples, so keep the order in sync.
+typedef struct {
+  double lr, momentum, dampening, weight_decay;
+  int nesterov;
+  int first;             // the momentum buffer starts as the gradient (its contents not read)
+} fs_sgd_step;
+
+typedef struct {
+  double lr, beta1, beta2, eps, weight_decay;
+  int decoupled;         // AdamW's weight decay (w *= 1 - lr * weight_decay)
+  double step_size;      // lr / (1 - beta1^t)
+  double bias2_sqrt;     // sqrt(1 - beta2^t)
+} fs_adam_step;
+
 // Kinds, as in fastsparse/core/contract.py KIND_IDS.
 enum {
   FS_L1 = 0,

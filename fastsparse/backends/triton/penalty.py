@@ -15,10 +15,10 @@ Statistics, the rule and the coefficients are fp64 (COEFFICIENT_DTYPE) from exac
 (common.exact_stats), and b_g * w is applied as hi * (w * pre) (common.split_coefficient): groups
 of norm 1e-30 get the float64 result, not zeros, infinities or NaN.
 
-The launchers below are the Triton backend's primitives (stats, rule, apply, fused), which
-fastsparse/engine.py composes into the ops. One launch per launch class (common.py).
-Value reductions use no atomics: per-group terms go to a buffer summed with torch, so results
-are deterministic.
+The launchers below are the Triton backend's primitives (stats, rule, apply, fused,
+prepare_fused), which fastsparse/engine.py composes into the ops. One launch per launch class
+(common.py). Value reductions use no atomics: per-group terms go to a buffer summed with torch,
+so results are deterministic.
 """
 
 from __future__ import annotations
@@ -319,8 +319,8 @@ def rule(stats_, segment_of_group, segment_sums_, kind: str, alpha: float):
     return values, coefs
 
 
-def _bind_grad(plan, cls, tensors, grads, kind, alpha, fused, accumulate, scale_tensor):
-    """The gradient kernel of one class over these tensors' addresses, resolved once:
+def _prepare_grad(plan, cls, tensors, grads, kind, alpha, fused, accumulate, scale_tensor):
+    """The gradient kernel of one class prepared for these tensors' addresses:
     launch(coefs, values, scale) runs it."""
     tables = class_tables(plan, cls)
     table = address_table(plan, cls, tensors)
@@ -370,15 +370,17 @@ def apply(plan, tensors, grads, coefs, select, *, accumulate, scale, scale_tenso
     coefs = coefs.to(COEFFICIENT_DTYPE)
     for cls in selected(plan.classes, select):
         # KIND only matters in FUSED mode: a fixed one avoids a compilation per kind here.
-        launch = _bind_grad(plan, cls, tensors, grads, "l1", 0.0, False, accumulate, scale_tensor)
+        launch = _prepare_grad(
+            plan, cls, tensors, grads, "l1", 0.0, False, accumulate, scale_tensor
+        )
         launch(coefs, coefs, scale)
 
 
-def bind_fused(plan, tensors, grads, select, kind, alpha):
-    """`fused` over these tensors' addresses, resolved once: launch(scale, values) runs it
+def prepare_fused(plan, tensors, grads, select, kind, alpha):
+    """`fused` prepared for these tensors' addresses: launch(scale, values) runs it
     (None when no class is selected). The caller keeps the tensors alive and unchanged."""
     launches = [
-        _bind_grad(plan, cls, tensors, grads, kind, alpha, True, True, None)
+        _prepare_grad(plan, cls, tensors, grads, kind, alpha, True, True, None)
         for cls in selected(plan.classes, select)
     ]
     if not launches:
@@ -393,6 +395,6 @@ def bind_fused(plan, tensors, grads, select, kind, alpha):
 
 def fused(plan, tensors, grads, select, kind, alpha, scale, values):
     """One pass per group for within-group kinds: values[g] and grads += scale * dR/dw."""
-    launch = bind_fused(plan, tensors, grads, select, kind, alpha)
+    launch = prepare_fused(plan, tensors, grads, select, kind, alpha)
     if launch is not None:
         launch(scale, values)

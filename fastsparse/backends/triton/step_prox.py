@@ -37,10 +37,19 @@ from fastsparse.backends.triton.common import (
     weight_pointer,
 )
 from fastsparse.backends.triton.prox import element_step, prox_factor
-from fastsparse.core.contract import PROX_IDS, accumulation_dtype
+from fastsparse.core.contract import (
+    PROX_IDS,
+    AdamStepOptions,
+    SGDStepOptions,
+    StepOptions,
+    accumulation_dtype,
+)
 from fastsparse.core.layout import Plan
 
-_METHODS = {"sgd": 0, "adam": 1}
+_METHODS = {SGDStepOptions: 0, AdamStepOptions: 1}
+# The kernel's float arguments; each family sets its own, the others are 0 (never read).
+_SCALARS = ("lr", "weight_decay", "momentum", "one_minus_dampening", "one_minus_beta1", "beta2",
+            "one_minus_beta2", "eps", "step_size", "bias2_sqrt")  # fmt: skip
 
 
 @triton.jit
@@ -52,11 +61,13 @@ def _step_tile(
     offsets,
     mask,
     lr,
-    o1,
-    o2,
-    o3,
-    o4,
-    o5,
+    weight_decay,
+    momentum,
+    one_minus_dampening,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
     step_size,
     bias2_sqrt,
     t,
@@ -73,37 +84,37 @@ def _step_tile(
     before the group factor, in ACC_DTYPE."""
     x = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     d = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    if METHOD == 0:  # SGD: o1 momentum, o2 1 - dampening, o3 weight decay; first: the buffer
-        d = d + o3 * x
+    if METHOD == 0:  # SGD; first_ptr: the momentum buffer (FIRST: it starts as the gradient)
+        d = d + weight_decay * x
         if HAS_STATE:
             if FIRST:
                 b = d
             else:
-                b = o1 * tl.load(first_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-                b = b + o2 * d
+                b = momentum * tl.load(first_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+                b = b + one_minus_dampening * d
             tl.store(first_ptr + offsets, b.to(W_DTYPE), mask=mask)
             if NESTEROV:
-                d = d + o1 * b
+                d = d + momentum * b
             else:
                 d = b
         y = x - lr * d
-    else:  # Adam: o1 1 - beta1, o2 beta2, o3 1 - beta2, o4 eps, o5 weight decay; first m, second v
+    else:  # Adam; first_ptr: the first moments m, second_ptr: the second moments v
         if DECOUPLED:
-            x = x * (1.0 - lr * o5)
+            x = x * (1.0 - lr * weight_decay)
         else:
-            d = d + o5 * x
+            d = d + weight_decay * x
         m = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         v = tl.load(second_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        m = m + o1 * (d - m)  # lerp, as torch's for weights below 0.5
-        v = o2 * v + o3 * d * d
+        m = m + one_minus_beta1 * (d - m)  # lerp, as torch's for weights below 0.5
+        v = beta2 * v + one_minus_beta2 * d * d
         tl.store(first_ptr + offsets, m.to(W_DTYPE), mask=mask)
         tl.store(second_ptr + offsets, v.to(W_DTYPE), mask=mask)
         # IEEE square root and division, as torch's step (fp32 tl.sqrt and / are approximate)
         if ACC_DTYPE == tl.float32:
-            denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + o4
+            denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
             y = x - step_size * tl.div_rn(m, denom)
         else:
-            y = x - step_size * (m / (tl.sqrt(v) / bias2_sqrt + o4))
+            y = x - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
     return element_step(y, t, KIND)
 
 
@@ -118,11 +129,13 @@ def _step_prox_kernel(
     second_state_ptr,
     out_ptr,
     lr,
-    o1,
-    o2,
-    o3,
-    o4,
-    o5,
+    weight_decay,
+    momentum,
+    one_minus_dampening,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
     step_size,
     bias2_sqrt,
     t_elem,
@@ -142,11 +155,13 @@ def _step_prox_kernel(
     ADJACENT: tl.constexpr,
 ):
     lr = scalar(lr, ACC_DTYPE)
-    o1 = scalar(o1, ACC_DTYPE)
-    o2 = scalar(o2, ACC_DTYPE)
-    o3 = scalar(o3, ACC_DTYPE)
-    o4 = scalar(o4, ACC_DTYPE)
-    o5 = scalar(o5, ACC_DTYPE)
+    weight_decay = scalar(weight_decay, ACC_DTYPE)
+    momentum = scalar(momentum, ACC_DTYPE)
+    one_minus_dampening = scalar(one_minus_dampening, ACC_DTYPE)
+    one_minus_beta1 = scalar(one_minus_beta1, ACC_DTYPE)
+    beta2 = scalar(beta2, ACC_DTYPE)
+    one_minus_beta2 = scalar(one_minus_beta2, ACC_DTYPE)
+    eps = scalar(eps, ACC_DTYPE)
     step_size = scalar(step_size, ACC_DTYPE)
     bias2_sqrt = scalar(bias2_sqrt, ACC_DTYPE)
     t = scalar(t_elem, ACC_DTYPE)
@@ -161,8 +176,9 @@ def _step_prox_kernel(
     second_ptr = typed_pointer(tl.load(second_state_ptr + segment), W_DTYPE, VEC)
     if LOOPS == 1:  # the whole tile stays in registers
         y = _step_tile(
-            w_ptr, grad_ptr, first_ptr, second_ptr, offsets, mask, lr, o1, o2, o3, o4, o5,
-            step_size, bias2_sqrt, t, W_DTYPE, ACC_DTYPE, METHOD, KIND, HAS_STATE, FIRST,
+            w_ptr, grad_ptr, first_ptr, second_ptr, offsets, mask, lr, weight_decay, momentum,
+            one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+            bias2_sqrt, t, W_DTYPE, ACC_DTYPE, METHOD, KIND, HAS_STATE, FIRST,
             NESTEROV, DECOUPLED,
         )  # fmt: skip
         if KIND >= 2:
@@ -178,7 +194,8 @@ def _step_prox_kernel(
                 table_ptr, segment, local_item, step, BLOCK_G, BLOCK_K, LOOPS, VEC, ADJACENT
             )
             y = _step_tile(
-                w_ptr, grad_ptr, first_ptr, second_ptr, offsets, mask, lr, o1, o2, o3, o4, o5,
+                w_ptr, grad_ptr, first_ptr, second_ptr, offsets, mask, lr, weight_decay,
+                momentum, one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, eps,
                 step_size, bias2_sqrt, t, W_DTYPE, ACC_DTYPE, METHOD, KIND, HAS_STATE, FIRST,
                 NESTEROV, DECOUPLED,
             )  # fmt: skip
@@ -205,27 +222,42 @@ def _step_prox_kernel(
     tl.store(out + 1, s2, mask=group_mask)
 
 
-def step_prox(
-    plan: Plan, tensors, grads, states, method: str, options: dict, kind, t_elem, t_group
-):
-    """The optimizer step and the prox in one launch per class; [total_groups, 2] (s1, s2) after
-    it, or None where a class's groups are split (nothing is then modified)."""
+def _kernel_scalars(options: StepOptions) -> dict:
+    """The kernel's float arguments (`_SCALARS`) of these options. One minus a coefficient is
+    computed here, in double (1 - 0.999 in fp32 is 1.3e-5 off)."""
+    scalars = dict.fromkeys(_SCALARS, 0.0)
+    scalars.update(lr=options.lr, weight_decay=options.weight_decay)
+    if isinstance(options, SGDStepOptions):
+        scalars.update(momentum=options.momentum, one_minus_dampening=1.0 - options.dampening)
+    else:
+        scalars.update(
+            one_minus_beta1=1.0 - options.beta1,
+            beta2=options.beta2,
+            one_minus_beta2=1.0 - options.beta2,
+            eps=options.eps,
+            step_size=options.step_size,
+            bias2_sqrt=options.bias2_sqrt,
+        )
+    return scalars
+
+
+def _flags(options: StepOptions) -> dict:
+    """The kernel's constexpr flags of these options."""
+    if isinstance(options, SGDStepOptions):
+        return dict(HAS_STATE=options.momentum != 0, FIRST=options.first,
+                    NESTEROV=options.nesterov, DECOUPLED=False)  # fmt: skip
+    return dict(HAS_STATE=True, FIRST=False, NESTEROV=False, DECOUPLED=options.decoupled)
+
+
+def step_prox(plan: Plan, tensors, grads, states, options: StepOptions, kind, t_elem, t_group):
+    """The optimizer step of `options` (`SGDStepOptions`, `AdamStepOptions`; `states`: per
+    tensor its state buffers) and the prox in one launch per class; [total_groups, 2] (s1, s2)
+    after it, or None where a class's groups are split (nothing is then modified)."""
     if any(cls.split for cls in plan.classes):
         return None
     after = torch.zeros((plan.total_groups, 2), dtype=torch.float64, device=plan.device)
     roles = [list(r) for r in zip(*states)] if states and states[0] else []  # state by state
-    o = options
-    # One minus a coefficient is computed here, in double (1 - 0.999 in fp32 is 1.3e-5 off);
-    # fp64 kernels get every float argument as a double (scalar_arg).
-    if method == "sgd":
-        values = (o["lr"], o["momentum"], 1.0 - o["dampening"], o["weight_decay"], 0.0, 0.0, 0.0,
-                  1.0)  # fmt: skip
-        flags = dict(HAS_STATE=o["momentum"] != 0, FIRST=bool(o["first"]),
-                     NESTEROV=bool(o["nesterov"]), DECOUPLED=False)  # fmt: skip
-    else:
-        values = (o["lr"], 1.0 - o["beta1"], o["beta2"], 1.0 - o["beta2"], o["eps"],
-                  o["weight_decay"], o["step_size"], o["bias2_sqrt"])  # fmt: skip
-        flags = dict(HAS_STATE=True, FIRST=False, NESTEROV=False, DECOUPLED=bool(o["decoupled"]))
+    scalars, flags = _kernel_scalars(options), _flags(options)
     for cls in plan.classes:
         tables = class_tables(plan, cls)
         grad_table = grad_addresses(plan, cls, grads)
@@ -233,6 +265,7 @@ def step_prox(
         second = grad_addresses(plan, cls, roles[1], "state1") if len(roles) > 1 else first
         table = address_table(plan, cls, tensors)
         vec = launch_vec(plan, cls, "grad", *("state0", "state1")[: len(roles)])
+        # fp64 kernels get every float argument as a double's bits (scalar_arg)
         _step_prox_kernel[(tables["num_items"],)](
             table,
             tables["item_starts"],
@@ -242,12 +275,12 @@ def step_prox(
             first,
             second,
             after,
-            *(scalar_arg(v, cls.dtype) for v in values),
-            scalar_arg(t_elem, cls.dtype),
-            scalar_arg(t_group, torch.float64),
+            **{name: scalar_arg(value, cls.dtype) for name, value in scalars.items()},
+            t_elem=scalar_arg(t_elem, cls.dtype),
+            t_group=scalar_arg(t_group, torch.float64),
             W_DTYPE=TL_DTYPES[cls.dtype],
             ACC_DTYPE=TL_DTYPES[accumulation_dtype(cls.dtype)],
-            METHOD=_METHODS[method],
+            METHOD=_METHODS[type(options)],
             KIND=PROX_IDS[kind],
             **flags,
             BLOCK_G=cls.block_groups,
