@@ -19,7 +19,7 @@ import torch
 
 from fastsparse import reference
 from fastsparse.backends import resolve_backend
-from fastsparse.core.checks import check_real
+from fastsparse.core.checks import as_tensor_list, check_real, check_tensors
 from fastsparse.core.contract import FLOW_REDUCTIONS
 from fastsparse.core.layout import is_dense
 
@@ -32,21 +32,16 @@ def _prepare(features, gradient_weight, curvature_weight, reduction):
     """Validate; return (maps with one dtype, a, b) with a, b the per-element weights."""
     if isinstance(features, torch.Tensor) or not isinstance(features, Iterable):
         raise TypeError("features must be a sequence of tensors (one per layer), not a tensor")
-    features = list(features)
+    features = as_tensor_list(features, name="features")
     if not features:
         raise ValueError("features is empty; give at least one feature map")
+    check_tensors(features, name="features")
     for i, f in enumerate(features):
-        if not isinstance(f, torch.Tensor):
-            raise TypeError(f"features[{i}] is a {type(f).__name__}, expected a torch.Tensor")
-        if not f.is_floating_point() or f.layout != torch.strided:
-            raise TypeError(f"features[{i}] must be a dense floating tensor, got {f.dtype}")
         if f.shape != features[0].shape:
             raise ValueError(
                 f"feature maps must have one shape: features[0] is {tuple(features[0].shape)}, "
                 f"features[{i}] is {tuple(f.shape)}"
             )
-        if f.device != features[0].device:
-            raise ValueError(f"features[{i}] is on {f.device}, features[0] on {features[0].device}")
     a = check_real("gradient_weight", gradient_weight)
     b = check_real("curvature_weight", curvature_weight)
     if reduction not in REDUCTIONS:

@@ -16,6 +16,7 @@ from fastsparse import reference
 from fastsparse.backends import resolve_backend
 from fastsparse.core.checks import (
     Tensors,
+    allocate_missing_grads,
     as_tensor_list,
     check_coupled,
     check_grads,
@@ -25,6 +26,7 @@ from fastsparse.core.checks import (
     check_tensors,
     is_sharded,
     prepare,
+    with_grads_like_weights,
 )
 from fastsparse.core.contract import Grouping, accumulation_dtype_of, grad_dtype
 from fastsparse.core.groups import as_coupled_list, coupled_layout, coupled_params, is_coupled
@@ -154,13 +156,12 @@ def add_penalty_grad_(
     if is_coupled(groups):
         coupled, alpha = __prepare_coupled(tensors, kind, groups, options)
         strength = check_strength(strength)
-        if is_sharded(coupled_params(coupled)):
+        params = coupled_params(coupled)
+        check_grads(params)
+        if is_sharded(params):
             return _distributed().add_coupled_penalty_grad_(coupled, kind, strength, alpha, backend)
         layout, name = coupled_backend(coupled, backend)
-        check_grads(layout.params)
-        for t in layout.params:
-            if t.grad is None:
-                t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
+        allocate_missing_grads(layout.params)
         with torch.no_grad():
             if name == "torch":
                 value = reference.coupled_penalty(coupled, kind, alpha)
@@ -170,8 +171,9 @@ def add_penalty_grad_(
                 return value
             from fastsparse import ops
 
-            return _with_grads_like_weights(
-                layout.params,
+            return with_grads_like_weights(
+                [p.detach() for p in layout.params],
+                [p.grad for p in layout.params],
                 lambda weights, grads: ops.call(
                     ops.add_coupled_penalty_grad_op,
                     grads,
@@ -184,7 +186,6 @@ def add_penalty_grad_(
                     strength,
                     name,
                 ),
-                addressable=lambda w: True,
             )
     tensors, groupings, alpha = prepare(tensors, kind, groups, options)
     strength = check_strength(strength)
@@ -193,9 +194,7 @@ def add_penalty_grad_(
         return _distributed().add_penalty_grad_(tensors, kind, strength, groupings, alpha, backend)
     nonempty = [t for t in tensors if t.numel() > 0]
     name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"
-    for t in tensors:
-        if t.grad is None:
-            t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
+    allocate_missing_grads(tensors)
     if not nonempty:
         return _zero_value(tensors)
     with torch.no_grad():
@@ -207,8 +206,10 @@ def add_penalty_grad_(
             return value
         from fastsparse import ops
 
-        return _with_grads_like_weights(
-            nonempty,
+        detached = [t.detach() for t in nonempty]
+        return with_grads_like_weights(
+            [w if addressable(w, groupings) else w.contiguous() for w in detached],
+            [t.grad for t in nonempty],
             lambda weights, grads: ops.call(
                 ops.add_penalty_grad_op,
                 grads,
@@ -219,13 +220,12 @@ def add_penalty_grad_(
                 strength,
                 name,
             ),
-            addressable=lambda w: addressable(w, groupings),
         )
 
 
 def _state(tensors) -> list:
     """What a prepared call checks per tensor: its address, shape and strides, which tensor its
-    .grad is (the bound gradients are kept alive, so an id is not reused) and where that
+    .grad is (the prepared gradients are kept alive, so an id is not reused) and where that
     gradient's memory is (p.grad.data = ... keeps the tensor, not its memory)."""
     return [
         (t.data_ptr(), t.shape, t.stride(), id(g := t.grad), g is not None and g.data_ptr())
@@ -238,14 +238,14 @@ class PreparedPenaltyGrad:
 
     A call checks only what may change between steps: each tensor's address, shape and strides,
     which tensor its ``.grad`` is and that gradient's address. New gradients (after
-    ``zero_grad(set_to_none=True)``) are validated and bound in; a moved or reshaped weight binds
-    everything anew. With cached plans a call then costs a few times ``torch._foreach_add_``
-    over the same tensors (``python -m benchmarks.host_overhead``). `Regularizer.apply_` uses
-    one.
+    ``zero_grad(set_to_none=True)``) are validated and prepared in; a moved or reshaped weight
+    prepares everything anew. With cached plans a call then costs a few times
+    ``torch._foreach_add_`` over the same tensors (``python -m benchmarks.host_overhead``).
+    `Regularizer.apply_` uses one.
 
     Args:
         tensors, kind, groups, backend, options: as in `add_penalty_grad_` (the backend is
-            resolved when the tensors are bound).
+            resolved when the tensors are prepared).
 
     Calls return what `add_penalty_grad_(tensors, kind, strength, ...)` returns, bitwise.
     Coupled groups, DTensors, empty tensors, the "torch" backend and gradients laid out unlike
@@ -274,7 +274,7 @@ class PreparedPenaltyGrad:
         self.kind, self.groups, self.backend, self.options = kind, groups, backend, options
         tensors = self.tensors
         self._general = not tensors or is_sharded(tensors) or any(t.numel() == 0 for t in tensors)
-        self._bound = self._state = None
+        self._prepared = self._state = None
 
     def __call__(self, strength: float, *, value_scale: float = 1.0) -> torch.Tensor:
         """Add strength * dR/dW to each tensor's .grad; returns value_scale * R (0-dim, as
@@ -289,9 +289,9 @@ class PreparedPenaltyGrad:
             raise
         if state != self._state:
             self._update(state)
-        if self._bound is None:
+        if self._prepared is None:
             return self._general_call(strength, value_scale)
-        return self._bound.run(strength, value_scale)
+        return self._prepared.run(strength, value_scale)
 
     def _general_call(self, strength, value_scale: float) -> torch.Tensor:
         value = add_penalty_grad_(
@@ -301,23 +301,23 @@ class PreparedPenaltyGrad:
         return value if value_scale == 1.0 else value.mul_(value_scale)
 
     def _update(self, state) -> None:
-        """Bind anew for a moved or re-laid-out weight, else bind in the new gradients."""
+        """Prepare anew for a moved or re-laid-out weight, else prepare the new gradients."""
         if (
             self._state is None
-            or self._bound is None
+            or self._prepared is None
             or any(new[:3] != old[:3] for new, old in zip(state, self._state))
         ):
-            self._bind()
+            self._prepare()
         else:
-            self._rebind_grads()
+            self._prepare_grads()
         if any(entry[4] is False for entry in state):  # with the gradients _grads() made
             state = _state(self.tensors)
         self._state = state
 
-    def _bind(self) -> None:
-        """Bind the tensors as they are now, or leave them to add_penalty_grad_ (None)."""
+    def _prepare(self) -> None:
+        """Prepare for the tensors as they are now, or leave them to add_penalty_grad_ (None)."""
         tensors = self.tensors
-        self._bound = None
+        self._prepared = None
         name = resolve_backend(self.backend, tensors[0].device)
         grads = self._grads()
         if name == "torch" or not all(
@@ -329,20 +329,20 @@ class PreparedPenaltyGrad:
 
         weights = [t.detach() for t in tensors]
         groupings = encode_groupings(self.groupings)
-        self._bound = ops.bind_add_penalty_grad(
+        self._prepared = ops.prepare_add_penalty_grad(
             grads, weights, self.kind, groupings, self.alpha, name
         )
 
-    def _rebind_grads(self) -> None:
+    def _prepare_grads(self) -> None:
         grads = self._grads()
         same = all(
             g.dtype == old.dtype and g.stride() == t.stride()
-            for t, g, old in zip(self.tensors, grads, self._bound.grads)
+            for t, g, old in zip(self.tensors, grads, self._prepared.grads)
         )
         if same:
-            self._bound.rebind(grads)
+            self._prepared.prepare_grads(grads)
         else:
-            self._bind()
+            self._prepare()
 
     def _grads(self) -> list:
         """The tensors' gradients, validated; zeros where one is None (as add_penalty_grad_)."""
@@ -351,31 +351,6 @@ class PreparedPenaltyGrad:
             if t.grad is None:
                 t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
         return [t.grad for t in self.tensors]
-
-
-def _with_grads_like_weights(tensors, run, addressable):
-    """Call run(weights, grads) with gradients laid out like their weights.
-
-    The kernels write a gradient with its weight's strides; a weight the kernels cannot
-    address goes as a contiguous copy, and a gradient of another layout through a buffer that
-    is added to it afterwards.
-    """
-    weights, grads, spills = [], [], []
-    for t in tensors:
-        w = t.detach()
-        if not addressable(w):
-            w = w.contiguous()
-        g = t.grad
-        if g.stride() != w.stride():
-            spill = torch.zeros_like(w, dtype=g.dtype)
-            spills.append((g, spill))
-            g = spill
-        weights.append(w)
-        grads.append(g)
-    value = run(weights, grads)
-    for target, spill in spills:
-        target.add_(spill)
-    return value
 
 
 def group_norms(
@@ -413,9 +388,7 @@ def group_norms(
         return list(torch.split(flat, layout.group_counts))
     tensors = as_tensor_list(tensors)
     check_tensors(tensors)
-    if isinstance(groups, (tuple, list)):
-        raise ValueError("group_norms takes one grouping, not a tuple")
-    (grouping,) = check_groupings(groups, tensors)
+    (grouping,) = check_groupings(groups, tensors, single="group_norms")
     if is_sharded(tensors):
         return _distributed().group_norms(tensors, grouping, backend)
     dtype = accumulation_dtype_of(tensors)

@@ -18,15 +18,16 @@ import torch
 from fastsparse import reference
 from fastsparse.backends import BACKENDS, resolve_backend
 from fastsparse.core.checks import (
+    as_tensor_list,
     check_coupled,
-    check_grouping,
+    check_groupings,
     check_prox_kind,
+    check_tensors,
     check_threshold,
     is_sharded,
-    prox_tensor_list,
 )
-from fastsparse.core.contract import PROX_KINDS, STEP_OPTIONS
-from fastsparse.core.groups import CoupledGroup, coupled_params, is_coupled
+from fastsparse.core.contract import PROX_KINDS, AdamStepOptions, SGDStepOptions, StepOptions
+from fastsparse.core.groups import CoupledGroup, as_coupled_list, coupled_params, is_coupled
 from fastsparse.core.layout import encode_groupings, group_count, segment_geometry
 from fastsparse.functional.penalty import coupled_backend
 
@@ -90,15 +91,15 @@ def prox_(
     _check_backend(backend)
     check_threshold(kind, threshold)
     if is_coupled(groups):
-        coupled = [groups] if isinstance(groups, CoupledGroup) else list(groups)
+        coupled = as_coupled_list(groups)
         check_coupled(coupled, tensors)
         if is_sharded(coupled_params(coupled)):
             from fastsparse import distributed
 
             return distributed.coupled_prox_(coupled, kind, threshold, backend)
         return _dispatch(None, kind, threshold, coupled, backend)
-    tensor_list = prox_tensor_list(tensors)
-    check_grouping(groups, tensor_list)
+    tensor_list = _tensor_list(tensors)
+    check_groupings(groups, tensor_list, single="prox_")
     if is_sharded(tensor_list):
         from fastsparse import distributed
 
@@ -198,13 +199,13 @@ def scale_groups_(
     _check_backend(backend)
     factors = [factors] if isinstance(factors, torch.Tensor) else list(factors)
     if is_coupled(groups):
-        coupled = [groups] if isinstance(groups, CoupledGroup) else list(groups)
+        coupled = as_coupled_list(groups)
         check_coupled(coupled, tensors)
         counts = [cg.num_groups for cg in coupled]
         owners = [f"coupled group {i}" for i in range(len(coupled))]
     else:
-        tensor_list = prox_tensor_list(tensors)
-        check_grouping(groups, tensor_list)
+        tensor_list = _tensor_list(tensors)
+        check_groupings(groups, tensor_list, single="scale_groups_")
         counts = [group_count(t.shape, groups) for t in tensor_list]
         owners = [f"tensor {i} {tuple(t.shape)}" for i, t in enumerate(tensor_list)]
     _check_factors(factors, counts, owners)
@@ -253,6 +254,13 @@ def scale_groups_(
             if w.data_ptr() != t.data_ptr():
                 t.copy_(w)
     return None
+
+
+def _tensor_list(tensors) -> list[torch.Tensor]:
+    """The `tensors` argument of `prox_` and `scale_groups_` (not coupled groups), validated."""
+    tensor_list = as_tensor_list(tensors, module_params=True)
+    check_tensors(tensor_list)
+    return tensor_list
 
 
 def _check_backend(backend: str) -> None:
@@ -319,21 +327,16 @@ def sgd_prox_(
         tensor([[2.9000, 3.9000],
                 [0.0000, 0.0000]])
     """
-    if momentum != 0 and bufs is None:
-        raise ValueError("SGD with momentum needs bufs= (one buffer per parameter)")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    params = list(params)
-    states = [list(bufs)] if momentum != 0 else [[p.detach() for p in params]]
-    options = dict(
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
+    options = SGDStepOptions(
+        lr=float(lr),
+        momentum=float(momentum),
+        dampening=float(dampening),
+        weight_decay=float(weight_decay),
+        nesterov=bool(nesterov),
         first=bool(first) or momentum == 0,
     )
-    return _step_prox(params, states, "sgd", options, kind, threshold, groups, backend)
+    states = [list(bufs)] if momentum != 0 and bufs is not None else []
+    return step_prox_(params, kind, threshold, options, states, groups=groups, backend=backend)
 
 
 def adam_prox_(
@@ -363,31 +366,53 @@ def adam_prox_(
     """
     if not (isinstance(step, int) and step >= 1):
         raise ValueError(f"step must be an integer >= 1 (the step being taken), got {step!r}")
-    beta1, beta2 = (float(b) for b in betas)
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"betas must be in [0, 1), got {tuple(betas)!r}")
-    options = dict(
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled=decoupled,
-        step_size=lr / (1 - beta1**step),
-        bias2_sqrt=(1 - beta2**step) ** 0.5,
+    _check_betas(betas)  # before the bias corrections, which need them below 1
+    options = AdamStepOptions.at_step(
+        step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled
     )
     states = [list(exp_avgs), list(exp_avg_sqs)]
-    return _step_prox(list(params), states, "adam", options, kind, threshold, groups, backend)
+    return step_prox_(params, kind, threshold, options, states, groups=groups, backend=backend)
 
 
-def _step_prox(params, states, method, options, kind, threshold, groups, backend):
-    """Validate, check that the fused pass serves these tensors (else None), run it."""
+def step_prox_(
+    params: Sequence[torch.Tensor],
+    kind: str,
+    threshold: Union[float, Sequence[float]],
+    options: StepOptions,
+    states: Sequence[Sequence[torch.Tensor]],
+    *,
+    groups: Union[str, None] = "filters",
+    backend: str = "auto",
+) -> Optional[list]:
+    """The optimizer step of `options` (`SGDStepOptions`, `AdamStepOptions`) on `params`, then
+    `prox_`, in one fused pass: what `sgd_prox_` and `adam_prox_` run, for callers that hold the
+    options already (`SparseOptimizer`).
+
+    `states` holds the state buffers, each a list with one tensor per parameter, laid out like
+    it: SGD with momentum ``[bufs]`` (without: ``[]``), Adam ``[exp_avgs, exp_avg_sqs]``.
+    Returns the kept masks (one bool tensor of shape [groups] per parameter), or None where no
+    fused pass serves these tensors (nothing modified).
+
+    Example::
+
+        >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]], requires_grad=True)
+        >>> w.grad = torch.ones_like(w)
+        >>> sgd = SGDStepOptions(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+        ...                      nesterov=False, first=True)
+        >>> [m.tolist() for m in step_prox_([w], "group_l0", 1.0, sgd, [], backend="native")]
+        [[True, False]]
+    """
+    params = list(params)
+    states = [list(state) for state in states]
+    _check_step_options(options, states)
     check_prox_kind(kind)
     _check_backend(backend)
     check_threshold(kind, threshold)
-    check_grouping(groups, params)
+    check_groupings(groups, params, single="step_prox_")
     if any(len(state) != len(params) for state in states):
         raise ValueError("give one state buffer per parameter")
+    if isinstance(options, SGDStepOptions) and not states:
+        states = [[p.detach() for p in params]]  # never read (first): the kernels' buffer slot
     if not params or is_sharded(params):
         return None
     grads = [p.grad for p in params]
@@ -407,14 +432,12 @@ def _step_prox(params, states, method, options, kind, threshold, groups, backend
     from fastsparse import ops
 
     with torch.no_grad():
-        flat = ops.call(
-            ops.step_prox_op,
+        flat = ops.step_prox(
             [p.detach() for p in params],
             [g.detach() for g in grads],
             [t.detach() for state in states for t in state],
             encode_groupings((groups,)),
-            method,
-            [float(options[n]) for n in STEP_OPTIONS[method]],
+            options,
             kind,
             t_elem,
             t_group,
@@ -424,3 +447,25 @@ def _step_prox(params, states, method, options, kind, threshold, groups, backend
     if flat.numel() == 0 and sum(counts) > 0:
         return None
     return list(torch.split(flat, counts))
+
+
+def _check_step_options(options: StepOptions, states: list) -> None:
+    """Refuse what torch.optim refuses, and states that do not fit the optimizer."""
+    if isinstance(options, SGDStepOptions):
+        if options.momentum != 0 and len(states) != 1:
+            raise ValueError("SGD with momentum needs bufs= (one buffer per parameter)")
+        if options.momentum == 0 and states:
+            raise ValueError("SGD without momentum keeps no state buffers")
+        if options.nesterov and (options.momentum <= 0 or options.dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    elif isinstance(options, AdamStepOptions):
+        _check_betas((options.beta1, options.beta2))
+        if len(states) != 2:
+            raise ValueError("Adam's step needs its two moment buffers (exp_avgs, exp_avg_sqs)")
+    else:
+        raise TypeError(f"not step options: {type(options).__name__}")
+
+
+def _check_betas(betas) -> None:
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"betas must be in [0, 1), got {tuple(betas)!r}")

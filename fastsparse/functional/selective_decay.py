@@ -20,7 +20,14 @@ from torch import nn
 
 from fastsparse import reference
 from fastsparse.backends import resolve_backend
-from fastsparse.core.checks import check_real
+from fastsparse.core.checks import (
+    allocate_missing_grads,
+    as_tensor_list,
+    check_distinct,
+    check_grads,
+    check_real,
+    check_tensors,
+)
 from fastsparse.core.contract import RELEVANCE_KINDS, accumulation_dtype_of
 from fastsparse.core.groups import default_parameters
 from fastsparse.core.layout import is_dense
@@ -33,24 +40,16 @@ Params = Union[nn.Module, Iterable[torch.Tensor]]
 
 
 def selected_params(model_or_params: Params) -> List[torch.Tensor]:
+    """The tensors selective decay acts on, validated: a module's Conv and Linear weights, or
+    the given tensors (distinct, dense, floating, on one device)."""
     if isinstance(model_or_params, nn.Module):
         params = default_parameters(model_or_params, include_output=True)  # every weight
-    elif isinstance(model_or_params, torch.Tensor):
-        params = [model_or_params]
     else:
-        params = list(model_or_params)
+        params = as_tensor_list(model_or_params, name="params")
     if not params:
         raise ValueError("no parameters given")
-    for i, p in enumerate(params):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a tensor")
-        if not p.is_floating_point() or p.layout != torch.strided:
-            raise TypeError(f"params[{i}] must be a dense floating tensor, got {p.dtype}")
-        if p.device != params[0].device:
-            raise ValueError(f"params[{i}] is on {p.device}, params[0] on {params[0].device}")
-        for j in range(i):
-            if params[j] is p:
-                raise ValueError(f"params[{i}] is the same tensor as params[{j}]")
+    check_tensors(params, name="params")
+    check_distinct(params, name="params")
     return params
 
 
@@ -59,17 +58,6 @@ def check_options(relevance: str, scope: str) -> None:
         raise ValueError(f"unknown relevance {relevance!r}; valid: {', '.join(RELEVANCE_KINDS)}")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
-
-
-def _check_grads(params: List[torch.Tensor]) -> None:
-    for i, p in enumerate(params):
-        g = p.grad
-        if g is None:
-            continue
-        if g.shape != p.shape or g.device != p.device or g.layout != torch.strided:
-            raise ValueError(f"params[{i}].grad has shape {tuple(g.shape)} on {g.device}")
-        if not g.is_floating_point():
-            raise TypeError(f"params[{i}].grad has dtype {g.dtype}; expected floating point")
 
 
 def relevance_thresholds(
@@ -89,7 +77,7 @@ def relevance_thresholds(
         tensor([1.])
     """
     params = selected_params(params)
-    _check_grads(params)
+    check_grads(params, name="params")
     check_options(relevance, scope)
     quantile = check_real("quantile", quantile, 0.0, 1.0)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -159,7 +147,7 @@ def selective_decay_(
         16
     """
     params = selected_params(params)
-    _check_grads(params)
+    check_grads(params, name="params")
     check_options(relevance, scope)
     strength = check_real("strength", strength)
     if (quantile is None) == (threshold is None):
@@ -177,9 +165,7 @@ def selective_decay_(
         value = check_real("threshold", threshold, -math.inf)
         thresholds = torch.full((len(params),), value, dtype=torch.float64, device=device)
     name = resolve_backend(backend, device, op="selective_decay")
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    allocate_missing_grads(params)
     with torch.no_grad():
         if name == "torch":
             weights = [p.detach() for p in params]

@@ -255,7 +255,7 @@ def llama_block_weights(seed=1, dim=8, heads=2, head_dim=3, hidden=5) -> dict:
 
 
 def block_groups(w: dict, heads=2):
-    from fastsparse.distributed import attention_head_groups, mlp_neuron_groups
+    from fastsparse.core.groups import attention_head_groups, mlp_neuron_groups
 
     return [
         attention_head_groups(w["q"], w["k"], w["v"], w["o"], heads),
@@ -396,7 +396,7 @@ def regularize(model, backend, weights=None):
     """A loss term over plain groupings and coupled groups (the MLP's hidden neurons), of the
     given weights (up, down) or of the module's current ones."""
     import fastsparse as fs
-    from fastsparse.distributed import mlp_neuron_groups
+    from fastsparse.core.groups import mlp_neuron_groups
 
     weights = weights or [model.up.weight, model.down.weight]
     neurons = mlp_neuron_groups(weights[0], None, weights[1])
@@ -433,7 +433,7 @@ def _fsdp_steps(mesh, backend, inplace, mp_policy=None, steps=2, hold=True):
     full batch). hold: regularize the sharded weights taken after fully_shard (else the module's
     attributes at loss time: FSDP2 has unsharded the root's into plain tensors then)."""
     import fastsparse as fs
-    from fastsparse.distributed import mlp_neuron_groups
+    from fastsparse.core.groups import mlp_neuron_groups
 
     rank = dist.get_rank()
     model, ref = fsdp_model(mesh, mp_policy=mp_policy)
@@ -617,6 +617,40 @@ def ddp_sparse_optimizer(mesh) -> None:
     runs = _ddp_runs()
     _sparse_steps(runs, lambda ps: torch.optim.AdamW(ps, lr=0.05))
     _assert_ddp_ranks_agree(runs[0][1], runs[1][0], "SparseOptimizer")
+
+
+# --- validation: the public functions check DTensor calls, before anything is written -------
+
+
+@check("refused-before-writing")
+def refused_before_writing(mesh) -> None:
+    """A gradient placed unlike its parameter and a Partial parameter are refused by the
+    `fastsparse` functions (fastsparse.distributed trusts what they pass), leaving every
+    tensor as it was."""
+    import pytest
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    import fastsparse as fs
+
+    full = torch.randn(4, 3, generator=torch.Generator().manual_seed(11))
+    w = shard(full, mesh, [Shard(0)])
+    w.grad = DTensor.from_local(torch.ones(4, 3), mesh, [Replicate()])
+    before = (w.to_local().clone(), w.grad.to_local().clone())
+    with pytest.raises(ValueError, match=r"tensors\[0\]\.grad is .*Replicate.*placed like"):
+        fs.add_penalty_grad_([w], "group_lasso", 0.1)
+    assert torch.equal(w.to_local(), before[0]) and torch.equal(w.grad.to_local(), before[1])
+
+    partial = torch.nn.Parameter(DTensor.from_local(full.clone(), mesh, [Partial()]))
+    calls = (
+        lambda: fs.penalty([partial], "l1"),
+        lambda: fs.group_norms([partial]),
+        lambda: fs.prox_([partial], "group_lasso", 0.1),
+        lambda: fs.scale_groups_([partial], [torch.zeros(4)]),
+    )
+    for call in calls:
+        with pytest.raises(NotImplementedError, match=r"tensors\[0\] has placement .*Partial"):
+            call()
+        assert torch.equal(partial.to_local(), full)
 
 
 # --- the process entry point ---------------------------------------------------------------

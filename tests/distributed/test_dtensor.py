@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastsparse as fs
-from fastsparse.distributed import attention_head_groups, mlp_neuron_groups
+from fastsparse.core.groups import attention_head_groups, mlp_neuron_groups
 from tests.distributed import distributed_checks
 
 pytestmark = pytest.mark.skipif(

@@ -128,6 +128,12 @@ def test_bad_input():
         feature_flow_penalty(f[0])
     with pytest.raises(TypeError, match="floating"):
         feature_flow_penalty([torch.ones(2, dtype=torch.int64)] * 2)
+    with pytest.raises(TypeError, match=r"features\[1\] is a str, not a tensor"):
+        feature_flow_penalty([f[0], "F1"])
+    with pytest.raises(
+        ValueError, match=r"all features must be on one device.*meta \(features\[1\]"
+    ):
+        feature_flow_penalty([f[0], f[1].to("meta")])
     with pytest.raises(RuntimeError, match="no feature_flow kernel"):
         feature_flow_penalty(f, backend="native")
 

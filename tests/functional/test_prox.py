@@ -215,6 +215,12 @@ def _two_tensors():
         (lambda ts: prox_(ts, "l1", 0.1, backend="numpy"), ValueError, "valid backends"),
         (lambda ts: prox_([*ts, torch.ones(3, dtype=torch.int64)], "l1", 0.1), TypeError, "dtype"),
         (lambda ts: prox_([*ts, "w"], "l1", 0.1), TypeError, "not a tensor"),
+        (
+            lambda ts: prox_([*ts, torch.ones(3, device="meta")], "l1", 0.1),
+            ValueError,
+            "one device",
+        ),
+        (lambda ts: prox_([*ts, torch.ones(3).to_sparse()], "l1", 0.1), TypeError, "dense"),
         (lambda ts: prox_(None, "l1", 0.1), ValueError, "None"),
     ],
 )
@@ -290,6 +296,16 @@ def test_coupled_prox_leaves_uncovered_elements():
     group = CoupledGroup("w", 1, (CoupledMember("w", w, 0, torch.tensor([1]), torch.tensor([0])),))
     prox_(None, "l0", 0.5, groups=group)
     assert w.tolist() == [[0.25, 0.25], [0.0, 0.0], [0.25, 0.25]]
+
+
+def test_coupled_members_are_rows_or_columns():
+    w = torch.ones(3, 2, 2)
+    slices = CoupledMember("w", w, 2, torch.tensor([1]), torch.tensor([0]))
+    with pytest.raises(
+        ValueError, match=r"w is sliced along dim 2; members are slices along dim 0"
+    ):
+        prox_(None, "group_l0", 10.0, groups=CoupledGroup("w", 1, (slices,)))
+    assert torch.equal(w, torch.ones(3, 2, 2))
 
 
 def test_coupled_groups_must_belong_to_tensors():

@@ -121,8 +121,12 @@ def test_bad_input():
         selective_decay_([p], 0.1, quantile=0.5, relevance="hessian")
     with pytest.raises(ValueError, match="quantile"):
         selective_decay_([p], 0.1, quantile=1.5)
-    with pytest.raises(ValueError, match="same tensor"):
+    with pytest.raises(ValueError, match=r"params\[1\] is the same tensor as params\[0\]"):
         selective_decay_([p, p], 0.1, threshold=0.1)
+    p.grad = torch.zeros(3).to_sparse()
+    with pytest.raises(ValueError, match=r"params\[0\]\.grad .*sparse_coo.*expected a dense"):
+        selective_decay_([p], 0.1, threshold=0.1)
+    p.grad = None
     with pytest.raises(RuntimeError, match="no selective_decay kernel"):
         selective_decay_([p], 0.1, threshold=0.1, backend="native")
 

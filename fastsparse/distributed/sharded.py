@@ -1,16 +1,9 @@
-"""Sharded parameters: penalties, in-place gradients, group norms and prox steps on DTensors.
+"""The computation on local shards: each rank's group statistics, completed across ranks, then
+the coefficient rule and the gradients of its own elements.
 
-`fastsparse.penalty`, `add_penalty_grad_` and `group_norms` route DTensor inputs here: the
-parameters of FSDP2's `fully_shard` (placement Shard(0); HSDP: Replicate, Shard(0)), of tensor
-parallelism (Shard(0) or Shard(1)) or replicated ones (Replicate), on any device mesh. The
-result is exact: the value is the single-process value, on every rank, and each rank's gradient
-shard is the matching slice of the single-process gradient. `prox_` and `coupled_prox_` are the
-prox steps of `fastsparse.prox_` on DTensors (the same group statistics, then per-group factors
-applied to the local shards).
-
-How. A penalty is determined by per-group statistics (s1, s2) = (sum |w|, sum w^2); the
-gradient of an element of group g is a_g * sign(w) + b_g * w, where (a_g, b_g) follow from the
-group's statistics (and, for the across-group kinds, from the per-tensor sums L = sum_g n_g and
+A penalty is determined by per-group statistics (s1, s2) = (sum |w|, sum w^2); the gradient of
+an element of group g is a_g * sign(w) + b_g * w, where (a_g, b_g) follow from the group's
+statistics (and, for the across-group kinds, from the per-tensor sums L = sum_g n_g and
 F^2 = sum_g s2_g). So each rank
 
 1. computes the statistics of the groups of its local shard with the fused kernels
@@ -39,28 +32,6 @@ whose members may be sharded along different dims) sum the partial (s1, s2) of a
 2 numbers per coupled group. A parameter replicated on a mesh dimension counts once (on the rank
 of coordinate 0 there). The value is returned as a plain 0-dim tensor, the same on every rank,
 so that it adds to a loss computed from plain tensors (FSDP2 activations are plain).
-
-Example (under torchrun; see examples/fsdp_llm.py)::
-
-    model = fully_shard(model)                    # parameters become DTensors, Shard(0)
-    params = [p for p in model.parameters() if p.dim() == 2]  # keep the sharded parameters:
-    loss = criterion(model(x), y) + 1e-4 * fastsparse.penalty(params, "group_lasso")
-    loss.backward()                               # each rank gets its gradient shard
-
-Plain tensors among DTensors count as replicated (the same on every rank): between forward and
-backward, FSDP2 leaves the root module's parameters unsharded plain tensors, whose penalty
-gradient then goes through FSDP2's reduce-scatter (an average of equal values). Holding the
-sharded parameters (taken after `fully_shard`, as the optimizer does) avoids that full-size work.
-
-DDP (`DistributedDataParallel`): parameters are plain tensors, identical on every rank, so
-nothing here is needed. The autograd path (penalty in the loss) works as is: its gradient is
-all-reduced with the rest, and since it is the same on every rank the average leaves it
-unchanged. Call the in-place path after `loss.backward()` returns (DDP's gradient all-reduce has
-then completed) and before `optimizer.step()`, on every rank: every rank adds the same gradient
-to the same averaged gradient, so the parameters stay identical, with no communication. (Not
-before, in a comm hook: a hook sees flattened buckets, not whole tensors, and the across-group
-kinds need every tensor's statistics. With gradient accumulation under `no_sync`, call it once
-per optimizer step.)
 """
 
 from __future__ import annotations
@@ -69,227 +40,30 @@ import weakref
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from fastsparse import reference
 from fastsparse.backends import resolve_backend
-from fastsparse.core.checks import (
-    check_grads,
-    check_grouping,
-    check_prox_kind,
-    check_threshold,
-    prox_tensor_list,
+from fastsparse.core.checks import with_grads_like_weights
+from fastsparse.core.contract import ACROSS_GROUP_KINDS, GROUPING_OF_DIM, accumulation_dtype_of
+from fastsparse.core.layout import addressable, encode_specs, group_count
+from fastsparse.distributed.mesh import (
+    all_reduce_sum,
+    common_mesh,
+    full_tensor,
+    local_range,
+    local_shard,
+    placements_of,
+    shard_roles,
 )
-from fastsparse.core.contract import (
-    ACROSS_GROUP_KINDS,
-    ELEMENT_PROX_KINDS,
-    GROUP_DIMS,
-    GROUPING_OF_DIM,
-    accumulation_dtype_of,
-    grad_dtype,
-)
-from fastsparse.core.groups import as_coupled_list
-from fastsparse.core.layout import addressable, encode_groupings, encode_specs, group_count
-from fastsparse.engine import prox_factors
 
-__all__ = [
-    "add_coupled_penalty_grad_",
-    "add_penalty_grad_",
-    "coupled_group_norms",
-    "coupled_penalty",
-    "coupled_prox_",
-    "group_norms",
-    "penalty",
-    "prox_",
-]
+__all__ = ["CoupledProblem", "GroupedProblem", "ShardedPenalty", "ShardedProblem"]
 
 # Coupled layouts of sharded parameters, cached per list of groups (keyed weakly by its first).
 _SHARDED_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-# --- the public functions (validated by fastsparse/functional, which routes DTensors here) ------
-
-
-def penalty(tensors, kind, groupings, alpha, backend) -> torch.Tensor:
-    """The penalty of DTensors (see fastsparse.penalty), differentiable; a plain 0-dim tensor."""
-    problem = _Grouped(tensors, groupings, kind, alpha, backend)
-    return _Penalty.apply(problem, *problem.differentiable_locals())
-
-
-def add_penalty_grad_(tensors, kind, strength, groupings, alpha, backend) -> torch.Tensor:
-    """tensors[i].grad += strength * dR/dW_i on each rank's shard; returns the value R."""
-    problem = _Grouped(tensors, groupings, kind, alpha, backend)
-    return problem.add_grads_(_local_grads(tensors), strength)
-
-
-def coupled_penalty(coupled, kind, alpha, backend) -> torch.Tensor:
-    """The penalty of coupled groups whose parameters are DTensors; differentiable."""
-    problem = _Coupled(coupled, kind, alpha, backend)
-    return _Penalty.apply(problem, *problem.differentiable_locals())
-
-
-def add_coupled_penalty_grad_(coupled, kind, strength, alpha, backend) -> torch.Tensor:
-    """The in-place gradient of coupled groups of DTensor parameters; returns the value."""
-    problem = _Coupled(coupled, kind, alpha, backend)
-    check_grads(problem.tensors)
-    return problem.add_grads_(_local_grads(problem.tensors), strength)
-
-
-def group_norms(tensors, grouping, backend) -> list:
-    """Per DTensor, a DTensor of its group l2 norms, shape [groups] (fp32; fp64 for fp64).
-
-    Sharded like the groups where the shards keep groups whole ("filters" and Shard(0),
-    "channels" and Shard(1)), else replicated: the partial s2 of groups that span ranks are
-    summed; "kernels" norms of sharded kernels are gathered ([O * C] is not split like [O, C]).
-    """
-    problem = _Grouped(tensors, (grouping,), "l2", 0.5, backend)
-    stats = problem.complete_stats(problem.local_stats())
-    return problem.per_group([torch.sqrt(s[:, 1]).to(problem.acc) for s in stats])
-
-
-def coupled_group_norms(coupled, backend) -> list:
-    """Per CoupledGroup, a replicated DTensor [G] of its coupled group norms."""
-    problem = _Coupled(coupled, "l2", 0.5, backend)
-    stats = problem.group_stats(problem.local_stats())
-    norms = torch.sqrt(stats[:, 1]).to(problem.acc)
-    return problem.per_group(list(torch.split(norms, problem.group_counts)))
-
-
-def prox_(tensors, kind, threshold, grouping, backend) -> list:
-    """Proximal / threshold step of `fastsparse.prox_` on DTensors, in place on the shards.
-
-    The element stage (l1, l0, and the l0 stage of l0_group_lasso) runs on each local shard
-    (the fused prox kernels); the group stage scales each local group by the factor of its
-    complete norm (partial s2 of groups that span ranks summed first). Returns the kept masks
-    as DTensors [groups], placed like `group_norms`.
-
-    Example:
-        >>> masks = fastsparse.distributed.prox_(params, "group_lasso", 1e-3, "filters", "auto")
-    """
-    tensors = prox_tensor_list(tensors)
-    check_prox_kind(kind)
-    check_threshold(kind, threshold)
-    check_grouping(grouping, tensors)
-    t_elem, t_group = reference.prox_thresholds(kind, threshold)
-    problem = _Grouped(tensors, (grouping,), "l2", 0.5, backend)
-    nonempty = [w for w in problem.locals if w.numel() > 0]
-    with torch.no_grad():
-        if kind in ("l1", "l0", "l0_group_lasso") and nonempty:
-            element = "l0" if kind == "l0_group_lasso" else kind
-            _local_element_prox_(nonempty, element, t_elem, grouping, problem.name)
-        stats = problem.complete_stats(problem.local_stats())
-        if kind in ELEMENT_PROX_KINDS:
-            return problem.per_group([s[:, 0] > 0 for s in stats])
-        factor_kind = "group_l0" if kind == "group_l0" else "group_lasso"
-        masks = []
-        for (ti, _), s in zip(problem.specs, stats):
-            norms = torch.sqrt(s[:, 1])
-            _scale_groups_(problem.locals[ti], grouping, prox_factors(norms, factor_kind, t_group))
-            masks.append(norms > t_group)
-    return problem.per_group(masks)
-
-
-def coupled_prox_(coupled, kind, threshold, backend) -> list:
-    """`fastsparse.prox_` on coupled groups of DTensor parameters, in place on the shards.
-
-    Simultaneous, as the oracle: every factor comes from the norms before the group stage, an
-    element is multiplied by the factor of each group that contains it, and the element kinds
-    apply once to every element some group covers. Returns replicated DTensor masks [G].
-    """
-    check_prox_kind(kind)
-    check_threshold(kind, threshold)
-    t_elem, t_group = reference.prox_thresholds(kind, threshold)
-    problem = _Coupled(as_coupled_list(coupled), "l2", 0.5, backend)
-    acc = problem.acc
-    with torch.no_grad():
-        if kind in ("l1", "l0", "l0_group_lasso"):
-            for ti, covered in enumerate(problem.covered()):
-                w = problem.locals[ti]
-                x = w.to(acc)
-                if kind == "l1":
-                    y = torch.sign(x) * torch.clamp(x.abs() - t_elem, min=0)
-                else:
-                    y = torch.where(x.abs() > t_elem, x, 0.0)
-                w.copy_(torch.where(covered, y, x))
-        stats = problem.group_stats(problem.local_stats())
-        if kind in ELEMENT_PROX_KINDS:
-            return problem.per_group(list(torch.split(stats[:, 0] > 0, problem.group_counts)))
-        factor_kind = "group_l0" if kind == "group_l0" else "group_lasso"
-        norms = torch.sqrt(stats[:, 1])
-        problem.scale_groups_(prox_factors(norms, factor_kind, t_group))
-    return problem.per_group(list(torch.split(norms > t_group, problem.group_counts)))
-
-
-def scale_groups_(tensors, factors, grouping) -> None:
-    """`fastsparse.scale_groups_` on DTensors: each local group times its factor, in place.
-
-    `factors` are per tensor [groups], plain tensors holding every group or DTensors (as
-    `group_norms` and `prox_` return them); each rank picks its shard's groups. No
-    communication beyond gathering DTensor factors.
-    """
-    tensors = prox_tensor_list(tensors)
-    mesh = _common_mesh(tensors)
-    with torch.no_grad():
-        for t, f in zip(tensors, factors):
-            f = f.full_tensor() if isinstance(f, DTensor) else f
-            local = _local(t)
-            if grouping in ("filters", "channels") and t.dim() > 0:
-                dim = GROUP_DIMS[grouping][0]
-                if t.dim() > dim:
-                    start, size = _local_range(t, _placements(t, mesh), mesh, dim)
-                    f = f[start : start + size]
-            elif grouping == "kernels":
-                placements = _placements(t, mesh)
-                r0, rows = _local_range(t, placements, mesh, 0)
-                c0, cols = _local_range(t, placements, mesh, 1)
-                f = f.reshape(t.shape[0], t.shape[1])[r0 : r0 + rows, c0 : c0 + cols].reshape(-1)
-            _scale_groups_(local, grouping, f.to(local.device, accumulation_dtype_of([local])))
-
-
-def coupled_scale_groups_(coupled, factors, backend) -> None:
-    """`fastsparse.scale_groups_` on coupled groups of DTensor parameters, in place."""
-    problem = _Coupled(as_coupled_list(coupled), "l2", 0.5, backend)
-    full = [f.full_tensor() if isinstance(f, DTensor) else f for f in factors]
-    with torch.no_grad():
-        problem.scale_groups_(torch.cat([f.to(problem._device(), problem.acc) for f in full]))
-
-
-def _local_element_prox_(shards, kind, threshold, grouping, backend) -> None:
-    """The element stage ("l1" or "l0") on local shards, in place: it needs no communication."""
-    if backend == "torch":
-        reference.prox_(shards, kind, threshold, grouping)
-        return
-    from fastsparse import ops
-
-    weights = [w if addressable(w, (grouping,)) else w.contiguous() for w in shards]
-    ops.call(
-        ops.prox_op, weights, encode_groupings((grouping,)), kind, threshold, threshold, backend
-    )
-    for w, shard in zip(weights, shards):
-        if w.data_ptr() != shard.data_ptr():
-            shard.copy_(w)
-
-
-def _scale_groups_(w: torch.Tensor, grouping, factors: torch.Tensor) -> None:
-    """w *= factor of its group, computed in the factors' dtype and rounded once."""
-    if w.numel() == 0:
-        return
-    if grouping is None or w.dim() == 0:
-        shape = ()
-    elif grouping == "filters":
-        shape = (-1,) + (1,) * (w.dim() - 1)
-    elif grouping == "channels":
-        shape = (1, -1) + (1,) * (w.dim() - 2)
-    else:  # kernels
-        shape = tuple(w.shape[:2]) + (1,) * (w.dim() - 2)
-    w.copy_(w.to(factors.dtype) * factors.reshape(shape))
-
-
-# --- the computation on local shards --------------------------------------------------------
-
-
-class _Penalty(torch.autograd.Function):
+class ShardedPenalty(torch.autograd.Function):
     """value = R(shards); backward: each local shard's gradient from its groups' coefficients."""
 
     @staticmethod
@@ -305,31 +79,32 @@ class _Penalty(torch.autograd.Function):
         return (None, *ctx.problem.gradients(locals_, coefs, grad_value))
 
 
-class _Sharded:
+class ShardedProblem:
     """Local shards cut into segments (tensor index, grouping) as the engine cuts tensors.
 
     Subclasses say how segments map to groups across ranks (`complete`): plain groupings
-    (_Grouped) or coupled groups (_Coupled). Attributes: tensors (the DTensors), locals (their
-    local shards, detached), specs, mesh, kind, alpha, name (resolved backend), acc (dtype).
+    (GroupedProblem) or coupled groups (CoupledProblem). Attributes: tensors (the DTensors),
+    locals (their local shards, detached), specs, mesh, kind, alpha, name (resolved backend),
+    acc (dtype), device (of the local shards).
     """
 
     def __init__(self, tensors, specs, kind, alpha, backend):
-        self.mesh = _common_mesh(tensors)
+        self.mesh = common_mesh(tensors)
         self.tensors = tensors
-        self.placements = [_placements(t, self.mesh) for t in tensors]
-        self.locals = [_local(t).detach() for t in tensors]
+        self.placements = [placements_of(t, self.mesh) for t in tensors]
+        self.locals = [local_shard(t).detach() for t in tensors]
         self.specs = specs
         self.kind, self.alpha = kind, alpha
         self.acc = accumulation_dtype_of(tensors)
-        device = self.locals[0].device if self.locals else torch.device("cpu")
-        self.name = resolve_backend(backend, device)
+        self.device = self.locals[0].device if self.locals else torch.device("cpu")
+        self.name = resolve_backend(backend, self.device)
         # Segments on empty shards have no rows in the engine's plans: they are left out of
         # the fused calls (their statistics are 0, their gradients empty).
         self.live = [k for k, (ti, _) in enumerate(specs) if self.locals[ti].numel() > 0]
         self.counts = [group_count(self.locals[ti].shape, g) for ti, g in specs]
 
     def differentiable_locals(self) -> list:
-        return [_local(t) for t in self.tensors]
+        return [local_shard(t) for t in self.tensors]
 
     # Fused calls see the live tensors only, numbered in order, with explicit specs.
     def _fused_args(self, locals_):
@@ -350,7 +125,7 @@ class _Sharded:
 
     def local_stats(self) -> list:
         """Per segment, [local groups, 2] = (s1, s2) of its groups on this rank's shard."""
-        rows = [torch.zeros(c, 2, dtype=self.acc, device=self._device()) for c in self.counts]
+        rows = [torch.zeros(c, 2, dtype=self.acc, device=self.device) for c in self.counts]
         if not self.live:
             return rows
         if self.name == "torch":
@@ -365,9 +140,6 @@ class _Sharded:
         for k, piece in zip(self.live, torch.split(flat, [self.counts[k] for k in self.live])):
             rows[k] = piece
         return rows
-
-    def _device(self):
-        return self.locals[0].device if self.locals else torch.device("cpu")
 
     def value_and_coefs(self):
         """(value, coefs [sum(counts), 2] in segment order), the only communication."""
@@ -395,7 +167,7 @@ class _Sharded:
         """The gradient of sum_g a_g s1_g + b_g s2_g / 2 (coefs fixed): a_g sign(w) + b_g w."""
         leaves = [w.detach().requires_grad_(True) for w in self.locals]
         with torch.enable_grad():
-            surrogate = torch.zeros((), dtype=self.acc, device=self._device())
+            surrogate = torch.zeros((), dtype=self.acc, device=self.device)
             for k, c in enumerate(torch.split(coefs, self.counts)):
                 if k in self.live:
                     ti, g = self.specs[k]
@@ -421,7 +193,7 @@ class _Sharded:
             from fastsparse import ops
 
             used, weights, specs = self._fused_args(self.locals)
-            _into_like_weights(
+            with_grads_like_weights(
                 weights,
                 [grads[ti] for ti in used],
                 lambda ws, gs: ops.call(
@@ -440,14 +212,14 @@ class _Sharded:
         return None
 
 
-class _Grouped(_Sharded):
+class GroupedProblem(ShardedProblem):
     """DTensors x groupings: segment (ti, g) for every tensor ti and grouping g."""
 
     def __init__(self, tensors, groupings, kind, alpha, backend):
         specs = [(ti, g) for ti in range(len(tensors)) for g in groupings]
         super().__init__(tensors, specs, kind, alpha, backend)
         self.groupings = groupings
-        self.roles = [_roles(self.placements[ti], self.mesh, g) for ti, g in specs]
+        self.roles = [shard_roles(self.placements[ti], self.mesh, g) for ti, g in specs]
 
     def _all_local(self) -> Optional[tuple]:
         """The mesh dims to sum the value over if no group spans ranks and all pairs share them
@@ -465,8 +237,8 @@ class _Grouped(_Sharded):
             return super().value_and_coefs()
         from fastsparse import ops
 
-        coefs = torch.zeros(sum(self.counts), 2, dtype=self.acc, device=self._device())
-        value = torch.zeros((), dtype=self.acc, device=self._device())
+        coefs = torch.zeros(sum(self.counts), 2, dtype=self.acc, device=self.device)
+        value = torch.zeros((), dtype=self.acc, device=self.device)
         if self.live:
             _, weights, specs = self._fused_args(self.locals)
             value, live_coefs = ops.call(
@@ -474,7 +246,7 @@ class _Grouped(_Sharded):
             )
             _scatter_live_rows(coefs, live_coefs, self.counts, self.live)
         value = value.to(self.acc).clone()
-        _all_reduce([(value, spread)], self.mesh)
+        all_reduce_sum([(value, spread)], self.mesh)
         return value, coefs
 
     def local_fast_path(self, grads, strength):
@@ -483,10 +255,10 @@ class _Grouped(_Sharded):
             return None
         from fastsparse import ops
 
-        value = torch.zeros((), dtype=self.acc, device=self._device())
+        value = torch.zeros((), dtype=self.acc, device=self.device)
         if self.live:
             used, weights, specs = self._fused_args(self.locals)
-            value = _into_like_weights(
+            value = with_grads_like_weights(
                 weights,
                 [grads[ti] for ti in used],
                 lambda ws, gs: ops.call(
@@ -501,12 +273,12 @@ class _Grouped(_Sharded):
                 ),
             )
         value = value.to(self.acc).clone()
-        _all_reduce([(value, spread)], self.mesh)
+        all_reduce_sum([(value, spread)], self.mesh)
         return value
 
     def complete_stats(self, stats: list) -> list:
         """Statistics of the groups that span ranks summed over the ranks (group_norms)."""
-        _all_reduce([(s, span) for s, (span, _) in zip(stats, self.roles) if span], self.mesh)
+        all_reduce_sum([(s, span) for s, (span, _) in zip(stats, self.roles) if span], self.mesh)
         return stats
 
     def per_group(self, values: list) -> list:
@@ -528,7 +300,7 @@ class _Grouped(_Sharded):
                     shape=t.shape[:2],
                     stride=(t.shape[1], 1),
                 )
-                out.append(DTensor.from_local(_gather(grid).reshape(-1), mesh, replicated))
+                out.append(DTensor.from_local(full_tensor(grid).reshape(-1), mesh, replicated))
                 continue
             placements = [Shard(0) if m in spread else Replicate() for m in range(mesh.ndim)]
             shape = (group_count(t.shape, grouping),)
@@ -550,12 +322,12 @@ class _Grouped(_Sharded):
             elif spread:
                 sums[k] = _segment_sums(stats[k], kind, alpha)
                 items.append((sums[k], spread))
-        _all_reduce(items, self.mesh)  # one all-reduce per mesh dim
+        all_reduce_sum(items, self.mesh)  # one all-reduce per mesh dim
         late = [k for k, (span, spread) in enumerate(self.roles) if span and spread]
         for k in late:
             sums[k] = _segment_sums(stats[k], kind, alpha)
-        _all_reduce([(sums[k], self.roles[k][1]) for k in late], self.mesh)
-        value = torch.zeros((), dtype=self.acc, device=self._device())
+        all_reduce_sum([(sums[k], self.roles[k][1]) for k in late], self.mesh)
+        value = torch.zeros((), dtype=self.acc, device=self.device)
         coefs = []
         for k, s in enumerate(stats):
             totals = sums[k] if sums[k] is not None else _segment_sums(s, kind, alpha)
@@ -566,7 +338,7 @@ class _Grouped(_Sharded):
         return value, torch.cat(coefs)
 
 
-class _Coupled(_Sharded):
+class CoupledProblem(ShardedProblem):
     """Coupled groups of DTensor parameters: segment = one member's slices on the local shard.
 
     `slice_groups` maps every local slice to its coupled group (-1: in none), `counted` says
@@ -581,8 +353,8 @@ class _Coupled(_Sharded):
                 if id(m.param) not in index_of:
                     index_of[id(m.param)] = len(params)
                     params.append(m.param)
-        mesh = _common_mesh(params)
-        placements = [_placements(p, mesh) for p in params]
+        mesh = common_mesh(params)
+        placements = [placements_of(p, mesh) for p in params]
         # The local layout depends on the groups, the parameters' placements and shapes only:
         # cached until the groups are freed.
         key = (
@@ -596,8 +368,8 @@ class _Coupled(_Sharded):
             _SHARDED_LAYOUTS[coupled[0]] = cached
         specs, slice_groups, counted, self.reduce_dims = cached[1]
         super().__init__(params, specs, kind, alpha, backend)
-        self.slice_groups = slice_groups.to(self._device())
-        self.counted = counted.to(self._device())
+        self.slice_groups = slice_groups.to(self.device)
+        self.counted = counted.to(self.device)
         self.group_counts = [cg.num_groups for cg in coupled]
 
     def per_group(self, values: list) -> list:
@@ -636,14 +408,14 @@ class _Coupled(_Sharded):
         """[coupled groups, 2]: the slices' statistics added per group, then over ranks."""
         slices = torch.cat(stats) * self.counted[:, None]
         covered = self.slice_groups >= 0
-        out = torch.zeros(sum(self.group_counts), 2, dtype=self.acc, device=self._device())
+        out = torch.zeros(sum(self.group_counts), 2, dtype=self.acc, device=self.device)
         out.index_add_(0, self.slice_groups[covered], slices[covered])
-        _all_reduce([(out, self.reduce_dims)], self.mesh)
+        all_reduce_sum([(out, self.reduce_dims)], self.mesh)
         return out
 
     def complete(self, stats: list):
         group_stats = self.group_stats(stats)
-        value = torch.zeros((), dtype=self.acc, device=self._device())
+        value = torch.zeros((), dtype=self.acc, device=self.device)
         coefs = []
         for s in torch.split(group_stats, self.group_counts):  # one set = one "tensor"
             totals = _segment_sums(s, self.kind, self.alpha)
@@ -674,9 +446,7 @@ def _coupled_local_layout(coupled, params, index_of, placements, mesh):
     for cg in coupled:
         for m in cg.members:
             pi = index_of[id(m.param)]
-            if m.dim not in GROUPING_OF_DIM:
-                raise ValueError(f"coupled group {cg.root!r}: {m.name} is sliced along dim {m.dim}")
-            lo, size = _local_range(m.param, placements[pi], mesh, m.dim)
+            lo, size = local_range(m.param, placements[pi], mesh, m.dim)
             index, group = m.index.cpu(), m.group.cpu()
             keep = (index >= lo) & (index < lo + size)
             ids = torch.full((size,), -1, dtype=torch.int64)
@@ -714,118 +484,6 @@ def _across_value(totals: torch.Tensor, kind: str) -> torch.Tensor:
     total_l, total_f2 = totals[1], totals[2]
     inv_f2 = torch.where(total_f2 > 0, 1.0 / torch.where(total_f2 > 0, total_f2, 1.0), 0.0)
     return total_l * torch.sqrt(inv_f2) if kind == "group_l1l2" else total_l**2 * inv_f2
-
-
-# --- placements and communication -----------------------------------------------------------
-
-
-def _common_mesh(tensors):
-    """The device mesh of the DTensors among `tensors` (one mesh for all)."""
-    meshes = []
-    for t in tensors:
-        if isinstance(t, DTensor) and t.device_mesh not in meshes:
-            meshes.append(t.device_mesh)
-    if len(meshes) != 1:
-        raise ValueError("all DTensors of one call must live on the same device mesh")
-    return meshes[0]
-
-
-def _placements(t, mesh) -> list:
-    """A DTensor's placements; a plain tensor counts as replicated (the same on every rank), as
-    are the unsharded parameters FSDP2 leaves on the root module between forward and backward
-    (their gradient then goes through FSDP2's reduce-scatter, which averages equal values)."""
-    return list(t.placements) if isinstance(t, DTensor) else [Replicate()] * mesh.ndim
-
-
-def _local(t) -> torch.Tensor:
-    """The rank's local shard (differentiable: its gradient flows back to the DTensor)."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _roles(placements, mesh, grouping) -> tuple[tuple, tuple]:
-    """(span, spread): the mesh dims whose shards split this grouping's groups between ranks,
-    and those whose shards hold different whole groups. Other mesh dims need nothing."""
-    span, spread = [], []
-    for d, p in enumerate(placements):
-        if mesh.size(d) == 1 or p.is_replicate():
-            continue
-        if type(p) is not Shard or p.dim < 0:
-            raise NotImplementedError(
-                f"placement {p} is not supported; parameters must be Shard(d) or Replicate "
-                "(redistribute a Partial tensor first)"
-            )
-        (spread if p.dim in GROUP_DIMS[grouping] else span).append(d)
-    return tuple(span), tuple(spread)
-
-
-def _local_range(t, placements, mesh, dim: int) -> tuple[int, int]:
-    """(global index of the first local slice along dim, local size along dim)."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    for p in placements:
-        if not (p.is_replicate() or type(p) is Shard):
-            raise NotImplementedError(f"placement {p} is not supported in coupled groups")
-    shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, placements)
-    return offset[dim], shape[dim]
-
-
-def _all_reduce(items, mesh) -> None:
-    """SUM each tensor of `items` = [(tensor, mesh dims)] over its mesh dims, in place.
-
-    One all-reduce per mesh dim carries every tensor reduced over it (flattened together); the
-    mesh dims are visited in order, so a tensor reduced over several ends with the full sum.
-    """
-    for d in range(mesh.ndim):
-        chosen = [t for t, dims in items if d in dims]
-        if not chosen:
-            continue
-        flat = torch.cat([t.reshape(-1) for t in chosen])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
-        for t, piece in zip(chosen, torch.split(flat, [t.numel() for t in chosen])):
-            t.copy_(piece.reshape(t.shape))
-
-
-def _gather(t: DTensor) -> torch.Tensor:
-    """The full tensor of a DTensor on every rank (bool through uint8: gloo has no bool)."""
-    if t.dtype == torch.bool:
-        return t.to(torch.uint8).full_tensor().to(torch.bool)
-    return t.full_tensor()
-
-
-def _local_grads(tensors) -> list:
-    """The local shards of the DTensors' gradients (allocated as zeros when missing)."""
-    grads = []
-    for i, t in enumerate(tensors):
-        if t.grad is None:
-            t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
-        g = t.grad
-        if not isinstance(t, DTensor):
-            grads.append(g)
-            continue
-        if not isinstance(g, DTensor) or tuple(g.placements) != tuple(t.placements):
-            where = g.placements if isinstance(g, DTensor) else "a plain tensor"
-            raise ValueError(
-                f"tensors[{i}].grad is {where}; expected a DTensor placed like its parameter "
-                f"({t.placements})"
-            )
-        grads.append(g.to_local())
-    return grads
-
-
-def _into_like_weights(weights, grads, run):
-    """run(weights, grads) with every gradient laid out like its weight (a buffer otherwise,
-    added afterwards): the kernels write a gradient with its weight's strides."""
-    targets, spills = [], []
-    for w, g in zip(weights, grads):
-        if g.stride() != w.stride():
-            spill = torch.zeros_like(w, dtype=g.dtype)
-            spills.append((g, spill))
-            g = spill
-        targets.append(g)
-    result = run(weights, targets)
-    for g, spill in spills:
-        g.add_(spill)
-    return result
 
 
 def _scatter_live_rows(out, live_rows, counts, live) -> None:
