@@ -8,7 +8,7 @@ and MLP neurons, so that whole heads and neurons can be removed afterwards.
 The Hoyer-square ratio of DeepHoyer (`group_hoyer_square`, the default) is scale-invariant: it
 drives groups to zero relative to each other while the loss keeps falling. At the end, the
 groups below 5% of their block's largest norm are zeroed (a hard group threshold on the shards,
-`fastsparse.distributed.coupled_prox_`), which leaves the loss unchanged (2 CPU processes):
+`fastsparse.prox_` with coupled groups), which leaves the loss unchanged (2 CPU processes):
 
     step   50  loss 0.2848  penalty 92.5298  heads < 0.05 max: 0/8  neurons < 0.05 max: 25/128
     step  100  loss 0.0639  penalty 62.8495  heads < 0.05 max: 0/8  neurons < 0.05 max: 60/128
@@ -18,10 +18,10 @@ groups below 5% of their block's largest norm are zeroed (a hard group threshold
 The groups tie together everything a head or a neuron owns:
 
 - attention head h: rows h*d..(h+1)*d of the q, k and v projections and the same columns of the
-  output projection (`fastsparse.distributed.attention_head_groups`; with grouped-query
+  output projection (`fastsparse.core.groups.attention_head_groups`; with grouped-query
   attention a group is one k/v head with the query heads that share it);
 - MLP neuron i: row i of the gate and up projections and column i of the down projection
-  (`fastsparse.distributed.mlp_neuron_groups`).
+  (`fastsparse.core.groups.mlp_neuron_groups`).
 
 FSDP2 shards every weight by rows (Shard(0)), so a head's or neuron's rows sit on one rank while
 its columns of o / down are split over all ranks: each rank computes its shards' partial group
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastsparse as fs
-from fastsparse.distributed import attention_head_groups, coupled_prox_, mlp_neuron_groups
+from fastsparse.core.groups import attention_head_groups, mlp_neuron_groups
 
 
 @dataclass
@@ -241,7 +241,7 @@ def train(args) -> None:
         zeroed = 0
         for group, norms in zip(groups, fs.group_norms(None, groups=groups)):
             threshold = args.dead * norms.to_local().max().item()
-            kept = coupled_prox_(group, "group_l0", threshold, args.backend)[0]
+            kept = fs.prox_(None, "group_l0", threshold, groups=group, backend=args.backend)[0]
             zeroed += int((~kept.to_local()).sum())
         after = evaluate()
     if rank == 0:

@@ -299,16 +299,16 @@ def with_grads_like_weights(
     >>> g.sum().item()
     6.0
     """
-    targets, spills = [], []
+    targets, staging = [], []
     for w, g in zip(weights, grads):
         if g.stride() != w.stride():
-            spill = torch.zeros_like(w, dtype=g.dtype)
-            spills.append((g, spill))
-            g = spill
+            staged = torch.zeros_like(w, dtype=g.dtype)
+            staging.append((g, staged))
+            g = staged
         targets.append(g)
     result = run(weights, targets)
-    for g, spill in spills:
-        g.add_(spill)
+    for g, staged in staging:
+        g.add_(staged)
     return result
 
 

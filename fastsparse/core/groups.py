@@ -254,7 +254,8 @@ class CoupledLayout:
 
 
 def coupled_layout(groups: list) -> CoupledLayout:
-    """The engine's view of a list of CoupledGroups (cached until the groups are freed)."""
+    """The engine's view of a list of CoupledGroups (cached until the groups are freed); the
+    groups are validated (`checks.check_coupled`)."""
     key = tuple((id(cg), tuple(id(m.param) for m in cg.members)) for cg in groups)
     cached = _LAYOUTS.get(groups[0]) if groups else None
     if cached is not None and cached[0] == key:
@@ -263,8 +264,6 @@ def coupled_layout(groups: list) -> CoupledLayout:
     offset = 0
     for cg in groups:
         for m in cg.members:
-            if m.dim not in GROUPING_OF_DIM or m.param.dim() <= m.dim:
-                raise ValueError(f"coupled group {cg.root!r}: {m.name} is sliced along dim {m.dim}")
             if id(m.param) not in index_of:
                 index_of[id(m.param)] = len(params)
                 params.append(m.param)

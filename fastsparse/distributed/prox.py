@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from fastsparse import reference
+from fastsparse import ops, reference
 from fastsparse.core.contract import ELEMENT_PROX_KINDS, GROUP_DIMS, accumulation_dtype_of
 from fastsparse.core.layout import addressable, encode_groupings
 from fastsparse.distributed.mesh import common_mesh, local_range, local_shard, placements_of
@@ -139,8 +139,6 @@ def _local_element_prox_(shards, kind, threshold, grouping, backend) -> None:
     if backend == "torch":
         reference.prox_(shards, kind, threshold, grouping)
         return
-    from fastsparse import ops
-
     weights = [w if addressable(w, (grouping,)) else w.contiguous() for w in shards]
     ops.call(
         ops.prox_op, weights, encode_groupings((grouping,)), kind, threshold, threshold, backend

@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from fastsparse import reference
+from fastsparse import ops, reference
 from fastsparse.backends import resolve_backend
 from fastsparse.core.checks import with_grads_like_weights
 from fastsparse.core.contract import ACROSS_GROUP_KINDS, GROUPING_OF_DIM, accumulation_dtype_of
@@ -133,8 +133,6 @@ class ShardedProblem:
                 ti, g = self.specs[k]
                 rows[k] = torch.stack(reference.group_stats(self.locals[ti], g), 1).to(self.acc)
             return rows
-        from fastsparse import ops
-
         _, weights, specs = self._fused_args(self.locals)
         flat = ops.call(ops.group_stats_op, weights, specs, self.name).to(self.acc)
         for k, piece in zip(self.live, torch.split(flat, [self.counts[k] for k in self.live])):
@@ -153,8 +151,6 @@ class ShardedProblem:
             return grads
         if self.name == "torch":
             return [g.to(w.dtype) for g, w in zip(self._oracle_grads(coefs, grad_value), locals_)]
-        from fastsparse import ops
-
         used, weights, specs = self._fused_args([w.detach() for w in locals_])
         computed = ops.penalty_gradients(
             weights, self._live_rows(coefs), grad_value, specs, self.name
@@ -190,8 +186,6 @@ class ShardedProblem:
                 return value
             if not self.live:
                 return value
-            from fastsparse import ops
-
             used, weights, specs = self._fused_args(self.locals)
             with_grads_like_weights(
                 weights,
@@ -235,8 +229,6 @@ class GroupedProblem(ShardedProblem):
         spread = self._all_local()
         if spread is None:
             return super().value_and_coefs()
-        from fastsparse import ops
-
         coefs = torch.zeros(sum(self.counts), 2, dtype=self.acc, device=self.device)
         value = torch.zeros((), dtype=self.acc, device=self.device)
         if self.live:
@@ -253,8 +245,6 @@ class GroupedProblem(ShardedProblem):
         spread = self._all_local()
         if spread is None:
             return None
-        from fastsparse import ops
-
         value = torch.zeros((), dtype=self.acc, device=self.device)
         if self.live:
             used, weights, specs = self._fused_args(self.locals)

@@ -17,7 +17,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import torch
 
-from fastsparse import reference
+from fastsparse import ops, reference
 from fastsparse.backends import resolve_backend
 from fastsparse.core.checks import as_tensor_list, check_real, check_tensors
 from fastsparse.core.contract import FLOW_REDUCTIONS
@@ -93,8 +93,6 @@ def feature_flow_penalty(
     name = resolve_backend(backend, features[0].device, op="feature_flow")
     if name == "torch" or features[0].numel() == 0 or len(features) < 2:
         return reference.feature_flow(features, a, b, "sum")
-    from fastsparse import ops
-
     return ops.call(ops.feature_flow_op, _kernel_layout(features), a, b, name)
 
 
@@ -125,8 +123,6 @@ def feature_flow_value_and_grads(
     if name == "torch" or features[0].numel() == 0 or len(features) < 2:
         value = reference.feature_flow(features, a, b, "sum")
         return value, reference.feature_flow_grad(features, a, b, "sum")
-    from fastsparse import ops
-
     value, grads = ops.call(
         ops.feature_flow_value_and_grads_op, _kernel_layout(features), a, b, name
     )

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from fastsparse import reference
+from fastsparse import ops, reference
 from fastsparse.backends import resolve_backend
 from fastsparse.core.checks import (
     Tensors,
@@ -28,7 +28,7 @@ from fastsparse.core.checks import (
     prepare,
     with_grads_like_weights,
 )
-from fastsparse.core.contract import Grouping, accumulation_dtype_of, grad_dtype
+from fastsparse.core.contract import Grouping, accumulation_dtype_of
 from fastsparse.core.groups import as_coupled_list, coupled_layout, coupled_params, is_coupled
 from fastsparse.core.layout import addressable, encode_groupings, group_count, is_dense
 
@@ -75,14 +75,12 @@ def penalty(
         >>> loss.backward()
     """
     if is_coupled(groups):
-        coupled, alpha = __prepare_coupled(tensors, kind, groups, options)
+        coupled, alpha = _prepare_coupled(tensors, kind, groups, options)
         if is_sharded(coupled_params(coupled)):
             return _distributed().coupled_penalty(coupled, kind, alpha, backend)
         layout, name = coupled_backend(coupled, backend)
         if name == "torch":
             return reference.coupled_penalty(coupled, kind, alpha)
-        from fastsparse import ops
-
         value, _ = ops.call(
             ops.coupled_penalty_op,
             layout.params,
@@ -103,14 +101,12 @@ def penalty(
     name = resolve_backend(backend, nonempty[0].device)
     if name == "torch":
         return reference.penalty(nonempty, kind, groupings, alpha)
-    from fastsparse import ops
-
     weights = [t if addressable(t, groupings) else t.contiguous() for t in nonempty]
     value, _ = ops.call(ops.penalty_op, weights, kind, encode_groupings(groupings), alpha, name)
     return value
 
 
-def __prepare_coupled(tensors, kind: str, groups, options: dict):
+def _prepare_coupled(tensors, kind: str, groups, options: dict):
     """Validate a call on coupled groups; returns (list of CoupledGroup, alpha)."""
     coupled = as_coupled_list(groups)
     check_coupled(coupled, tensors)
@@ -154,7 +150,7 @@ def add_penalty_grad_(
         >>> value = add_penalty_grad_(model.weight, "group_lasso", 1e-4)
     """
     if is_coupled(groups):
-        coupled, alpha = __prepare_coupled(tensors, kind, groups, options)
+        coupled, alpha = _prepare_coupled(tensors, kind, groups, options)
         strength = check_strength(strength)
         params = coupled_params(coupled)
         check_grads(params)
@@ -169,8 +165,6 @@ def add_penalty_grad_(
                 for t, update in zip(coupled_params(coupled), updates):
                     t.grad.add_(update.to(t.grad.dtype), alpha=strength)
                 return value
-            from fastsparse import ops
-
             return with_grads_like_weights(
                 [p.detach() for p in layout.params],
                 [p.grad for p in layout.params],
@@ -204,8 +198,6 @@ def add_penalty_grad_(
             for t, update in zip(nonempty, updates):
                 t.grad.add_(update.to(t.grad.dtype), alpha=strength)
             return value
-        from fastsparse import ops
-
         detached = [t.detach() for t in nonempty]
         return with_grads_like_weights(
             [w if addressable(w, groupings) else w.contiguous() for w in detached],
@@ -325,8 +317,6 @@ class PreparedPenaltyGrad:
             for t, g in zip(tensors, grads)
         ):
             return
-        from fastsparse import ops
-
         weights = [t.detach() for t in tensors]
         groupings = encode_groupings(self.groupings)
         self._prepared = ops.prepare_add_penalty_grad(
@@ -347,9 +337,7 @@ class PreparedPenaltyGrad:
     def _grads(self) -> list:
         """The tensors' gradients, validated; zeros where one is None (as add_penalty_grad_)."""
         check_grads(self.tensors)
-        for t in self.tensors:
-            if t.grad is None:
-                t.grad = torch.zeros_like(t, dtype=grad_dtype(t))
+        allocate_missing_grads(self.tensors)
         return [t.grad for t in self.tensors]
 
 
@@ -375,8 +363,6 @@ def group_norms(
         layout, name = coupled_backend(coupled, backend)
         if name == "torch":
             return reference.coupled_group_norms(coupled)
-        from fastsparse import ops
-
         flat = ops.call(
             ops.coupled_group_norms_op,
             [p.detach() for p in layout.params],
@@ -397,8 +383,6 @@ def group_norms(
     if name == "torch":
         norms = iter(n.to(dtype) for n in reference.group_norms(nonempty, grouping))
     else:
-        from fastsparse import ops
-
         weights = [t if addressable(t, (grouping,)) else t.contiguous() for t in nonempty]
         flat = ops.call(ops.group_norms_op, weights, encode_groupings((grouping,)), name)
         counts = [group_count(t.shape, grouping) for t in weights]

@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from fastsparse import reference
+from fastsparse import ops, reference
 from fastsparse.backends import BACKENDS, resolve_backend
 from fastsparse.core.checks import (
     as_tensor_list,
@@ -120,8 +120,6 @@ def _dispatch(tensors, kind, threshold, groups, backend):
         layout, name = coupled_backend(groups, backend)
         if name == "torch" or kind not in ("group_lasso", "group_l0"):
             return reference.prox_(None, kind, threshold, groups)
-        from fastsparse import ops
-
         with torch.no_grad():
             kept = ops.call(
                 ops.coupled_prox_op,
@@ -138,8 +136,6 @@ def _dispatch(tensors, kind, threshold, groups, backend):
     name = resolve_backend(backend, nonempty[0].device) if nonempty else "torch"
     if name == "torch":
         return reference.prox_(tensors, kind, threshold, groups)
-    from fastsparse import ops
-
     with torch.no_grad():
         # The kernels write in place through the weights' strides; a layout they cannot
         # address is thresholded on a contiguous copy, then copied back.
@@ -217,8 +213,6 @@ def scale_groups_(
         layout, name = coupled_backend(coupled, backend)
         if name == "torch":
             return reference.scale_groups_(None, factors, coupled)
-        from fastsparse import ops
-
         flat = _flat_factors(factors, layout.params[0].device, torch.float64)
         with torch.no_grad():
             ops.call(
@@ -241,8 +235,6 @@ def scale_groups_(
     name = resolve_backend(backend, pairs[0][0].device)
     if name == "torch":
         return reference.scale_groups_([t for t, _ in pairs], [f for _, f in pairs], groups)
-    from fastsparse import ops
-
     with torch.no_grad():
         weights = [t.detach() for t, _ in pairs]
         weights = [
@@ -408,7 +400,9 @@ def step_prox_(
     check_prox_kind(kind)
     _check_backend(backend)
     check_threshold(kind, threshold)
-    check_groupings(groups, params, single="step_prox_")
+    # Name the public function the user called (SparseOptimizer validates its rules itself).
+    name = "sgd_prox_" if isinstance(options, SGDStepOptions) else "adam_prox_"
+    check_groupings(groups, params, single=name)
     if any(len(state) != len(params) for state in states):
         raise ValueError("give one state buffer per parameter")
     if isinstance(options, SGDStepOptions) and not states:
@@ -429,8 +423,6 @@ def step_prox_(
     if name not in ("native", "triton") or (name == "native" and params[0].device.type != "cpu"):
         return None  # the native pass is CPU code; the Triton one runs where Triton does
     t_elem, t_group = reference.prox_thresholds(kind, threshold)
-    from fastsparse import ops
-
     with torch.no_grad():
         flat = ops.step_prox(
             [p.detach() for p in params],

@@ -18,7 +18,7 @@ from typing import Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from fastsparse import reference
+from fastsparse import ops, reference
 from fastsparse.backends import resolve_backend
 from fastsparse.core.checks import (
     allocate_missing_grads,
@@ -179,17 +179,15 @@ def selective_decay_(
 
 
 def _fused(params, thresholds, strength, relevance, keep_loss_grad, backend) -> torch.Tensor:
-    from fastsparse import ops
-
-    weights, grads, spills = [], [], []
+    weights, grads, staging = [], [], []
     for p in params:
         w, g = p.detach(), p.grad
         if not (is_dense(w) and g.stride() == w.stride()):
             # The kernel walks w and g with one flat index: go through contiguous buffers.
-            w, spill = w.contiguous(), g.contiguous()
-            if spill is not g:
-                spills.append((g, spill))
-            g = spill
+            w, staged = w.contiguous(), g.contiguous()
+            if staged is not g:
+                staging.append((g, staged))
+            g = staged
         weights.append(w)
         grads.append(g)
     acc = accumulation_dtype_of(weights)
@@ -204,6 +202,6 @@ def _fused(params, thresholds, strength, relevance, keep_loss_grad, backend) -> 
         keep_loss_grad,
         backend,
     )
-    for target, spill in spills:
-        target.copy_(spill)
+    for target, staged in staging:
+        target.copy_(staged)
     return count

@@ -13,6 +13,7 @@ from fastsparse.core.contract import Grouping
 from fastsparse.core.groups import as_coupled_list, coupled_params, default_layers, is_coupled
 from fastsparse.core.step import StepHooks
 from fastsparse.functional.penalty import PreparedPenaltyGrad, add_penalty_grad_, penalty
+from fastsparse.pruning.graph import coupled_groups
 
 
 class Regularizer(StepHooks):
@@ -122,8 +123,6 @@ class Regularizer(StepHooks):
                 'groups="coupled" traces the model\'s coupled groups: give the model and '
                 "example_inputs (a batch the model accepts)"
             )
-        from fastsparse.pruning.graph import coupled_groups
-
         return coupled_groups(model, example_inputs)
 
     @property

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastsparse.core.contract import AdamStepOptions, SGDStepOptions
+from fastsparse.functional.prox import step_prox_
 from fastsparse.optim.rules import Rule
 from fastsparse.optim.sparsifier import Sparsifier
 
@@ -166,8 +167,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         return done
 
     def _fused_sgd(self, target, group, kind, threshold) -> bool:
-        from fastsparse.functional.prox import step_prox_
-
         params, momentum = target.params, float(group["momentum"])
         states, bufs, first = [], None, True
         if momentum != 0:  # torch's SGD keeps no state without momentum
@@ -195,8 +194,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         return masks is not None
 
     def _fused_adam(self, target, group, kind, threshold) -> bool:
-        from fastsparse.functional.prox import step_prox_
-
         params = target.params
         states = [self.state[p] for p in params]
         fresh = [len(st) == 0 for st in states]

@@ -18,6 +18,8 @@ from torch import nn
 
 from fastsparse.core.contract import GROUPINGS, KINDS, PROX_KINDS
 from fastsparse.core.groups import CoupledGroup, default_parameters
+from fastsparse.pruning import coupled_groups
+from fastsparse.pruning.transformer import transformer_groups
 
 # The proximal steps a rule may take: the prox kinds of `fastsparse.prox_`, and the sparse
 # group lasso (l1 soft threshold, then group soft threshold: the exact prox of their sum).
@@ -269,12 +271,8 @@ def _coupled_targets(rule, index, picked, model, group_of, example_inputs) -> Li
     if rule.groups == "coupled":
         if example_inputs is None:
             raise ValueError("groups='coupled' traces the model: pass example_inputs=")
-        from fastsparse.pruning import coupled_groups
-
         groups = coupled_groups(model, example_inputs)
     else:
-        from fastsparse.pruning.transformer import transformer_groups
-
         groups = transformer_groups(model)[rule.groups]
     wanted = {id(p) for _, p in picked}
     groups = [cg for cg in groups if any(m.dim == 0 and id(m.param) in wanted for m in cg.members)]

@@ -16,11 +16,13 @@ from typing import Any, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastsparse.core.contract import ELEMENT_PROX_KINDS, PROX_KINDS, grad_dtype
+from fastsparse.core.checks import allocate_missing_grads
+from fastsparse.core.contract import ELEMENT_PROX_KINDS, PROX_KINDS
 from fastsparse.core.layout import group_count
 from fastsparse.core.step import StepHooks
 from fastsparse.functional import add_penalty_grad_, group_norms, prox_, scale_groups_
 from fastsparse.optim.rules import Rule, Target, resolve
+from fastsparse.reference import rebind
 
 
 class Sparsifier(StepHooks):
@@ -121,7 +123,7 @@ class Sparsifier(StepHooks):
             if target.rule.penalty is None:
                 continue
             blocks = target.tensors is not target.params  # through views of the gradients
-            spills = _bind_block_grads(target) if blocks else []
+            staging = _bind_block_grads(target) if blocks else []
             add_penalty_grad_(
                 _tensors(target),
                 target.rule.penalty,
@@ -129,8 +131,8 @@ class Sparsifier(StepHooks):
                 groups=_groups(target),
                 backend=self.backend,
             )
-            for grad, spill in spills:
-                grad.add_(spill.view(grad.shape))
+            for grad, staged in staging:
+                grad.add_(staged.view(grad.shape))
             if blocks:
                 for view in target.tensors:
                     view.grad = None
@@ -239,8 +241,6 @@ class Sparsifier(StepHooks):
             grads = {id(p): p.grad for p in target.params}
             if any(g is None or g.shape != p.shape for p, g in zip(target.params, grads.values())):
                 return
-            from fastsparse.reference import rebind
-
             scale_groups_(None, frozen, groups=rebind(target.coupled, grads), backend=self.backend)
             return
         grads, masks = [], []
@@ -333,17 +333,16 @@ class Sparsifier(StepHooks):
 
 def _bind_block_grads(target: Target) -> list:
     """Give each block view the matching view of its parameter's gradient (zeros if none);
-    a gradient that has no such view gets a buffer, to add back: [(gradient, buffer)]."""
-    spills = []
+    a gradient that has no such view gets a staging buffer, to add back: [(gradient, buffer)]."""
+    staging = []
+    allocate_missing_grads(target.params)
     for p, view in zip(target.params, target.tensors):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p, dtype=grad_dtype(p))
         if p.grad.is_contiguous():
             view.grad = p.grad.view(view.shape)
         else:
             view.grad = torch.zeros(view.shape, dtype=p.grad.dtype, device=p.device)
-            spills.append((p.grad, view.grad))
-    return spills
+            staging.append((p.grad, view.grad))
+    return staging
 
 
 def _groups(target: Target):

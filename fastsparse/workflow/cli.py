@@ -30,8 +30,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fastsparse.workflow import checkpoints
+import torch
+
+from fastsparse.core.contract import KINDS
+from fastsparse.methods import METHODS
+from fastsparse.workflow import bench, checkpoints
 from fastsparse.workflow.config import ConfigError, RunConfig, load_config_file, parse_groups
+from fastsparse.workflow.reports import print_demo, pruning_report
+from fastsparse.workflow.run import load_data, resolve_device, run
+from fastsparse.workflow.study import STUDY_EPOCHS, STUDY_THRESHOLDS, run_study
 
 PROG = "fastsparse"
 
@@ -56,8 +63,6 @@ def _floats(text: str) -> List[float]:
 
 def _parse_method_options(specs: Optional[List[str]], kinds: List[str]) -> Dict[str, dict]:
     """``['{"a": 1}']`` (every method of the sweep) or ``['slimming={"ratio": 0.3}']``."""
-    from fastsparse.methods import METHODS
-
     result: Dict[str, dict] = {}
     for spec in specs or []:
         head, sep, tail = spec.partition("=")
@@ -186,8 +191,6 @@ def _config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
         torch.set_num_threads(args.threads)
     values = base.to_dict()
     source = ""
@@ -207,11 +210,6 @@ def _config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """fastsparse demo."""
-    import torch
-
-    from fastsparse.workflow.reports import print_demo
-    from fastsparse.workflow.run import load_data, resolve_device, run
-
     start = time.perf_counter()
     config = _config_from_args(args, DEMO_CONFIG)
     if config.penalty_kind is None:
@@ -276,11 +274,6 @@ def _resume_state(args: argparse.Namespace) -> tuple:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """fastsparse train."""
-    import torch
-
-    from fastsparse.workflow.reports import pruning_report
-    from fastsparse.workflow.run import load_data, run
-
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     resume = None
@@ -345,10 +338,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """fastsparse study."""
-    from fastsparse.core.contract import KINDS
-    from fastsparse.methods import METHODS
-    from fastsparse.workflow.study import STUDY_EPOCHS, STUDY_THRESHOLDS, run_study
-
     valid = f"valid kinds: {', '.join(KINDS)}; methods: {', '.join(METHODS)}"
     kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else list(KINDS)
     bad = [k for k in kinds if k not in KINDS + METHODS]
@@ -393,9 +382,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """fastsparse bench [harness arguments...]: every argument goes to the harness."""
-    from fastsparse.workflow.bench import main as bench_main
-
-    status = bench_main(list(args.bench_args))
+    status = bench.main(list(args.bench_args))
     return int(status or 0)
 
 
@@ -488,13 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = argparse.SUPPRESS
     study.set_defaults(func=cmd_study)
 
-    bench = sub.add_parser(
+    bench_parser = sub.add_parser(
         "bench",
         help="run the benchmark harness (arguments are passed through)",
         add_help=False,
     )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
+    bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench_parser.set_defaults(func=cmd_bench)
     return parser
 
 

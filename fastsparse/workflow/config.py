@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
+from fastsparse import backends
 from fastsparse.core.contract import GROUPINGS, KINDS
 from fastsparse.methods import METHODS
 from fastsparse.pruning.threshold import THRESHOLD_MODES
@@ -224,9 +225,7 @@ class RunConfig:
         choice("lr_schedule", LR_SCHEDULES)
         choice("threshold_mode", THRESHOLD_MODES)
         choice("device", ("auto", "cpu", "cuda"))
-        from fastsparse.backends import BACKENDS
-
-        choice("backend", BACKENDS)
+        choice("backend", backends.BACKENDS)
         groupings = self.groups if isinstance(self.groups, (list, tuple)) else [self.groups]
         if not groupings or any(g not in GROUPINGS for g in groupings):
             fail(f"bad groups {self.groups!r}; valid: {', '.join(map(repr, GROUPINGS))} or a list")
@@ -275,15 +274,13 @@ class RunConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             fail("device 'cuda' requested but CUDA is not available")
         if self.backend not in ("auto", "torch"):  # say now, not after loading the data
-            from fastsparse.backends import resolve_backend
-
             device = torch.device(
                 "cuda"
                 if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
                 else "cpu"
             )
             try:
-                resolve_backend(self.backend, device)
+                backends.resolve_backend(self.backend, device)
             except RuntimeError as e:
                 fail(f"{e} (device {device})")
 

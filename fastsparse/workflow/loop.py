@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastsparse.backends import resolve_backend
 from fastsparse.core.step import StepHooks
 from fastsparse.methods.regularizer import Regularizer
 from fastsparse.pruning.common import unwrap
@@ -228,8 +229,6 @@ def train(
         if backend is None:  # a method picks its own kernels: the backend as configured
             stats.backend = config.backend
         else:
-            from fastsparse.backends import resolve_backend
-
             stats.backend = resolve_backend(backend, device)
     step_times: List[float] = []
     hook_times: List[float] = []

@@ -6,6 +6,11 @@ from __future__ import annotations
 import sys
 from typing import List, Optional, TextIO
 
+import torch
+
+from fastsparse.workflow.run import make_regularizer
+from fastsparse.workflow.timing import best_fused_backend, regularizer_cost
+
 __all__ = ["BUSY_SPREAD", "THRESHOLD_WORDS", "print_demo", "pruning_report"]
 
 # How a threshold reads in the reports, per threshold mode.
@@ -32,11 +37,6 @@ def _table(rows: List[tuple]) -> str:
 
 def _regularizer_cost_lines(result, data) -> List[str]:
     """The measured regularizer cost: fused backend against the eager oracle, per step."""
-    import torch
-
-    from fastsparse.workflow.run import make_regularizer
-    from fastsparse.workflow.timing import best_fused_backend, regularizer_cost
-
     config = result.config
     device = torch.device(result.device)
     example = data.test_images[:1].to(device)

@@ -32,7 +32,10 @@ from typing import Any, Callable, Dict, Optional, TextIO
 import torch
 from torch import nn
 
+from fastsparse.core.groups import default_parameters
 from fastsparse.core.step import StepHooks
+from fastsparse.methods import build_method
+from fastsparse.methods.regularizer import Regularizer
 from fastsparse.pruning.common import unwrap
 from fastsparse.pruning.threshold import PruneResult, prunable_weights, threshold_and_prune
 from fastsparse.workflow.config import ConfigError, RunConfig
@@ -87,9 +90,6 @@ def make_regularizer(
     The classifier is left out by default: a group penalty across its rows would push whole
     classes to zero, and its outputs cannot be pruned anyway.
     """
-    from fastsparse.core.groups import default_parameters
-    from fastsparse.methods.regularizer import Regularizer
-
     if regularize == "prunable":
         params = [w for _, w in prunable_weights(model, example_inputs)]
     else:
@@ -110,8 +110,6 @@ def make_method(model: nn.Module, example_inputs: Any, config: RunConfig):
     (feature flow without same-shape feature maps, slimming without BatchNorm) raises
     :class:`ConfigError` naming the model.
     """
-    from fastsparse.methods import build_method
-
     if config.method is None:
         return None
     options = {"backend": config.backend, **config.method_options}

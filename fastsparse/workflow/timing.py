@@ -17,6 +17,8 @@ from typing import Any, Callable, List, Optional, Sequence, TextIO, Tuple
 import torch
 from torch import nn
 
+from fastsparse import backends
+from fastsparse.functional import add_penalty_grad_, penalty
 from fastsparse.pruning.common import unwrap
 
 __all__ = [
@@ -140,16 +142,14 @@ def best_fused_backend(device: torch.device) -> Tuple[Optional[str], str]:
     Returns:
         (name, "") or (None, reason).
     """
-    from fastsparse.backends import BACKENDS, resolve_backend
-
     candidates = ("triton", "native") if device.type == "cuda" else ("native",)
     reasons = []
     for name in candidates:
-        if name not in BACKENDS:
+        if name not in backends.BACKENDS:
             reasons.append(f"this fastsparse has no {name!r} backend")
             continue
         try:
-            return resolve_backend(name, device), ""
+            return backends.resolve_backend(name, device), ""
         except (RuntimeError, ImportError, OSError) as e:
             reasons.append(str(e))
     return None, "; ".join(reasons)
@@ -170,8 +170,6 @@ def regularizer_cost(
     ``"autograd"``: ``penalty(params).backward()``; ``"inplace"``: ``add_penalty_grad_``. The
     parameters' ``.grad`` are restored afterwards.
     """
-    from fastsparse.functional import add_penalty_grad_, penalty
-
     params = list(params)
     saved = [p.grad for p in params]
     device = params[0].device

@@ -80,7 +80,7 @@ def test_fused_dtypes(dtype, grad_dtype, device):
 def test_fused_layouts(device):
     w = torch.randn(4, 6, 3, 3, device=device).to(memory_format=torch.channels_last)
     cl = nn.Parameter(w)
-    cl.grad = torch.randn(4, 6, 3, 3, device=device)  # contiguous grad: spilled
+    cl.grad = torch.randn(4, 6, 3, 3, device=device)  # contiguous grad: staged
     big = torch.randn(8, 10, device=device)
     view = big[:, :5].detach().requires_grad_(True)  # not dense
     view.grad = torch.randn(8, 5, device=device)
