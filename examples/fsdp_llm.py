@@ -273,6 +273,8 @@ def process(args) -> None:
     dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
         train(args)
+        # No rank tears its connections down while another still talks to it (gloo aborts).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -437,3 +437,17 @@ TINY_RUN = RunConfig(
     backend="torch",
     device="cpu",
 )
+
+
+def tiny_llama(**overrides):
+    """A 2-layer Llama decoder with random weights (seed 0), built from a config: never a
+    download. Needs transformers (the caller skips without it)."""
+    import transformers
+
+    options = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    options.update(overrides)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**options)).eval()

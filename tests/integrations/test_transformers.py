@@ -16,17 +16,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from fastsparse.integrations.transformers import SparsityCallback  # noqa: E402
+from tests.helpers import tiny_llama  # noqa: E402
 
 STEPS = 4
 
 
 def _llama():
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama().train()
 
 
 def _data():

@@ -17,7 +17,7 @@ import fastsparse as fs
 import fastsparse.reference as ref
 from fastsparse.core.contract import AdamStepOptions, SGDStepOptions
 from fastsparse.optim import RULE_PROX_KINDS, Rule, SparseOptimizer
-from tests.helpers import coupled_models
+from tests.helpers import coupled_models, tiny_llama
 
 LR = 0.05
 
@@ -424,13 +424,8 @@ def test_closure_is_evaluated_once():
 
 
 def test_transformer_heads_and_neurons_rules():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    model = tiny_llama()
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     rules = [
         Rule(r".*self_attn\..*", target=0.5, groups="heads"),
@@ -444,7 +439,7 @@ def test_transformer_heads_and_neurons_rules():
     neurons = [v for k, v in report.items() if "mlp" in k]
     assert heads == [0.5, 0.5] and neurons == [0.25, 0.25]
     pruned = fs.prune(copy.deepcopy(model), ids, threshold=0.0)
-    assert pruned.config.intermediate_size != config.intermediate_size or any(
+    assert pruned.config.intermediate_size != model.config.intermediate_size or any(
         block.mlp.down_proj.in_features == 36 for block in pruned.model.layers
     )
     with torch.no_grad():
@@ -543,18 +538,18 @@ STEPS = {
 @pytest.mark.parametrize("optimizer", list(STEPS))
 @pytest.mark.parametrize("kind", ["group_lasso", "group_l0", "l1", "l0_group_lasso"])
 def test_fused_step_equals_the_step_then_the_prox(kind, optimizer, dtype, monkeypatch):
-    import fastsparse.functional.prox as prox
+    import fastsparse.optim.optimizer as optimizer_module
 
     calls = []
     family = AdamStepOptions if optimizer.startswith("adam") else SGDStepOptions
-    real = prox.step_prox_
+    real = optimizer_module.step_prox_
 
     def counted(params, kind, threshold, options, *args, **kwargs):
         assert type(options) is family  # built once, from the param group, and passed on
         calls.append(real(params, kind, threshold, options, *args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(prox, "step_prox_", counted)
+    monkeypatch.setattr(optimizer_module, "step_prox_", counted)
     x = _batch(dtype)
     runs = []
     for fuse in (True, False):

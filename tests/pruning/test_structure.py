@@ -10,6 +10,7 @@ import fastsparse as fs
 import fastsparse.pruning.transformer as transformer
 from fastsparse.pruning.structure import Structure, structure_of
 from fastsparse.workflow.models import LeNet5
+from tests.helpers import tiny_llama
 
 
 @pytest.fixture
@@ -45,13 +46,8 @@ def test_a_traced_model_is_searched_for_decoder_blocks_once_per_call(call, block
 
 
 def _llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    return tiny_llama()
 
 
 DECODER_CALLS = {

@@ -8,18 +8,12 @@ import torch
 
 import fastsparse as fs
 from fastsparse.pruning.transformer import decoder_blocks, transformer_groups
+from tests.helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 
-def _llama(**overrides):
-    options = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    options.update(overrides)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**options)).eval()
+_llama = tiny_llama
 
 
 def _qwen2():
