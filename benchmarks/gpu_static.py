@@ -118,11 +118,17 @@ def _paths(tensors: List[torch.Tensor], grouping: str) -> List[tuple]:
             ops.prox_op, tensors, groups, "group_lasso", 0.0, 1e-3, "triton")),
         ("prox l0_group_lasso", lambda: ops.call(
             ops.prox_op, tensors, groups, "l0_group_lasso", 1e-4, 1e-3, "triton")),
+        ("prox group_l0", lambda: ops.call(
+            ops.prox_op, tensors, groups, "group_l0", 0.0, 1e-3, "triton")),
         ("prox l1", lambda: ops.call(ops.prox_op, tensors, groups, "l1", 1e-4, 1e-4, "triton")),
+        ("prox l0", lambda: ops.call(ops.prox_op, tensors, groups, "l0", 1e-4, 1e-4, "triton")),
         ("selective decay", selective_decay),
         ("scale groups", lambda: ops.call(ops.scale_groups_op, tensors, groups, factors, "triton")),
         ("sgd step + prox", lambda: ops.step_prox(
             tensors, grads, [torch.zeros_like(t) for t in tensors], groups, sgd, "group_lasso",
+            0.0, 1e-3, "triton")),
+        ("sgd step + prox group_l0", lambda: ops.step_prox(
+            tensors, grads, [torch.zeros_like(t) for t in tensors], groups, sgd, "group_l0",
             0.0, 1e-3, "triton")),
         ("adamw step + prox", lambda: ops.step_prox(
             tensors, grads, [torch.zeros_like(t) for t in tensors * 2], groups, adam,

@@ -59,8 +59,10 @@ def element_step(x, t, KIND: tl.constexpr):
 def prox_factor(n, t, KIND: tl.constexpr):
     """Per-group multiplier of the group kinds (fp64 n and t); 0 for dead groups (n <= t)."""
     alive = n > t
+    # Both branches return fp64: the compiler refuses branches of different types, which the
+    # interpreter (Python) never notices; where(alive, 1.0, 0.0) alone would be fp32.
     if KIND == 3:  # group_l0
-        return tl.where(alive, 1.0, 0.0)
+        return tl.where(alive, 1.0, 0.0).to(tl.float64)
     return tl.where(alive, 1.0 - t / tl.where(alive, n, 1.0), 0.0)  # group_lasso, l0_group_lasso
 
 
