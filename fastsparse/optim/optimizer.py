@@ -123,9 +123,13 @@ class SparseOptimizer(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], float]] = None):
         """Penalty gradients, the wrapped optimizer's step, then prox and targets (or healing).
 
-        A closure is evaluated once, with gradients enabled, before anything else.
+        With SGD, Adam and AdamW a closure is evaluated once, with gradients enabled, before
+        anything else. Any other optimizer gets the closure itself (LBFGS evaluates it several
+        times per step), wrapped so that every evaluation adds the penalty rules' gradients.
         """
         loss = None
+        if closure is not None and type(self.optimizer) not in _FUSED_STEPS:
+            return self._step_through(closure)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -141,6 +145,19 @@ class SparseOptimizer(torch.optim.Optimizer):
             for p, grad in hidden:
                 p.grad = grad
         self.sparsifier.after_step(done)
+        return loss
+
+    def _step_through(self, closure: Callable[[], float]):
+        """The wrapped optimizer's step with the closure, its gradients completed by the rules."""
+
+        def evaluate():
+            with torch.enable_grad():
+                value = closure()
+            self.sparsifier.before_step()
+            return value
+
+        loss = self.optimizer.step(evaluate)
+        self.sparsifier.after_step()
         return loss
 
     def _fused_steps(self) -> list:

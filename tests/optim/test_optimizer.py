@@ -406,6 +406,37 @@ def test_wraps_any_optimizer(make_opt):
     assert len(base.state) == len(list(model.parameters()))
 
 
+def test_lbfgs_steps_with_the_penalty_in_every_closure_evaluation():
+    # LBFGS needs its closure and evaluates it several times; each evaluation must see the
+    # penalty, exactly as if the closure itself added strength * R to its loss.
+    strength = 1e-2
+    runs = []
+    for wrapped in (True, False):
+        model, x = _net(torch.float64), _batch(torch.float64)
+        weights = [model[0].weight, model[2].weight]
+        base = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+        rule = Rule(["0.weight", "2.weight"], penalty="l1l2", strength=strength)
+        opt = SparseOptimizer(base, model, [rule]) if wrapped else base
+        calls = []
+
+        def closure(model=model, x=x, weights=weights, wrapped=wrapped, opt=opt, calls=calls):
+            calls.append(1)
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            if not wrapped:
+                loss = loss + strength * sum(ref.penalty(w, "l1l2") for w in weights)
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure)
+        runs.append((model, len(calls)))
+    (ours, n_ours), (expected, n_expected) = runs
+    assert n_ours == n_expected > 2
+    for p, q in zip(ours.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
 def test_closure_is_evaluated_once():
     model, x = _net(), _batch()
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model,
