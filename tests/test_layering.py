@@ -1,5 +1,6 @@
 """The folders are the architecture: no import cycle, the layer contract holds, few top modules."""
 
+import ast
 import os
 import re
 import shutil
@@ -136,6 +137,32 @@ def test_a_planted_upward_import_breaks_the_layers_contract(tmp_path):
     assert "BROKEN" in out.stdout and "fastsparse.core.contract -> fastsparse.workflow.cli" in (
         out.stdout
     ), out.stdout
+
+
+def test_no_module_re_exports_another_packages_names():
+    # `__all__` lists what a module defines; a package's __init__ collects its own modules'
+    # names, and only the package root gathers the public API from everywhere.
+    offenders = []
+    for path in sorted((ROOT / "fastsparse").rglob("*.py")):
+        if path == ROOT / "fastsparse" / "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        exported = [
+            element.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and any(getattr(t, "id", "") == "__all__" for t in node.targets)
+            for element in node.value.elts
+        ]
+        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+        for node in tree.body:
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            own = path.name == "__init__.py" and (node.module or "").startswith(package + ".")
+            for alias in node.names:
+                if (alias.asname or alias.name) in exported and not own:
+                    offenders.append(f"{path.relative_to(ROOT)}: {alias.name} from {node.module}")
+    assert offenders == []
 
 
 def test_the_cycle_finder_finds_a_cycle():

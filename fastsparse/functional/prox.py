@@ -26,12 +26,12 @@ from fastsparse.core.checks import (
     check_threshold,
     is_sharded,
 )
-from fastsparse.core.contract import PROX_KINDS, AdamStepOptions, SGDStepOptions, StepOptions
+from fastsparse.core.contract import AdamStepOptions, SGDStepOptions, StepOptions
 from fastsparse.core.groups import CoupledGroup, as_coupled_list, coupled_params, is_coupled
 from fastsparse.core.layout import encode_groupings, group_count, segment_geometry
 from fastsparse.functional.penalty import coupled_backend
 
-__all__ = ["PROX_BACKENDS", "PROX_KINDS", "adam_prox_", "prox_", "scale_groups_", "sgd_prox_"]
+__all__ = ["PROX_BACKENDS", "adam_prox_", "prox_", "scale_groups_", "sgd_prox_"]
 
 PROX_BACKENDS = BACKENDS
 

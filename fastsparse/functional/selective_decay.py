@@ -32,7 +32,7 @@ from fastsparse.core.contract import RELEVANCE_KINDS, accumulation_dtype_of
 from fastsparse.core.groups import default_parameters
 from fastsparse.core.layout import is_dense
 
-__all__ = ["RELEVANCE_KINDS", "relevance_thresholds", "selective_decay_"]
+__all__ = ["relevance_thresholds", "selective_decay_"]
 
 SCOPES = ("global", "tensor")
 

@@ -42,9 +42,7 @@ from fastsparse.functional.feature_flow import (
 
 __all__ = [
     "FeatureFlow",
-    "feature_flow_penalty",
     "feature_flow_regularizer",
-    "feature_flow_value_and_grads",
     "flow_sequences",
 ]
 

@@ -43,7 +43,6 @@ from fastsparse.pruning.importance import channel_scales, select_channels, zero_
 __all__ = [
     "SlimmingResult",
     "bn_scales",
-    "channel_scales",
     "prox_bn_scales_",
     "slim_",
     "slimming_regularizer",
