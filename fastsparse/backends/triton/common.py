@@ -239,12 +239,19 @@ def split_coefficient(b, ACC_DTYPE: tl.constexpr):
     return (b * inverse).to(ACC_DTYPE), pre.to(ACC_DTYPE)
 
 
+# fp64 scalars travel as their bits XOR this mask (a signalling-NaN pattern). Triton types an
+# int argument by its range (i32 or i64), so the bits of 0.0 (and of subnormals) alone would
+# give another signature, a recompile the first time a threshold leaves 0; under the mask only
+# NaN payloads and tiny negative subnormals fall in the i32 range.
+FLOAT64_BITS_MASK = tl.constexpr(0x7FF4000000000000)
+
+
 @triton.jit
 def scalar(x, ACC_DTYPE: tl.constexpr):
     """A float argument in ACC_DTYPE. Triton passes Python floats as fp32, so fp64 kernels get
-    the double's bits as an int64 (see `scalar_arg`)."""
+    the double's bits as an int64, masked (see `scalar_arg`)."""
     if ACC_DTYPE == tl.float64:
-        return tl.cast(tl.cast(x, tl.int64), tl.float64, bitcast=True)
+        return tl.cast(tl.cast(x, tl.int64) ^ FLOAT64_BITS_MASK, tl.float64, bitcast=True)
     return tl.cast(x, ACC_DTYPE)
 
 
@@ -270,9 +277,14 @@ def table_field(table_ptr, segment, FIELD: tl.constexpr):
 
 def scalar_arg(x: float, dtype: torch.dtype):
     """A float kernel argument read by `scalar` for accumulation dtype `dtype`: the value (fp32
-    in the kernel), or for fp64 the bits of the double as an int."""
+    in the kernel), or for fp64 the bits of the double as an int, XOR `FLOAT64_BITS_MASK`.
+
+    Kernels list every such parameter in `do_not_specialize`: Triton would otherwise compile a
+    new specialization whenever the value (its bits) changed between 1, a multiple of 16 and
+    anything else, as a threshold does from one step to the next."""
     if accumulation_dtype(dtype) == torch.float64:
-        return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+        bits = struct.unpack("<q", struct.pack("<d", float(x)))[0]
+        return bits ^ int(FLOAT64_BITS_MASK.value)
     return float(x)
 
 

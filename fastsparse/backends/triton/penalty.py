@@ -105,7 +105,7 @@ def _penalty_rule(s1, s2, total_l, total_f2, KIND: tl.constexpr, alpha):
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])
 def _group_stats_kernel(
     table_ptr,
     item_starts_ptr,
@@ -139,7 +139,7 @@ def _group_stats_kernel(
     tl.store(out + 1, s2, mask=group_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["alpha"])
 def _group_rule_kernel(
     stats_ptr,
     segment_of_group_ptr,
@@ -190,7 +190,7 @@ def _store_grad(
     tl.store(g_ptr + offsets, update.to(G_DTYPE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale", "alpha"])
 def _penalty_grad_kernel(
     table_ptr,
     item_starts_ptr,

@@ -84,7 +84,7 @@ def _store_prox(
     return exact_stats(x, ACC_DTYPE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t_elem", "t_group"])
 def _prox_kernel(
     table_ptr,
     item_starts_ptr,
