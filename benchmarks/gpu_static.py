@@ -123,6 +123,8 @@ def _paths(tensors: List[torch.Tensor], grouping: str) -> List[tuple]:
         ("prox l1", lambda: ops.call(ops.prox_op, tensors, groups, "l1", 1e-4, 1e-4, "triton")),
         ("prox l0", lambda: ops.call(ops.prox_op, tensors, groups, "l0", 1e-4, 1e-4, "triton")),
         ("selective decay", selective_decay),
+        ("feature flow", lambda: ops.call(  # three maps of the first tensor's shape
+            ops.feature_flow_value_and_grads_op, [tensors[0]] * 3, 0.5, 0.25, "triton")),
         ("scale groups", lambda: ops.call(ops.scale_groups_op, tensors, groups, factors, "triton")),
         ("sgd step + prox", lambda: ops.step_prox(
             tensors, grads, [torch.zeros_like(t) for t in tensors], groups, sgd, "group_lasso",

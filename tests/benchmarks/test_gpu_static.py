@@ -51,6 +51,12 @@ def test_quick_subset_compiles_for_sm80_and_sm90(tmp_path):
     # Contiguous, aligned groups (VEC > 0) of bf16 weights load 16 bytes at a time.
     wide = [r for r in run["rows"] if r["constexprs"].get("VEC") and r["num_warps"] >= 8]
     assert wide and all(c["vector_loads"] > 0 for r in wide for c in r["compiled"])
+    # The flat kernels too: selective decay and feature flow on aligned dense tensors.
+    flat = [r for r in run["rows"] if r["path"] in ("selective decay", "feature flow")]
+    assert {r["path"] for r in flat} == {"selective decay", "feature flow"}
+    for row in flat:
+        assert row["constexprs"]["VEC"] > 0, row
+        assert all(c["vector_loads"] > 0 and c["vector_stores"] > 0 for c in row["compiled"]), row
     text = next(tmp_path.glob("gpu-static-*-quick.md")).read_text()
     assert "| _prox_kernel |" in text and "Summary:" in text
 

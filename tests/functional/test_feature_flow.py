@@ -49,6 +49,37 @@ def test_fused_matches_oracle_fp32(shape, n, device, nan_flow_outputs):
         assert_close_to_oracle(leaf.grad, 1.7 * e32, 1.7 * e64, name=f"grad[{i}]")
 
 
+@pytest.mark.parametrize("shape, vector", [((8, 16, 4), True), ((63,), False)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_vector_and_scalar_paths(shape, vector, dtype, device, monkeypatch, nan_flow_outputs):
+    # 16-byte accesses only when every map is aligned and the size a multiple of a vector.
+    from fastsparse.backends.triton import feature_flow as kernels
+
+    launched = []
+    kernel = kernels._feature_flow_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["VEC"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_feature_flow_kernel", Spy())
+    features = feature_maps(3, shape, dtype, device, seed=3)
+    value, grads = feature_flow_value_and_grads(features, curvature_weight=0.5, backend="triton")
+    assert launched and all((v > 0) == vector for v in launched), launched
+    v_lp = ref.feature_flow(features, 1.0, 0.5)
+    v64 = ref.feature_flow([f.double() for f in features], 1.0, 0.5)
+    assert_close_to_oracle(value, v_lp, v64, atol=1e-5, name="value")
+    g_lp = ref.feature_flow_grad(features, 1.0, 0.5)
+    g64 = ref.feature_flow_grad([f.double() for f in features], 1.0, 0.5)
+    for i, (g, e_lp, e64) in enumerate(zip(grads, g_lp, g64)):
+        assert g.dtype == dtype
+        assert_close_to_oracle(g, e_lp, e64, atol=1e-5, name=f"grad[{i}]")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fused_low_precision_follows_tolerance_rule(dtype, device, nan_flow_outputs):
     features = feature_maps(4, (3, 5, 7), dtype, device, seed=1)

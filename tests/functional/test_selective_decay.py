@@ -64,6 +64,40 @@ def test_fused_matches_oracle(relevance, keep, device):
 
 
 @pytest.mark.parametrize(
+    "shapes, vector",
+    [([(64, 32), (16, 8, 3, 3)], True), ([(64, 32), (63, 5)], False)],
+    ids=["aligned", "odd-size"],
+)
+@pytest.mark.parametrize(
+    "dtype, grad_dtype",
+    [(torch.float32, None), (torch.bfloat16, torch.float32), (torch.float64, None)],
+    ids=["fp32", "bf16-fp32grad", "fp64"],
+)
+def test_fused_vector_and_scalar_paths(shapes, vector, dtype, grad_dtype, device, monkeypatch):
+    # 16-byte accesses only when every address is aligned and every size a multiple of a vector.
+    from fastsparse.backends.triton import selective_decay as kernels
+
+    launched = []
+    kernel = kernels._selective_decay_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["VEC"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_selective_decay_kernel", Spy())
+    ps = decay_params(shapes, dtype=dtype, grad_dtype=grad_dtype, device=device, seed=5)
+    expected, _ = run_oracle(ps, torch.full((len(ps),), 0.3), 0.2, "taylor", True)
+    selective_decay_(ps, 0.2, threshold=0.3, backend="triton")
+    assert launched and all((v > 0) == vector for v in launched), launched
+    for p, e in zip(ps, expected):
+        assert_same_update(p.grad, e)
+
+
+@pytest.mark.parametrize(
     "dtype, grad_dtype",
     [(torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.float64, None)],
     ids=["bf16-fp32grad", "fp16", "fp64"],

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.backends.triton.common import TL_DTYPES, device_table, launch_options
+from fastsparse.backends.triton.common import TL_DTYPES, device_table, launch_options, typed_pointer
 from fastsparse.core.contract import accumulation_dtype
 from fastsparse.core.layout import new_empty
 
@@ -39,11 +39,20 @@ BLOCK = 1024  # element positions per program
 
 
 @triton.jit
-def _load_map(addrs_ptr, index, num_maps, offsets, mask, F_DTYPE: tl.constexpr, ACC: tl.constexpr):
+def _load_map(
+    addrs_ptr,
+    index,
+    num_maps,
+    offsets,
+    mask,
+    F_DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    VEC: tl.constexpr,
+):
     """F_index[offsets] in the accumulation dtype, or zeros when index >= num_maps."""
-    valid = (offsets * 0 + index) < num_maps  # a block mask, also for a Python int index
+    valid = index < num_maps  # a scalar: the mask stays constant over a vector
     address = tl.load(addrs_ptr + tl.minimum(index, num_maps - 1))
-    f_ptr = address.to(tl.pointer_type(F_DTYPE))
+    f_ptr = typed_pointer(address, F_DTYPE, VEC)
     return tl.load(f_ptr + offsets, mask=mask & valid, other=0.0).to(ACC)
 
 
@@ -63,8 +72,13 @@ def _feature_flow_kernel(
     WRITE_GRAD: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    if VEC > 0:
+        # numel is a multiple of VEC (the launcher checks): written so, the mask is constant
+        # over a vector (a multiple_of hint on an argument is dropped).
+        numel = (numel // VEC) * VEC
     offsets = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offsets < numel
     a = tl.load(coef_ptr).to(ACC)  # gradient-term weight
@@ -77,22 +91,24 @@ def _feature_flow_kernel(
         ga = 2.0 * a
         gb = 2.0 * b
 
-    f_cur = _load_map(feature_addrs_ptr, 0, num_maps, offsets, mask, F_DTYPE, ACC)  # F_l
-    f_next = _load_map(feature_addrs_ptr, 1, num_maps, offsets, mask, F_DTYPE, ACC)  # F_{l+1}
+    f_cur = _load_map(feature_addrs_ptr, 0, num_maps, offsets, mask, F_DTYPE, ACC, VEC)  # F_l
+    f_next = _load_map(feature_addrs_ptr, 1, num_maps, offsets, mask, F_DTYPE, ACC, VEC)  # F_{l+1}
     zero = f_cur * 0.0
     d_prev = zero  # D_{l-1}
     c_prev = zero  # C_{l-1}
     c_cur = zero  # C_l
     acc = zero
     for layer in range(0, num_maps):
-        f_next2 = _load_map(feature_addrs_ptr, layer + 2, num_maps, offsets, mask, F_DTYPE, ACC)
+        f_next2 = _load_map(
+            feature_addrs_ptr, layer + 2, num_maps, offsets, mask, F_DTYPE, ACC, VEC
+        )
         d_cur = tl.where(layer + 1 < num_maps, f_next - f_cur, 0.0)  # D_l
         c_next = tl.where(layer + 2 < num_maps, f_next2 - 2.0 * f_next + f_cur, 0.0)  # C_{l+1}
         if COMPUTE_VALUE:
             acc += a * d_cur * d_cur + b * c_next * c_next
         if WRITE_GRAD:
             grad = ga * (d_prev - d_cur) + gb * (c_prev - 2.0 * c_cur + c_next)
-            g_ptr = tl.load(grad_addrs_ptr + layer).to(tl.pointer_type(G_DTYPE))
+            g_ptr = typed_pointer(tl.load(grad_addrs_ptr + layer), G_DTYPE, VEC)
             tl.store(g_ptr + offsets, grad.to(G_DTYPE), mask=mask)
         d_prev = d_cur
         c_prev = c_cur
@@ -133,6 +149,11 @@ def _launch(
     feature_addrs = _addresses(features, device)
     grad_addrs = feature_addrs if grads is None else _addresses(grads, device)
     grad_dtype = first.dtype if grads is None else grads[0].dtype
+    # 16-byte accesses where every map and gradient is 16-byte aligned and the size a multiple
+    # of the elements in 16 bytes of the narrower dtype.
+    vec = 16 // min(first.element_size(), torch.empty((), dtype=grad_dtype).element_size())
+    every = list(features) + list(grads or [])
+    aligned = numel % vec == 0 and all(t.data_ptr() % 16 == 0 for t in every)
     if programs:
         _feature_flow_kernel[(programs,)](
             feature_addrs,
@@ -149,6 +170,7 @@ def _launch(
             WRITE_GRAD=grads is not None,
             HAS_SCALE=scale is not None,
             BLOCK=BLOCK,
+            VEC=vec if aligned else 0,
             **launch_options(4),
         )
     return partials.sum() if compute_value else None

@@ -26,7 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.backends.triton.common import TL_DTYPES, device_table, launch_options, locate
+from fastsparse.backends.triton.common import (
+    TL_DTYPES,
+    device_table,
+    launch_options,
+    locate,
+    typed_pointer,
+)
 from fastsparse.core.contract import accumulation_dtype
 
 RELEVANCE_IDS = {"taylor": 0, "magnitude": 1, "gradient": 2}
@@ -54,12 +60,15 @@ def _selective_decay_kernel(
     RELEVANCE: tl.constexpr,
     KEEP_LOSS_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     tensor, block = locate(item_starts_ptr, num_tensors, search_steps)
     row = table_ptr + tensor * 4
-    w_ptr = tl.load(row).to(tl.pointer_type(W_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    w_ptr = typed_pointer(tl.load(row), W_DTYPE, VEC)
+    g_ptr = typed_pointer(tl.load(row + 1), G_DTYPE, VEC)
     numel = tl.load(row + 2)
+    if VEC > 0:  # every tensor's numel is a multiple of VEC: the mask is constant over a vector
+        numel = tl.multiple_of(numel, VEC)
     tau = tl.load(thresholds_ptr + tl.load(row + 3)).to(ACC)
     strength = tl.load(strength_ptr).to(ACC)
 
@@ -119,6 +128,15 @@ def selective_decay_(
         item_starts = device_table(tuple(starts), torch.int64, device)
         programs = starts[-1]
         partial = torch.empty((programs,), dtype=torch.int64, device=device)
+        # 16-byte loads and stores where every address is 16-byte aligned and every size a
+        # multiple of the elements in 16 bytes of the narrower dtype.
+        vec = 16 // min(weights[members[0]].element_size(), grads[members[0]].element_size())
+        aligned = all(
+            weights[i].data_ptr() % 16 == 0
+            and grads[i].data_ptr() % 16 == 0
+            and weights[i].numel() % vec == 0
+            for i in members
+        )
         _selective_decay_kernel[(programs,)](
             table,
             item_starts,
@@ -133,6 +151,7 @@ def selective_decay_(
             RELEVANCE=RELEVANCE_IDS[relevance],
             KEEP_LOSS_GRAD=keep_loss_grad,
             BLOCK=BLOCK,
+            VEC=vec if aligned else 0,
             **launch_options(8),
         )
         counts.append(partial.sum())
