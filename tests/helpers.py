@@ -451,3 +451,24 @@ def tiny_llama(**overrides):
     options.update(overrides)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**options)).eval()
+
+
+def record_constexpr(monkeypatch, module: str, kernel: str, name: str) -> list:
+    """The values of constexpr `name` at every launch of `module.kernel` from now on (the
+    kernels still run)."""
+    import importlib
+
+    target = importlib.import_module(module)
+    real = getattr(target, kernel)
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs[name])
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(target, kernel, Recorder())
+    return seen

@@ -12,6 +12,7 @@ from tests.helpers import (
     feature_maps,
     fill_new_empty_with_nan,
     flow_closed_form_grads,
+    record_constexpr,
 )
 
 
@@ -53,46 +54,33 @@ def test_fused_matches_oracle_fp32(shape, n, device, nan_flow_outputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_vector_and_scalar_paths(shape, vector, dtype, device, monkeypatch, nan_flow_outputs):
     # 16-byte accesses only when every map is aligned and the size a multiple of a vector.
-    from fastsparse.backends.triton import feature_flow as kernels
-
-    launched = []
-    kernel = kernels._feature_flow_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["VEC"])
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(kernels, "_feature_flow_kernel", Spy())
+    launched = record_constexpr(
+        monkeypatch, "fastsparse.backends.triton.feature_flow", "_feature_flow_kernel", "VEC"
+    )
     features = feature_maps(3, shape, dtype, device, seed=3)
     value, grads = feature_flow_value_and_grads(features, curvature_weight=0.5, backend="triton")
     assert launched and all((v > 0) == vector for v in launched), launched
-    v_lp = ref.feature_flow(features, 1.0, 0.5)
+    _assert_matches_oracle(features, value, grads)
+
+
+def _assert_matches_oracle(features, value, grads):
+    """Value and gradients (curvature weight 0.5) against the oracle, by the tolerance rule."""
+    v_same = ref.feature_flow(features, 1.0, 0.5)
     v64 = ref.feature_flow([f.double() for f in features], 1.0, 0.5)
-    assert_close_to_oracle(value, v_lp, v64, atol=1e-5, name="value")
-    g_lp = ref.feature_flow_grad(features, 1.0, 0.5)
+    assert_close_to_oracle(value, v_same, v64, atol=1e-5, name="value")
+    g_same = ref.feature_flow_grad(features, 1.0, 0.5)
     g64 = ref.feature_flow_grad([f.double() for f in features], 1.0, 0.5)
-    for i, (g, e_lp, e64) in enumerate(zip(grads, g_lp, g64)):
-        assert g.dtype == dtype
-        assert_close_to_oracle(g, e_lp, e64, atol=1e-5, name=f"grad[{i}]")
+    for i, (g, e, e64) in enumerate(zip(grads, g_same, g64)):
+        assert g.dtype == features[i].dtype
+        assert_close_to_oracle(g, e, e64, atol=1e-5, name=f"grad[{i}]")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fused_low_precision_follows_tolerance_rule(dtype, device, nan_flow_outputs):
     features = feature_maps(4, (3, 5, 7), dtype, device, seed=1)
     value, grads = feature_flow_value_and_grads(features, curvature_weight=0.5, backend="triton")
-    v_lp = ref.feature_flow(features, 1.0, 0.5)
-    v64 = ref.feature_flow([f.double() for f in features], 1.0, 0.5)
     assert value.dtype == torch.float32
-    assert_close_to_oracle(value, v_lp, v64, atol=1e-5, name="value")
-    g_lp = ref.feature_flow_grad(features, 1.0, 0.5)
-    g64 = ref.feature_flow_grad([f.double() for f in features], 1.0, 0.5)
-    for i, (g, e_lp, e64) in enumerate(zip(grads, g_lp, g64)):
-        assert g.dtype == dtype
-        assert_close_to_oracle(g, e_lp, e64, atol=1e-5, name=f"grad[{i}]")
+    _assert_matches_oracle(features, value, grads)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -202,13 +190,7 @@ def test_gpu_large_stage(dtype):
     leaves = [f.clone().requires_grad_(True) for f in features]
     value = feature_flow_penalty(leaves, curvature_weight=0.5, backend="triton")
     value.backward()
-    v_same = ref.feature_flow(features, 1.0, 0.5)
-    v64 = ref.feature_flow([f.double() for f in features], 1.0, 0.5)
-    assert_close_to_oracle(value, v_same, v64, atol=1e-5, name="value")
-    g_same = ref.feature_flow_grad(features, 1.0, 0.5)
-    g64 = ref.feature_flow_grad([f.double() for f in features], 1.0, 0.5)
-    for i, (leaf, e, e64) in enumerate(zip(leaves, g_same, g64)):
-        assert_close_to_oracle(leaf.grad, e, e64, atol=1e-5, name=f"grad[{i}]")
+    _assert_matches_oracle(features, value, [leaf.grad for leaf in leaves])
     value2, grads = feature_flow_value_and_grads(features, curvature_weight=0.5, backend="triton")
     torch.testing.assert_close(value2, value.detach())
     for g, leaf in zip(grads, leaves):

@@ -8,7 +8,7 @@ from torch import nn
 
 from fastsparse import reference as ref
 from fastsparse.functional.selective_decay import relevance_thresholds, selective_decay_
-from tests.helpers import decay_params
+from tests.helpers import decay_params, record_constexpr
 
 
 def assert_same_update(actual, expected):
@@ -75,20 +75,9 @@ def test_fused_matches_oracle(relevance, keep, device):
 )
 def test_fused_vector_and_scalar_paths(shapes, vector, dtype, grad_dtype, device, monkeypatch):
     # 16-byte accesses only when every address is aligned and every size a multiple of a vector.
-    from fastsparse.backends.triton import selective_decay as kernels
-
-    launched = []
-    kernel = kernels._selective_decay_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["VEC"])
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(kernels, "_selective_decay_kernel", Spy())
+    launched = record_constexpr(
+        monkeypatch, "fastsparse.backends.triton.selective_decay", "_selective_decay_kernel", "VEC"
+    )
     ps = decay_params(shapes, dtype=dtype, grad_dtype=grad_dtype, device=device, seed=5)
     expected, _ = run_oracle(ps, torch.full((len(ps),), 0.3), 0.2, "taylor", True)
     selective_decay_(ps, 0.2, threshold=0.3, backend="triton")
