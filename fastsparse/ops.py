@@ -442,8 +442,7 @@ def _(weights, slice_groups, groups, group_counts, factors, backend):
 # The step op's schema takes the options as a family name and a flat float list: the fields of
 # the family's NamedTuple in order, floats for the flags too. Rebuilt inside the op with each
 # field's own type.
-_STEP_FAMILIES = {"sgd": SGDStepOptions, "adam": AdamStepOptions}
-_FAMILY_OF_OPTIONS = {cls: method for method, cls in _STEP_FAMILIES.items()}
+_STEP_FAMILIES = {cls.family: cls for cls in (SGDStepOptions, AdamStepOptions)}
 _STEP_FIELD_TYPES = {
     method: tuple(typing.get_type_hints(cls)[name] for name in cls._fields)
     for method, cls in _STEP_FAMILIES.items()
@@ -464,7 +463,7 @@ def step_prox(
 def step_op_options(options: StepOptions) -> Tuple[str, List[float]]:
     """The (method, options) arguments of step_prox_op for typed options: the one place they are
     flattened (`_step_options` rebuilds them inside the op)."""
-    return _FAMILY_OF_OPTIONS[type(options)], [float(v) for v in options]
+    return options.family, [float(v) for v in options]
 
 
 def _step_options(method: str, values: List[float]) -> StepOptions:

@@ -81,10 +81,9 @@ def _step_struct(options_type: type) -> type:
     return type(f"{options_type.__name__}Struct", (ctypes.Structure,), {"_fields_": fields})
 
 
-# The C struct each step family passes its options in, and the library function that reads it.
+# The C struct each step family passes its options in (to fs_cpu_<family>_prox).
 _STEP_STRUCTS = {SGDStepOptions: _step_struct(SGDStepOptions),
                  AdamStepOptions: _step_struct(AdamStepOptions)}  # fmt: skip
-_STEP_FUNCTIONS = {SGDStepOptions: "sgd_prox", AdamStepOptions: "adam_prox"}
 
 # --------------------------------------------------------------------------------------------
 # Building and loading
@@ -452,7 +451,7 @@ def step_prox(plan, tensors, grads, states, options: StepOptions, kind, t_elem, 
         for state in zip(*states)
     ]
     step = _STEP_STRUCTS[type(options)](*options)
-    fn = getattr(library("cpu"), f"fs_cpu_{_STEP_FUNCTIONS[type(options)]}")
+    fn = getattr(library("cpu"), f"fs_cpu_{options.family}_prox")
     status = fn(
         table.data_ptr(), len(segments), *(a.data_ptr() for a in addresses), ctypes.byref(step),
         PROX_IDS[kind], float(t_elem), float(t_group), after.data_ptr(),

@@ -72,6 +72,8 @@ class SGDStepOptions(NamedTuple):
     nesterov: bool
     first: bool
 
+    family = "sgd"  # the name of the fused step across the op and the native library
+
 
 class AdamStepOptions(NamedTuple):
     """torch.optim.Adam's and AdamW's step (`decoupled`: AdamW's weight decay) at one step t,
@@ -91,6 +93,8 @@ class AdamStepOptions(NamedTuple):
     decoupled: bool
     step_size: float
     bias2_sqrt: float
+
+    family = "adam"
 
     @classmethod
     def at_step(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from typing import Iterable, Sequence
 
 import torch
 import triton
@@ -286,6 +287,15 @@ def scalar_arg(x: float, dtype: torch.dtype):
         bits = struct.unpack("<q", struct.pack("<d", float(x)))[0]
         return bits ^ int(FLOAT64_BITS_MASK.value)
     return float(x)
+
+
+def flat_vector_width(tensors: Sequence[torch.Tensor], sizes: Iterable[int]) -> int:
+    """VEC of a launch over flat dense tensors: the elements in 16 bytes of the narrowest dtype
+    when every tensor is 16-byte aligned and every size (elements per tensor) a multiple of
+    that, else 0 (element by element)."""
+    width = 16 // min(t.element_size() for t in tensors)
+    aligned = all(t.data_ptr() % 16 == 0 for t in tensors) and all(n % width == 0 for n in sizes)
+    return width if aligned else 0
 
 
 def launch_vec(plan: Plan, cls, *roles: str) -> int:

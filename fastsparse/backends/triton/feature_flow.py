@@ -26,7 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsparse.backends.triton.common import TL_DTYPES, device_table, launch_options, typed_pointer
+from fastsparse.backends.triton.common import (
+    TL_DTYPES,
+    device_table,
+    flat_vector_width,
+    launch_options,
+    typed_pointer,
+)
 from fastsparse.core.contract import accumulation_dtype
 from fastsparse.core.layout import new_empty
 
@@ -149,11 +155,7 @@ def _launch(
     feature_addrs = _addresses(features, device)
     grad_addrs = feature_addrs if grads is None else _addresses(grads, device)
     grad_dtype = first.dtype if grads is None else grads[0].dtype
-    # 16-byte accesses where every map and gradient is 16-byte aligned and the size a multiple
-    # of the elements in 16 bytes of the narrower dtype.
-    vec = 16 // min(first.element_size(), torch.empty((), dtype=grad_dtype).element_size())
-    every = list(features) + list(grads or [])
-    aligned = numel % vec == 0 and all(t.data_ptr() % 16 == 0 for t in every)
+    vec = flat_vector_width(list(features) + list(grads or []), [numel])
     if programs:
         _feature_flow_kernel[(programs,)](
             feature_addrs,
@@ -170,7 +172,7 @@ def _launch(
             WRITE_GRAD=grads is not None,
             HAS_SCALE=scale is not None,
             BLOCK=BLOCK,
-            VEC=vec if aligned else 0,
+            VEC=vec,
             **launch_options(4),
         )
     return partials.sum() if compute_value else None

@@ -29,6 +29,7 @@ import triton.language as tl
 from fastsparse.backends.triton.common import (
     TL_DTYPES,
     device_table,
+    flat_vector_width,
     launch_options,
     locate,
     typed_pointer,
@@ -128,14 +129,9 @@ def selective_decay_(
         item_starts = device_table(tuple(starts), torch.int64, device)
         programs = starts[-1]
         partial = torch.empty((programs,), dtype=torch.int64, device=device)
-        # 16-byte loads and stores where every address is 16-byte aligned and every size a
-        # multiple of the elements in 16 bytes of the narrower dtype.
-        vec = 16 // min(weights[members[0]].element_size(), grads[members[0]].element_size())
-        aligned = all(
-            weights[i].data_ptr() % 16 == 0
-            and grads[i].data_ptr() % 16 == 0
-            and weights[i].numel() % vec == 0
-            for i in members
+        vec = flat_vector_width(
+            [weights[i] for i in members] + [grads[i] for i in members],
+            [weights[i].numel() for i in members],
         )
         _selective_decay_kernel[(programs,)](
             table,
@@ -151,7 +147,7 @@ def selective_decay_(
             RELEVANCE=RELEVANCE_IDS[relevance],
             KEEP_LOSS_GRAD=keep_loss_grad,
             BLOCK=BLOCK,
-            VEC=vec if aligned else 0,
+            VEC=vec,
             **launch_options(8),
         )
         counts.append(partial.sum())

@@ -118,22 +118,7 @@ def _step_tile(
     return element_step(y, t, KIND)
 
 
-@triton.jit(
-    do_not_specialize=[
-        "lr",
-        "weight_decay",
-        "momentum",
-        "one_minus_dampening",
-        "one_minus_beta1",
-        "beta2",
-        "one_minus_beta2",
-        "eps",
-        "step_size",
-        "bias2_sqrt",
-        "t_elem",
-        "t_group",
-    ]
-)
+@triton.jit(do_not_specialize=[*_SCALARS, "t_elem", "t_group"])
 def _step_prox_kernel(
     table_ptr,
     item_starts_ptr,
