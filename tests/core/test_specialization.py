@@ -30,13 +30,11 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch
-    from triton.runtime.jit import JITFunction
 
+    from benchmarks.gpu_static import recorded_launches
     from fastsparse import ops
     from fastsparse.core.contract import AdamStepOptions, SGDStepOptions
     from fastsparse.core.layout import encode_groupings
-
-    keys = {}
 
     def key(fn, args, kwargs):
         values = dict(zip((p.name for p in fn.params), args))
@@ -60,31 +58,32 @@ SCRIPT = textwrap.dedent(
         return repr(parts) + repr(sorted((k, repr(v)) for k, v in kwargs.items()
                                          if k not in {p.name for p in fn.params}))
 
-    def record(self, *args, grid, warmup, **kwargs):
-        keys.setdefault(self.__name__, set()).add(key(self, args, kwargs))
-
-    JITFunction.run = record
+    launches = []
     torch.manual_seed(0)
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
-        weights = [torch.randn(64, 32, 3, 3).to(dtype), torch.randn(128, 64).to(dtype)]
-        grads = [torch.randn_like(w) for w in weights]
-        groups = encode_groupings(("filters",))
-        for step in range(20):
-            # 0 at the first step (a warmup), then values of every kind: round, odd, tiny.
-            x = 0.0 if step == 0 else 0.37 * 1.7**step / 3.0 ** (step % 5)
-            sgd = SGDStepOptions(lr=x, momentum=0.9, dampening=0.0, weight_decay=x / 7,
-                                 nesterov=False, first=False)
-            adam = AdamStepOptions.at_step(step + 1, lr=x, betas=(0.9, 0.999), eps=1e-8,
-                                           weight_decay=x / 3, decoupled=True)
-            bufs = [torch.zeros_like(w) for w in weights]
-            ops.call(ops.add_penalty_grad_op, grads, weights, "l1l2", groups, 0.5, x, "triton")
-            ops.call(ops.add_penalty_grad_op, grads, weights, "sparse_group_lasso", groups,
-                     min(x, 1.0), x, "triton")
-            ops.call(ops.prox_op, weights, groups, "group_lasso", 0.0, x, "triton")
-            ops.call(ops.prox_op, weights, groups, "l0_group_lasso", x / 5, x, "triton")
-            ops.step_prox(weights, grads, bufs, groups, sgd, "group_lasso", 0.0, x, "triton")
-            ops.step_prox(weights, grads, bufs + bufs, groups, adam, "group_lasso", 0.0, x,
-                          "triton")
+    with recorded_launches(launches):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            weights = [torch.randn(64, 32, 3, 3).to(dtype), torch.randn(128, 64).to(dtype)]
+            grads = [torch.randn_like(w) for w in weights]
+            groups = encode_groupings(("filters",))
+            for step in range(20):
+                # 0 at the first step (a warmup), then values of every kind: round, odd, tiny.
+                x = 0.0 if step == 0 else 0.37 * 1.7**step / 3.0 ** (step % 5)
+                sgd = SGDStepOptions(lr=x, momentum=0.9, dampening=0.0, weight_decay=x / 7,
+                                     nesterov=False, first=False)
+                adam = AdamStepOptions.at_step(step + 1, lr=x, betas=(0.9, 0.999), eps=1e-8,
+                                               weight_decay=x / 3, decoupled=True)
+                bufs = [torch.zeros_like(w) for w in weights]
+                ops.call(ops.add_penalty_grad_op, grads, weights, "l1l2", groups, 0.5, x, "triton")
+                ops.call(ops.add_penalty_grad_op, grads, weights, "sparse_group_lasso", groups,
+                         min(x, 1.0), x, "triton")
+                ops.call(ops.prox_op, weights, groups, "group_lasso", 0.0, x, "triton")
+                ops.call(ops.prox_op, weights, groups, "l0_group_lasso", x / 5, x, "triton")
+                ops.step_prox(weights, grads, bufs, groups, sgd, "group_lasso", 0.0, x, "triton")
+                ops.step_prox(weights, grads, bufs + bufs, groups, adam, "group_lasso", 0.0, x,
+                              "triton")
+    keys = {}
+    for fn, args, kwargs in launches:
+        keys.setdefault(fn.__name__, set()).add(key(fn, args, kwargs))
     json.dump({name: len(found) for name, found in keys.items()}, sys.stdout)
     """
 )
